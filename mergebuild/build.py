@@ -1,0 +1,157 @@
+"""The public facade: load a Mergefile, plan, build, collect garbage. The CLI is a thin layer on it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergebuild.execute.executor import Executor, MergeResult
+from mergebuild.explain import explain
+from mergebuild.plan.planner import DIRTY, PENDING, Plan, make_plan, output_digest, output_is_current
+from mergebuild.spec.mergefile import load_mergefile
+from mergebuild.spec.model import Mergefile
+from mergebuild.store.cache import Cache
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    mergefile: Path = Path("mergefile.toml")
+    targets: tuple[str, ...] = ()
+    force: bool = False
+    cache_dir: Path | None = None
+    device: str | None = None
+
+
+@dataclass
+class MergeStatus:
+    """What a dry run says of one merge."""
+
+    name: str
+    tensors: int
+    dirty: int
+    pending: int
+    output: Path | None
+    output_current: bool
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        if self.dirty:
+            return f"{self.dirty} of {self.tensors} tensors dirty"
+        if self.pending:
+            return f"depends on a dirty input ({self.pending} tensors may change)"
+        if self.output is not None and not self.output_current:
+            return "output to write from cache"
+        return "up to date"
+
+
+def cache_dir(mf: Mergefile, opts: BuildOptions) -> Path:
+    if opts.cache_dir is not None:
+        return Path(opts.cache_dir)
+    env = os.environ.get("MERGEBUILD_CACHE")
+    return Path(env) if env else mf.settings.cache
+
+
+def open_project(opts: BuildOptions) -> tuple[Mergefile, Cache]:
+    mf = load_mergefile(opts.mergefile)
+    return mf, Cache(cache_dir(mf, opts))
+
+
+def dry_run(opts: BuildOptions) -> tuple[Plan, list[MergeStatus]]:
+    mf, cache = open_project(opts)
+    try:
+        plan = make_plan(mf, cache, list(opts.targets), opts.force)
+        reasons = explain(plan, cache, opts.force)
+        return plan, [_status(plan, cache, name, reasons.get(name, [])) for name in plan.merges]
+    finally:
+        cache.close()
+
+
+def _status(plan: Plan, cache: Cache, name: str, reasons: list[str]) -> MergeStatus:
+    from mergebuild.execute.executor import identity_text
+
+    merge = plan.merges[name]
+    out = merge.spec.output
+    current = out is not None and output_is_current(cache, out, output_digest(merge, identity_text(plan, name)))
+    if out is not None and not current and not reasons and not merge.count(DIRTY) and not merge.count(PENDING):
+        reasons = ["output missing or changed on disk"]
+    return MergeStatus(name, len(merge.tasks), merge.count(DIRTY), merge.count(PENDING), out, current, reasons)
+
+
+def build(opts: BuildOptions, progress=None, on_plan=None) -> tuple[Plan, dict[str, MergeResult]]:
+    """Build the targets; a second build on the same cache waits for the first, then reuses."""
+    mf, cache = open_project(opts)
+    try:
+        with cache.exclusive():
+            plan = make_plan(mf, cache, list(opts.targets), opts.force)
+            if on_plan is not None:
+                on_plan(plan, explain(plan, cache, opts.force))
+            build_id = cache.index.start_build(str(mf.path))
+            device = opts.device or mf.settings.device
+            results = Executor(plan, cache, device, build_id, opts.force, progress).run()
+            return plan, results
+    finally:
+        cache.close()
+
+
+def clean(opts: BuildOptions) -> list[Path]:
+    mf = load_mergefile(opts.mergefile)
+    names = list(opts.targets) or mf.targets
+    removed = []
+    for name in names:
+        out = mf.merges[name].output if name in mf.merges else None
+        if out is not None and out.exists():
+            out.unlink()
+            removed.append(out)
+    return removed
+
+
+def collect_garbage(opts: BuildOptions, keep_builds: int | None = None) -> dict:
+    """Drop cache entries no current target needs and not used by the last N builds."""
+    mf, cache = open_project(opts)
+    try:
+        with cache.exclusive():
+            keep = keep_builds or mf.settings.keep_builds
+            plan = make_plan(mf, cache, list(mf.merges))
+            needed = {t.key for m in plan.merges.values() for t in m.tasks.values() if t.key}
+            recent = cache.index.recent_builds(keep)
+            dropped = cache.index.drop_entries_except(needed, min(recent) if recent else 0)
+            referenced = cache.index.referenced_digests()
+            freed = blobs = 0
+            for digest in list(cache.blobs.all_digests()):
+                if digest not in referenced:
+                    freed += cache.blobs.remove(digest)
+                    blobs += 1
+            cache.blobs.clear_stale_tmp()
+            return {"entries_removed": dropped, "blobs_removed": blobs, "bytes_freed": freed}
+    finally:
+        cache.close()
+
+
+def verify_cache(opts: BuildOptions) -> dict:
+    """Re-hash every blob the index knows; remove bad ones (the next build recomputes them)."""
+    from mergebuild.dtypes import nbytes
+
+    mf, cache = open_project(opts)
+    try:
+        with cache.exclusive():
+            checked = bad = missing = 0
+            for digest, dtype, shape in cache.index.blob_infos():
+                checked += 1
+                if not cache.blobs.has(digest):
+                    missing += 1
+                elif not cache.blobs.verify(digest, dtype, shape, nbytes(dtype, shape)):
+                    bad += 1
+            return {"checked": checked, "bad_removed": bad, "missing": missing}
+    finally:
+        cache.close()
+
+
+def cache_stats(opts: BuildOptions) -> dict:
+    mf, cache = open_project(opts)
+    try:
+        count, size = cache.size_on_disk()
+        return {"path": str(cache.root), "blobs": count, "bytes": size, **cache.index.counts()}
+    finally:
+        cache.close()

@@ -1,0 +1,200 @@
+"""The command line, used like make. A thin layer: parse arguments, call build.py, report.
+
+Exit codes: 0 ok, 1 the build failed, 2 usage or Mergefile error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mergebuild import __version__
+from mergebuild.errors import MergebuildError
+
+SUBCOMMANDS = ("build", "graph", "lineage", "cache", "clean", "methods")
+TAKES_VALUE = {"-f", "--file", "--cache-dir", "--device", "--format", "--keep"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(_with_subcommand(argv))
+    try:
+        return args.run(args)
+    except MergebuildError as e:
+        _error(str(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted; outputs and cache are left as they were before this step")
+        return 130
+
+
+def _with_subcommand(argv: list[str]) -> list[str]:
+    """`mergebuild [opts] [TARGET...]` means `mergebuild build ...`, as make builds by default."""
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in TAKES_VALUE:
+            skip = True
+        elif token in ("-h", "--help", "--version"):
+            return argv
+        elif not token.startswith("-"):
+            return argv if token in SUBCOMMANDS else ["build", *argv]
+    return ["build", *argv]
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-f", "--file", type=Path, default=Path("mergefile.toml"), help="the Mergefile (default ./mergefile.toml)")
+    common.add_argument("--cache-dir", type=Path, help="the cache folder (overrides MERGEBUILD_CACHE and [settings] cache)")
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
+    common.add_argument("-v", "--verbose", action="store_true", help="say why merges are rebuilt")
+
+    p = argparse.ArgumentParser(prog="mergebuild", description="Merge checkpoints as a build, with a per-tensor cache.")
+    p.add_argument("--version", action="version", version=f"mergebuild {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    b = sub.add_parser("build", parents=[common], help="build targets (the default command)")
+    b.add_argument("targets", nargs="*", metavar="TARGET", help="merges to build (default: every merge with an output)")
+    b.add_argument("-n", "--dry-run", action="store_true", help="say what would be computed, compute nothing")
+    b.add_argument("--force", action="store_true", help="recompute every tensor, ignoring cached results")
+    b.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides [settings] device)")
+    b.set_defaults(run=_cmd_build)
+
+    g = sub.add_parser("graph", parents=[common], help="show the merge DAG")
+    g.add_argument("--format", choices=("text", "dot", "mermaid"), default="text")
+    g.set_defaults(run=_cmd_graph)
+
+    lin = sub.add_parser("lineage", parents=[common], help="show how a file was made, from its metadata alone")
+    lin.add_argument("path", type=Path, metavar="FILE")
+    lin.set_defaults(run=_cmd_lineage)
+
+    c = sub.add_parser("cache", parents=[common], help="cache stats | gc | verify")
+    c.add_argument("action", choices=("stats", "gc", "verify"))
+    c.add_argument("--keep", type=int, help="gc: keep the entries of the last N builds (default [settings] keep_builds)")
+    c.set_defaults(run=_cmd_cache)
+
+    cl = sub.add_parser("clean", parents=[common], help="remove the declared outputs")
+    cl.add_argument("targets", nargs="*", metavar="TARGET")
+    cl.set_defaults(run=_cmd_clean)
+
+    m = sub.add_parser("methods", parents=[common], help="list the merge methods")
+    m.set_defaults(run=_cmd_methods)
+    return p
+
+
+def _options(args) -> "BuildOptions":
+    from mergebuild.build import BuildOptions
+
+    return BuildOptions(
+        mergefile=args.file,
+        targets=tuple(getattr(args, "targets", ()) or ()),
+        force=getattr(args, "force", False),
+        cache_dir=args.cache_dir,
+        device=getattr(args, "device", None),
+    )
+
+
+def _cmd_build(args) -> int:
+    from mergebuild import build, report
+
+    opts = _options(args)
+    if args.dry_run:
+        _plan, statuses = build.dry_run(opts)
+        if args.json:
+            report.print_json(report.dry_run_json(statuses))
+        else:
+            report.print_dry_run(statuses, args.verbose)
+        return 0
+
+    def on_plan(plan, reasons):
+        if args.verbose and not args.quiet:
+            report.print_reasons(reasons)
+
+    with report.RichProgress(enabled=not args.quiet) as progress:
+        _plan, results = build.build(opts, progress, on_plan)
+    if not args.quiet:
+        report.err.print(report.summary_table(results))
+    if args.json:
+        report.print_json(report.build_json(results))
+    return 0
+
+
+def _cmd_graph(args) -> int:
+    from mergebuild import graphviz
+    from mergebuild.spec.mergefile import load_mergefile
+
+    mf = load_mergefile(args.file)
+    text = {"dot": graphviz.to_dot, "mermaid": graphviz.to_mermaid, "text": graphviz.to_text}[args.format](mf)
+    sys.stdout.write(text)
+    return 0
+
+
+def _cmd_lineage(args) -> int:
+    from mergebuild import report
+    from mergebuild.lineage import read_lineage
+
+    tree = read_lineage(args.path)
+    if args.json:
+        report.print_json(tree)
+    elif tree["made_by"] is None:
+        report.out.print(f"{args.path}: no lineage recorded (not made by mergebuild or an A1111-family merger)")
+    else:
+        report.out.print(report.lineage_tree(tree))
+    return 0
+
+
+def _cmd_cache(args) -> int:
+    from mergebuild import build, report
+
+    opts = _options(args)
+    if args.action == "stats":
+        doc = build.cache_stats(opts)
+        text = f"{doc['path']}: {doc['blobs']} blobs, {report.human_bytes(doc['bytes'])}, {doc['entries']} entries, {doc['builds']} builds"
+    elif args.action == "gc":
+        doc = build.collect_garbage(opts, args.keep)
+        text = f"removed {doc['entries_removed']} entries and {doc['blobs_removed']} blobs, freed {report.human_bytes(doc['bytes_freed'])}"
+    else:
+        doc = build.verify_cache(opts)
+        text = f"checked {doc['checked']} blobs: {doc['bad_removed']} bad (removed, will be recomputed), {doc['missing']} missing"
+    if args.json:
+        report.print_json(doc)
+    elif not args.quiet:
+        report.out.print(text)
+    return 0
+
+
+def _cmd_clean(args) -> int:
+    from mergebuild import build, report
+
+    removed = build.clean(_options(args))
+    if args.json:
+        report.print_json({"removed": [str(p) for p in removed]})
+    elif not args.quiet:
+        for p in removed:
+            report.out.print(f"removed {p}")
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    from mergebuild import report
+    from mergebuild.methods import all_methods
+
+    methods = all_methods()
+    if args.json:
+        report.print_json({m.name: {"version": m.version, "inputs": list(m.inputs),
+                                    "params": {p.name: None if p.required else p.default for p in m.params}}
+                           for m in methods})
+        return 0
+    for m in methods:
+        params = ", ".join(p.name if p.required else f"{p.name}={p.default}" for p in m.params)
+        report.out.print(f"[bold]{m.name}[/] v{m.version} [{', '.join(m.inputs)}] {params}: {m.doc.splitlines()[0]}")
+    return 0
+
+
+def _error(message: str) -> None:
+    from mergebuild import report
+
+    report.err.print(f"[bold red]mergebuild: error:[/] {message}", markup=True, highlight=False)

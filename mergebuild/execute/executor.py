@@ -1,0 +1,298 @@
+"""Run a plan: stream every tensor through its method, into the cache and the outputs.
+
+Per merge, tensors flow through three stages that overlap:
+  reader threads  -> load the input tensors (file ranges, verified blobs), a bounded window ahead
+  main thread     -> run the method on the device, in the compute dtype, cast to the result dtype
+  writer threads  -> hash the result, store its blob, write it into the output file
+Memory is bounded by the window (READ_AHEAD bytes in flight each way), not by the model size.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergebuild.errors import BuildError
+from mergebuild.execute.tensorio import copy_range, read_ref
+from mergebuild.plan.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
+from mergebuild.store.cache import Cache
+from mergebuild.store.hashing import file_sha256, legacy_hash, tensor_digest
+from mergebuild.tensors.writer import SafetensorsWriter, remove_stale_temps
+
+READ_AHEAD = 384 << 20
+WRITE_BEHIND = 384 << 20
+RECORD_EVERY = 256
+
+
+@dataclass
+class MergeResult:
+    name: str
+    tensors: int
+    computed: int
+    seconds: float
+    bytes: int
+    method_tensors: int
+    output: Path | None = None
+    written: bool = False
+
+    @property
+    def reused(self) -> int:
+        return self.tensors - self.computed
+
+    @property
+    def status(self) -> str:
+        if self.computed == 0:
+            return "cached"
+        return "computed" if self.computed >= self.method_tensors else "partial"
+
+
+class NullProgress:
+    def start(self, name: str, total: int, nbytes: int) -> None: ...
+    def advance(self, name: str, tensors: int, nbytes: int) -> None: ...
+    def finish(self, name: str) -> None: ...
+
+
+class Executor:
+    def __init__(self, plan: Plan, cache: Cache, device: str, build_id: int, force: bool = False, progress=None):
+        self.plan, self.cache, self.build_id, self.force = plan, cache, build_id, force
+        self.device_name = device
+        self._device = None
+        self.progress = progress or NullProgress()
+        self._records: list[tuple] = []
+        self._lock = threading.Lock()
+        self._sha256: dict[str, Future] = {}
+        self._merge_name = ""
+
+    # public -------------------------------------------------------------------------------
+    def run(self) -> dict[str, MergeResult]:
+        self.cache.blobs.clear_stale_tmp()
+        results = {}
+        with ThreadPoolExecutor(2, thread_name_prefix="read") as self.readers, \
+                ThreadPoolExecutor(2, thread_name_prefix="write") as self.writers, \
+                ThreadPoolExecutor(1, thread_name_prefix="sha256") as self.hashers:
+            self._start_source_hashes()
+            try:
+                for name in self.plan.order:
+                    if name in self.plan.merges:
+                        results[name] = self._run_merge(self.plan.merges[name])
+            finally:
+                self._flush_records()
+            self._save_source_hashes()
+        return results
+
+    @property
+    def device(self):
+        if self._device is None:
+            from mergebuild.execute.device import resolve_device
+
+            self._device = resolve_device(self.device_name)
+        return self._device
+
+    # one merge ----------------------------------------------------------------------------
+    def _run_merge(self, merge: MergePlan) -> MergeResult:
+        started = time.perf_counter()
+        resolve_keys(self.plan, merge, self.cache, self.force)
+        name = self._merge_name = merge.spec.name
+        output = merge.spec.output
+        writer = self._open_output(merge) if output is not None and not self._output_current(merge) else None
+        todo = [t for t in merge.tasks.values() if t.state == DIRTY or writer is not None]
+        self.progress.start(name, len(todo), sum(t.nbytes for t in todo))
+        computed = 0
+        try:
+            computed = self._stream(merge, todo, writer)
+            if writer is not None:
+                self._commit_output(merge, writer)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        finally:
+            self.progress.finish(name)
+        self.cache.index.touch([t.key for t in merge.tasks.values() if t.key], self.build_id)
+        self.cache.index.save_recipe(str(self.plan.mergefile.path), name, reason_recipe(self.plan, name))
+        return MergeResult(
+            name, len(merge.tasks), computed, time.perf_counter() - started,
+            sum(t.nbytes for t in merge.tasks.values()), merge.method_tasks, output, writer is not None,
+        )
+
+    def _stream(self, merge: MergePlan, todo: list[TensorTask], writer) -> int:
+        """Read ahead, compute in order, write behind; returns how many tensors were computed."""
+        reads: deque = deque()
+        writes: deque = deque()
+        read_bytes = computed = 0
+        for task in todo:
+            reads.append((task, self.readers.submit(self._fetch, merge, task, writer)))
+            read_bytes += task.nbytes
+            while reads and (read_bytes > READ_AHEAD or reads[0][1].done()):
+                task_, future = reads.popleft()
+                read_bytes -= task_.nbytes
+                computed += self._handle(task_, future.result(), writer, writes)
+                self._drain(writes, WRITE_BEHIND)
+        while reads:
+            task_, future = reads.popleft()
+            computed += self._handle(task_, future.result(), writer, writes)
+            self._drain(writes, WRITE_BEHIND)
+        self._drain(writes, 0)
+        return computed
+
+    def _fetch(self, merge: MergePlan, task: TensorTask, writer):
+        """In a reader thread: what _handle needs for this task."""
+        if task.state == DIRTY:
+            return [self._load(node, tensor) for node, tensor in task.inputs]
+        ref = self.plan.ref(*task.inputs[0]) if task.state == PASSTHROUGH else None
+        if ref is not None and ref.file is not None:
+            return None  # copied file to file by the writer, never through memory
+        if task.state == PASSTHROUGH:
+            return self._load(*task.inputs[0])
+        return self._load(merge.spec.name, task.name)
+
+    def _handle(self, task: TensorTask, fetched, writer, writes: deque) -> int:
+        if task.state == DIRTY:
+            result = self._compute(task, fetched)
+            writes.append((task.nbytes, self.writers.submit(self._store, task, result, writer)))
+            self.progress.advance(self._merge_name, 1, task.nbytes)
+            return 1
+        if fetched is None:
+            ref = self.plan.ref(*task.inputs[0])
+            future = self.writers.submit(copy_range, ref.file, ref.begin, task.nbytes, writer.fd, writer.position(task.name))
+        else:
+            future = self.writers.submit(writer.write, task.name, fetched)
+        writes.append((task.nbytes, future))
+        self.progress.advance(self._merge_name, 1, task.nbytes)
+        return 0
+
+    @staticmethod
+    def _drain(writes: deque, limit: int) -> None:
+        """Wait for finished writes, and for the oldest ones while more than `limit` bytes wait."""
+        pending = sum(n for n, _ in writes)
+        while writes and (pending > limit or writes[0][1].done()):
+            n, future = writes.popleft()
+            future.result()
+            pending -= n
+
+    # tensors ------------------------------------------------------------------------------
+    def _load(self, node: str, tensor: str) -> bytearray:
+        """The bytes of a node's tensor; a missing or bad blob is recomputed, never used."""
+        ref = self.plan.ref(node, tensor)
+        data = read_ref(ref, self.cache.blobs)
+        if data is not None:
+            return data
+        merge_name, task = self._producer(node, tensor)
+        inputs = [self._load(n, t) for n, t in task.inputs]
+        result = self._compute(task, inputs)
+        self._store(task, result, None)
+        return read_ref(self.plan.ref(node, tensor), self.cache.blobs)
+
+    def _producer(self, node: str, tensor: str) -> tuple[str, TensorTask]:
+        if node in self.plan.sources:
+            raise BuildError(f"{self.plan.sources[node].path}: tensor {tensor!r} is missing from the cache "
+                             "(legacy checkpoint import was removed); run the build again")
+        task = self.plan.merges[node].tasks[tensor]
+        if task.method is None:
+            return self._producer(*task.inputs[0])
+        return node, task
+
+    def _compute(self, task: TensorTask, buffers: list[bytearray]):
+        from mergebuild.tensors.convert import from_bytes
+        from mergebuild.torchlazy import torch, torch_dtype
+
+        refs = [self.plan.ref(n, t) for n, t in task.inputs]
+        compute_dtype = torch_dtype(self.plan.compute_dtype)
+        xs = [from_bytes(b, r.dtype, r.shape).to(self.device, compute_dtype) for b, r in zip(buffers, refs)]
+        kwargs = dict(task.params)
+        if task.method.takes_key:
+            kwargs["key"] = task.name
+        try:
+            if task.channels is None:
+                result = task.method.fn(*xs, **kwargs)
+            else:
+                c = task.channels
+                head = task.method.fn(*(x[:, :c] for x in xs), **kwargs)
+                result = torch.cat([head, xs[0][:, c:]], dim=1)
+        except Exception as e:
+            raise BuildError(f"[merges.{self._merge_name}] {task.method.name} failed on {task.name!r}: {e}") from e
+        return result.to(torch_dtype(task.dtype)).cpu()
+
+    def _store(self, task: TensorTask, result, writer) -> None:
+        """In a writer thread: hash the result, keep its blob, write it into the output."""
+        from mergebuild.tensors.convert import to_bytes
+
+        data = to_bytes(result)
+        digest = tensor_digest(task.dtype, task.shape, data)
+        self.cache.blobs.put(digest, data)
+        task.digest, task.state = digest, CACHED
+        with self._lock:
+            self._records.append((task.key, digest, task.dtype, task.shape))
+        if writer is not None:
+            writer.write(task.name, data)
+
+    def _flush_records(self) -> None:
+        with self._lock:
+            rows, self._records = self._records, []
+        if rows:
+            self.cache.index.record(rows, self.build_id)
+
+    # outputs ------------------------------------------------------------------------------
+    def _output_current(self, merge: MergePlan) -> bool:
+        from mergebuild.plan.planner import output_digest, output_is_current
+
+        merge.output_digest = output_digest(merge, identity_text(self.plan, merge.spec.name))
+        return output_is_current(self.cache, merge.spec.output, merge.output_digest)
+
+    def _open_output(self, merge: MergePlan) -> SafetensorsWriter:
+        from mergebuild.lineage import build_metadata
+
+        remove_stale_temps(merge.spec.output)
+        placeholder = {n: "0" * 64 for n in self.plan.sources}
+        draft = build_metadata(self.plan, merge.spec.name, placeholder, {n: "0" * 8 for n in self.plan.sources})
+        tensors = [(t.name, t.dtype, t.shape) for t in merge.tasks.values()]
+        return SafetensorsWriter(merge.spec.output, tensors, draft)
+
+    def _commit_output(self, merge: MergePlan, writer: SafetensorsWriter) -> None:
+        from mergebuild.lineage import build_metadata
+        from mergebuild.plan.planner import output_digest
+
+        hashes = {n: self._source_sha256(n) for n in self.plan.sources}
+        legacy = {n: legacy_hash(s.path) for n, s in self.plan.sources.items()}
+        self._flush_records()
+        writer.commit(build_metadata(self.plan, merge.spec.name, hashes, legacy))
+        digest = output_digest(merge, identity_text(self.plan, merge.spec.name))
+        self.cache.index.save_output(str(merge.spec.output), os.stat(merge.spec.output), digest)
+
+    def _start_source_hashes(self) -> None:
+        if not any(m.spec.output is not None for m in self.plan.merges.values()):
+            return
+        for name, source in self.plan.sources.items():
+            if source.sha256 is None:
+                self._sha256[name] = self.hashers.submit(file_sha256, source.path)
+
+    def _source_sha256(self, name: str) -> str:
+        source = self.plan.sources[name]
+        if source.sha256 is None:
+            source.sha256 = self._sha256[name].result()
+        return source.sha256
+
+    def _save_source_hashes(self) -> None:
+        for name, future in self._sha256.items():
+            source = self.plan.sources[name]
+            self.cache.index.save_sha256(str(source.path), source.stat, future.result())
+
+
+def identity_text(plan: Plan, merge: str) -> str:
+    import json
+
+    from mergebuild.lineage import recipe
+
+    return json.dumps(recipe(plan, merge, None), sort_keys=True, default=str)
+
+
+def reason_recipe(plan: Plan, merge: str) -> dict:
+    """What -v compares between builds to say why a merge is dirty."""
+    from mergebuild.explain import merge_fingerprint
+
+    return merge_fingerprint(plan, merge)

@@ -1,0 +1,56 @@
+"""Moving tensor bytes: read a TensorRef (file range or verified blob), copy a file range."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mergebuild.dtypes import nbytes
+from mergebuild.plan.sources import TensorRef
+from mergebuild.store.blobs import BlobStore
+
+CHUNK = 64 << 20
+
+
+def read_range(path: Path, begin: int, size: int) -> bytearray:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < size:
+            n = os.preadv(fd, [view[done : done + CHUNK]], begin + done)
+            if n == 0:
+                raise OSError(f"{path}: unexpected end of file")
+            done += n
+    finally:
+        os.close(fd)
+    return buf
+
+
+def read_ref(ref: TensorRef, blobs: BlobStore) -> bytearray | None:
+    """The bytes of a tensor; None when it lives in a blob that is missing or bad."""
+    size = nbytes(ref.dtype, ref.shape)
+    if ref.file is not None:
+        return read_range(ref.file, ref.begin, size)
+    return blobs.get(ref.digest, ref.dtype, ref.shape, size)
+
+
+def copy_range(src: Path, begin: int, size: int, dst_fd: int, dst_offset: int) -> None:
+    """Copy bytes between files inside the kernel where it can (copy_file_range)."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        done = 0
+        while done < size:
+            try:
+                n = os.copy_file_range(fd, dst_fd, size - done, begin + done, dst_offset + done)
+            except OSError:
+                n = 0
+            if n == 0:  # not supported here (or a short copy): fall back to read + write
+                chunk = os.pread(fd, min(CHUNK, size - done), begin + done)
+                if not chunk:
+                    raise OSError(f"{src}: unexpected end of file")
+                n = os.pwrite(dst_fd, chunk, dst_offset + done)
+            done += n
+    finally:
+        os.close(fd)

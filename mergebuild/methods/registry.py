@@ -1,0 +1,98 @@
+"""The one registry of merge methods.
+
+A method is a pure function `fn(*tensors, **params) -> tensor` plus its declaration: name,
+version (bump it when the numbers it produces change: it is part of every cache key), input
+names, and parameters. Built-ins are listed in BUILTIN_MODULES; plugins register through the
+"mergebuild.methods" entry-point group with the same Method objects. Duplicate names are refused.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+REQUIRED = object()
+BUILTIN_MODULES = ("mergebuild.methods.basic",)
+ENTRY_POINT_GROUP = "mergebuild.methods"
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: type  # float, int, str or bool
+    default: object = REQUIRED
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def accepts(self, value) -> bool:
+        if self.kind is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if self.kind is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, self.kind)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    version: int
+    fn: Callable
+    inputs: tuple[str, ...]  # the names of the inputs, in order ("A", "B", "C")
+    params: tuple[Param, ...] = ()
+    doc: str = ""
+    merges_tensors: bool = True  # False: every tensor is taken from the first input (copy)
+    takes_key: bool = False  # fn gets key=<tensor name> (for per-tensor random streams)
+    extra: dict = field(default_factory=dict)
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def defaults(self) -> dict:
+        return {p.name: p.default for p in self.params if not p.required}
+
+
+_REGISTRY: dict[str, Method] = {}
+_loaded = False
+
+
+def register(method: Method) -> Method:
+    if method.name in _REGISTRY:
+        raise ValueError(f"merge method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module_name in BUILTIN_MODULES:
+        for method in importlib.import_module(module_name).METHODS:
+            register(method)
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        for method in ep.load():
+            register(method)
+
+
+def get_method(name: str) -> Method | None:
+    _load()
+    return _REGISTRY.get(name)
+
+
+def suggest(name: str) -> str:
+    _load()
+    close = difflib.get_close_matches(name, _REGISTRY, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def all_methods() -> list[Method]:
+    _load()
+    return sorted(_REGISTRY.values(), key=lambda m: m.name)

@@ -1,0 +1,1 @@
+"""Planning: the DAG, source fingerprints, per-tensor cache keys, dirty sets and their reasons."""

@@ -1,0 +1,231 @@
+"""The plan: for every merge, one task per output tensor, with its cache key and state.
+
+A tensor's cache key hashes the method name and version, the parameters resolved for that tensor,
+the compute and output dtypes and the digests of the input tensors it reads. An upstream tensor's
+digest is the digest of its *result*, so a recomputed tensor that comes out identical leaves its
+readers clean (early cutoff). Planning reads headers, fingerprints and the index only: it never
+imports torch, so a no-op build stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergebuild.dtypes import USER_DTYPES, is_float, nbytes
+from mergebuild.errors import InputError
+from mergebuild.methods.registry import Method, get_method
+from mergebuild.plan.graph import build_graph, build_order
+from mergebuild.plan.params import resolve_params
+from mergebuild.plan.sources import Source, TensorRef, load_source
+from mergebuild.spec.model import Mergefile, MergeSpec
+from mergebuild.store.cache import Cache
+from mergebuild.store.hashing import text_digest
+
+# A1111 never merges these; they are copied from the first input
+SKIP_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
+SD_UNET_PREFIX = "model.diffusion_model."
+
+CACHED, DIRTY, PENDING, PASSTHROUGH = "cached", "dirty", "pending", "passthrough"
+
+
+@dataclass
+class TensorTask:
+    name: str
+    dtype: str  # of the result
+    shape: tuple[int, ...]
+    inputs: tuple[tuple[str, str], ...]  # (node, tensor name) per input
+    method: Method | None  # None: the result is the first input's tensor, unchanged
+    params: dict = field(default_factory=dict)
+    channels: int | None = None  # inpainting: merge only [:, :channels], keep the rest of A
+    key: str | None = None
+    digest: str | None = None
+    state: str = PENDING
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.dtype, self.shape)
+
+
+@dataclass
+class MergePlan:
+    spec: MergeSpec
+    method: Method
+    tasks: dict[str, TensorTask]
+    output_digest: str | None = None  # what the output file must hold, when fully known
+    output_current: bool = False  # the output file already holds exactly that
+    reasons: list[str] = field(default_factory=list)
+
+    def count(self, state: str) -> int:
+        return sum(1 for t in self.tasks.values() if t.state == state)
+
+    @property
+    def method_tasks(self) -> int:
+        return sum(1 for t in self.tasks.values() if t.method is not None)
+
+
+@dataclass
+class Plan:
+    mergefile: Mergefile
+    order: list[str]  # models and merges, inputs first
+    targets: list[str]
+    sources: dict[str, Source]
+    merges: dict[str, MergePlan]
+    compute_dtype: str
+
+    def ref(self, node: str, tensor: str) -> TensorRef:
+        """Where the bytes of a node's tensor are, as far as known now."""
+        if node in self.sources:
+            return self.sources[node].tensors[tensor]
+        task = self.merges[node].tasks[tensor]
+        if task.method is None:
+            return self.ref(*task.inputs[0])
+        return TensorRef(task.dtype, task.shape, task.digest)
+
+    def tensor_names(self, node: str) -> list[str]:
+        if node in self.sources:
+            return list(self.sources[node].tensors)
+        return list(self.merges[node].tasks)
+
+
+def make_plan(mf: Mergefile, cache: Cache, targets: list[str] | None = None, force: bool = False) -> Plan:
+    graph = build_graph(mf)
+    targets = list(targets) if targets else mf.targets
+    order = build_order(mf, graph, targets)
+    sources = {n: load_source(mf.models[n], cache, f"models.{n}") for n in order if n in mf.models}
+    plan = Plan(mf, order, targets, sources, {}, USER_DTYPES[mf.settings.compute_dtype])
+    for name in order:
+        if name in mf.merges:
+            merge_plan = _plan_merge(plan, mf.merges[name])
+            plan.merges[name] = merge_plan
+            resolve_keys(plan, merge_plan, cache, force)
+    return plan
+
+
+def _plan_merge(plan: Plan, spec: MergeSpec) -> MergePlan:
+    method = get_method(spec.method)
+    first = spec.inputs[0]
+    names = plan.tensor_names(first)
+    sd_checkpoint = any(n.startswith(SD_UNET_PREFIX) for n in names)
+    discard = re.compile(spec.discard) if spec.discard else None
+    tasks = {}
+    for name in sorted(names):
+        if discard and discard.search(name):
+            continue
+        tasks[name] = _task(plan, spec, method, name, sd_checkpoint)
+    return MergePlan(spec, method, tasks)
+
+
+def _task(plan: Plan, spec: MergeSpec, method: Method, name: str, sd_checkpoint: bool) -> TensorTask:
+    a = plan.ref(spec.inputs[0], name)
+    out_dtype = USER_DTYPES[spec.dtype] if spec.dtype and is_float(a.dtype) else a.dtype
+    refs = [a]
+    mergeable = method.merges_tensors and _mergeable_name(name, sd_checkpoint) and is_float(a.dtype)
+    for other in spec.inputs[1:]:
+        if not mergeable or name not in plan.tensor_names(other):
+            mergeable = False
+            break
+        ref = plan.ref(other, name)
+        if not is_float(ref.dtype):
+            mergeable = False
+            break
+        refs.append(ref)
+    channels = _check_shapes(plan, spec, name, refs) if mergeable else None
+    if mergeable:
+        inputs = tuple((n, name) for n in spec.inputs)
+        params = resolve_params(spec, method, name)
+        return TensorTask(name, out_dtype, a.shape, inputs, method, params, channels)
+    if out_dtype == a.dtype:
+        return TensorTask(name, a.dtype, a.shape, ((spec.inputs[0], name),), None, state=PASSTHROUGH)
+    cast = get_method("copy")
+    return TensorTask(name, out_dtype, a.shape, ((spec.inputs[0], name),), cast, {})
+
+
+def _mergeable_name(name: str, sd_checkpoint: bool) -> bool:
+    if name in SKIP_KEYS:
+        return False
+    # A1111 merges only keys containing "model" (scheduler buffers such as alphas_cumprod are
+    # copied); we keep that rule for SD checkpoints only: LLM keys such as lm_head.weight merge.
+    return "model" in name if sd_checkpoint else True
+
+
+def _check_shapes(plan: Plan, spec: MergeSpec, name: str, refs: list[TensorRef]) -> int | None:
+    """None when all shapes agree; the channel count to merge for inpainting-style mismatches."""
+    a = refs[0].shape
+    channels = None
+    for other_name, ref in zip(spec.inputs[1:], refs[1:]):
+        b = ref.shape
+        if b == a:
+            continue
+        same_but_dim1 = len(a) == len(b) >= 2 and a[:1] + a[2:] == b[:1] + b[2:]
+        if same_but_dim1 and a[1] > b[1]:
+            channels = b[1] if channels is None else min(channels, b[1])
+            continue
+        detail = f"{spec.inputs[0]} {list(a)} vs {other_name} {list(b)}"
+        if same_but_dim1:
+            raise InputError(
+                f"[merges.{spec.name}] key {name!r}: {detail}: the first input must be the "
+                "inpainting / instruct-pix2pix model (the one with more input channels)"
+            )
+        raise InputError(f"[merges.{spec.name}] key {name!r}: shapes differ: {detail}")
+    return channels
+
+
+def task_key(plan: Plan, task: TensorTask, digests: list[str]) -> str:
+    method = task.method
+    doc = [
+        method.name,
+        method.version,
+        sorted(task.params.items()),
+        plan.compute_dtype,
+        task.dtype,
+        task.channels,
+        digests,
+        task.name if method.takes_key else None,
+    ]
+    return text_digest(json.dumps(doc, separators=(",", ":"), default=str))
+
+
+def resolve_keys(plan: Plan, merge: MergePlan, cache: Cache, force: bool = False) -> None:
+    """Fill in keys, digests and states of the tasks whose inputs are known."""
+    keyed = []
+    for task in merge.tasks.values():
+        if task.method is None:
+            task.state = PASSTHROUGH
+            task.digest = plan.ref(*task.inputs[0]).digest
+            continue
+        digests = [plan.ref(*i).digest for i in task.inputs]
+        if None in digests:
+            task.key, task.digest, task.state = None, None, PENDING
+            continue
+        task.key = task_key(plan, task, digests)
+        keyed.append(task)
+    found = {} if force else cache.index.lookup([t.key for t in keyed])
+    for task in keyed:
+        digest = found.get(task.key)
+        if digest is not None and cache.blobs.has(digest):
+            task.digest, task.state = digest, CACHED
+        else:
+            task.digest, task.state = None, DIRTY
+
+
+def output_digest(merge: MergePlan, lineage_text: str) -> str | None:
+    """What the output file must hold: every tensor's digest and the lineage. None if unknown."""
+    rows = []
+    for task in merge.tasks.values():
+        if task.digest is None:
+            return None
+        rows.append((task.name, task.dtype, task.shape, task.digest))
+    return text_digest(json.dumps([rows, lineage_text], default=str))
+
+
+def output_is_current(cache: Cache, path: Path, digest: str | None) -> bool:
+    if digest is None:
+        return False
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return False
+    return cache.index.output_digest(str(path), stat) == digest

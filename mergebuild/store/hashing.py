@@ -1,0 +1,70 @@
+"""Digests: xxh3_128 per tensor (cache identity), sha256 per file (lineage, A1111 hashes).
+
+A tensor's digest covers its dtype, shape and bytes, so equal digests mean equal tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import xxhash
+
+CHUNK = 16 << 20
+HASH_THREADS = max(2, min(8, os.cpu_count() or 2))
+
+
+def tensor_digest(dtype: str, shape, data) -> str:
+    h = xxhash.xxh3_128()
+    h.update(f"{dtype}{list(shape)}".encode())
+    h.update(data)
+    return h.hexdigest()
+
+
+def text_digest(text: str) -> str:
+    return xxhash.xxh3_128(text.encode()).hexdigest()
+
+
+def range_digest(fd: int, dtype: str, shape, begin: int, end: int) -> str:
+    """The digest of a tensor stored at bytes [begin, end) of an open file (xxhash frees the GIL)."""
+    h = xxhash.xxh3_128()
+    h.update(f"{dtype}{list(shape)}".encode())
+    position = begin
+    while position < end:
+        chunk = os.pread(fd, min(CHUNK, end - position), position)
+        if not chunk:
+            raise OSError(f"unexpected end of file at byte {position}")
+        h.update(chunk)
+        position += len(chunk)
+    return h.hexdigest()
+
+
+def digest_safetensors(path: Path, entries: dict) -> dict[str, str]:
+    """Digest every tensor of a safetensors file in parallel, straight from its byte ranges."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with ThreadPoolExecutor(HASH_THREADS) as pool:
+            names = list(entries)
+            digests = pool.map(lambda n: range_digest(fd, entries[n].dtype, entries[n].shape, entries[n].begin, entries[n].end), names)
+            return dict(zip(names, digests))
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def legacy_hash(path: Path) -> str:
+    """A1111's old 8-hex model hash: sha256 of the 64 KiB at offset 1 MiB."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def autov2(sha256: str) -> str:
+    """CivitAI's / A1111's short hash: the first 10 hex characters of the file's sha256."""
+    return sha256[:10]

@@ -1,0 +1,1 @@
+"""Reading and writing tensor files: safetensors headers, byte ranges, legacy checkpoints."""
