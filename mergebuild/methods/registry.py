@@ -20,21 +20,43 @@ ENTRY_POINT_GROUP = "mergebuild.methods"
 
 @dataclass(frozen=True)
 class Param:
+    """A method parameter. kind: float, int, str, bool, or list (a list of numbers, one per input
+    model, e.g. TIES `weights`). Numeric parameters may vary per tensor (block weights): the
+    planner resolves them, so a method function always receives plain values."""
+
     name: str
-    kind: type  # float, int, str or bool
+    kind: type
     default: object = REQUIRED
     doc: str = ""
+    choices: tuple = ()
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
 
+    @property
+    def numeric(self) -> bool:
+        return self.kind in (float, int)
+
     def accepts(self, value) -> bool:
         if self.kind is float:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
+            return _is_number(value)
         if self.kind is int:
             return isinstance(value, int) and not isinstance(value, bool)
-        return isinstance(value, self.kind)
+        if self.kind is list:
+            return isinstance(value, list) and all(_is_number(v) for v in value)
+        if not isinstance(value, self.kind):
+            return False
+        return not self.choices or value in self.choices
+
+    def describe(self) -> str:
+        if self.choices:
+            return " | ".join(repr(c) for c in self.choices)
+        return {list: "a list of numbers"}.get(self.kind, self.kind.__name__)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -47,7 +69,17 @@ class Method:
     doc: str = ""
     merges_tensors: bool = True  # False: every tensor is taken from the first input (copy)
     takes_key: bool = False  # fn gets key=<tensor name> (for per-tensor random streams)
+    variadic: bool = False  # takes len(inputs) or more models (soups, TIES over many fine-tunes)
     extra: dict = field(default_factory=dict)
+
+    def arity_ok(self, n: int) -> bool:
+        return n >= len(self.inputs) if self.variadic else n == len(self.inputs)
+
+    def arity_text(self) -> str:
+        names = ", ".join(self.inputs)
+        if self.variadic:
+            return f"{len(self.inputs)} or more inputs ({names}, ...)"
+        return f"{len(self.inputs)} inputs ({names})"
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -118,11 +118,8 @@ def _merge(path, base: Path, name: str, table: dict) -> MergeSpec:
     inputs = table.get("inputs")
     if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
         raise MergefileError(path, where, "inputs", "expected a list of model or merge names")
-    if len(inputs) != len(method.inputs):
-        raise MergefileError(
-            path, where, "inputs",
-            f"{method_name} takes {len(method.inputs)} inputs ({', '.join(method.inputs)}), got {len(inputs)}",
-        )
+    if not method.arity_ok(len(inputs)):
+        raise MergefileError(path, where, "inputs", f"{method_name} takes {method.arity_text()}, got {len(inputs)}")
     output = table.get("output")
     output = base / _string(path, where, "output", output) if output is not None else None
     dtype = table.get("dtype")
@@ -148,7 +145,7 @@ def _check_params(path, where: str, method, params: dict) -> None:
             allowed = known + list(MERGE_FIELDS)
             raise MergefileError(path, where, key, f"unknown parameter of {method.name}{_hint(key, allowed)}")
         if not param.accepts(value):
-            raise MergefileError(path, where, key, f"expected {param.kind.__name__}, got {value!r}")
+            raise MergefileError(path, where, key, f"expected {param.describe()}, got {value!r}")
     for param in method.params:
         if param.required and param.name not in params:
             raise MergefileError(path, where, param.name, f"missing: {method.name} needs {param.name}")
