@@ -195,6 +195,8 @@ def _cmd_methods(args) -> int:
 
 
 def _error(message: str) -> None:
+    from rich.markup import escape
+
     from mergebuild import report
 
-    report.err.print(f"[bold red]mergebuild: error:[/] {message}", markup=True, highlight=False)
+    report.err.print(f"[bold red]mergebuild: error:[/] {escape(message)}", highlight=False)

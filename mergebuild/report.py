@@ -6,6 +6,7 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
@@ -76,10 +77,10 @@ def build_json(results) -> dict:
 
 def print_dry_run(statuses, verbose: bool) -> None:
     for s in statuses:
-        out.print(f"{s.name}: {s.state}")
+        out.print(escape(f"{s.name}: {s.state}"))
         if verbose:
             for reason in s.reasons:
-                out.print(f"  because {reason}")
+                out.print(escape(f"  because {reason}"))
 
 
 def dry_run_json(statuses) -> dict:
@@ -94,7 +95,7 @@ def dry_run_json(statuses) -> dict:
 
 def print_reasons(reasons: dict[str, list[str]]) -> None:
     for name, items in reasons.items():
-        err.print(f"[bold]{name}[/]: " + "; ".join(items))
+        err.print(f"[bold]{escape(name)}[/]: " + escape("; ".join(items)))
 
 
 def lineage_tree(node: dict) -> Tree:
@@ -116,12 +117,12 @@ def _add_children(tree: Tree, node: dict) -> None:
 def _label(node: dict) -> str:
     if node.get("kind") == "model":
         h = f" [dim]{node['autov2']}[/]" if node.get("autov2") else ""
-        return f"[bold cyan]{node.get('file') or node.get('name')}[/]{h}"
-    params = ", ".join(f"{k}={v}" for k, v in (node.get("params") or {}).items())
-    tool = node.get("tool", "")
-    name = f"{node.get('name')}: " if node.get("name") else ""
+        return f"[bold cyan]{escape(str(node.get('file') or node.get('name')))}[/]{h}"
+    params = escape(", ".join(f"{k}={v}" for k, v in (node.get("params") or {}).items()))
+    tool = escape(str(node.get("tool", "")))
+    name = f"{escape(str(node.get('name')))}: " if node.get("name") else ""
     via = f" [dim]({tool})[/]" if tool and tool != "mergebuild" else ""
-    return f"{name}[green]{node.get('method')}[/]({params}){via}"
+    return f"{name}[green]{escape(str(node.get('method')))}[/]({params}){via}"
 
 
 def human_bytes(n: int) -> str:

@@ -1,26 +1,34 @@
 """A lazily imported torch: modules can name torch at import time, and only pay its import
-(about a second) when a tensor is really touched. A no-op build never does."""
+(about a second) when a tensor is really touched. A no-op build never does.
+
+A small proxy rather than importlib's LazyLoader, which is not thread-safe before Python 3.12
+(reader threads may be the first to touch torch).
+"""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
+import threading
 
 
-def _lazy(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None:  # pragma: no cover - torch is a hard requirement
-        raise ImportError(f"{name} is not installed")
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+class _LazyModule:
+    def __init__(self, name: str):
+        self._name = name
+        self._module = None
+        self._lock = threading.Lock()
+
+    def _load(self):
+        with self._lock:
+            if self._module is None:
+                self._module = importlib.import_module(self._name)
+        return self._module
+
+    def __getattr__(self, attr: str):
+        module = self._module or self._load()
+        return getattr(module, attr)
 
 
-torch = _lazy("torch")
+torch = _LazyModule("torch")
 
 
 def torch_dtype(code: str):

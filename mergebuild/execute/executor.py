@@ -67,6 +67,7 @@ class Executor:
         self._lock = threading.Lock()
         self._sha256: dict[str, Future] = {}
         self._merge_name = ""
+        self._healed = 0  # cached tensors found bad on read and recomputed
 
     # public -------------------------------------------------------------------------------
     def run(self) -> dict[str, MergeResult]:
@@ -102,7 +103,7 @@ class Executor:
         writer = self._open_output(merge) if output is not None and not self._output_current(merge) else None
         todo = [t for t in merge.tasks.values() if t.state == DIRTY or writer is not None]
         self.progress.start(name, len(todo), sum(t.nbytes for t in todo))
-        computed = 0
+        computed, self._healed = 0, 0
         try:
             computed = self._stream(merge, todo, writer)
             if writer is not None:
@@ -116,7 +117,7 @@ class Executor:
         self.cache.index.touch([t.key for t in merge.tasks.values() if t.key], self.build_id)
         self.cache.index.save_recipe(str(self.plan.mergefile.path), name, reason_recipe(self.plan, name))
         return MergeResult(
-            name, len(merge.tasks), computed, time.perf_counter() - started,
+            name, len(merge.tasks), computed + self._healed, time.perf_counter() - started,
             sum(t.nbytes for t in merge.tasks.values()), merge.method_tasks, output, writer is not None,
         )
 
@@ -186,6 +187,8 @@ class Executor:
         inputs = [self._load(n, t) for n, t in task.inputs]
         result = self._compute(task, inputs)
         self._store(task, result, None)
+        with self._lock:
+            self._healed += 1
         return read_ref(self.plan.ref(node, tensor), self.cache.blobs)
 
     def _producer(self, node: str, tensor: str) -> tuple[str, TensorTask]:

@@ -27,6 +27,7 @@ from mergebuild.store.hashing import text_digest
 # A1111 never merges these; they are copied from the first input
 SKIP_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 SD_UNET_PREFIX = "model.diffusion_model."
+LATENT_CHANNELS, INPAINT_CHANNELS = 4, (8, 9)
 
 CACHED, DIRTY, PENDING, PASSTHROUGH = "cached", "dirty", "pending", "passthrough"
 
@@ -160,11 +161,12 @@ def _check_shapes(plan: Plan, spec: MergeSpec, name: str, refs: list[TensorRef])
         if b == a:
             continue
         same_but_dim1 = len(a) == len(b) >= 2 and a[:1] + a[2:] == b[:1] + b[2:]
-        if same_but_dim1 and a[1] > b[1]:
-            channels = b[1] if channels is None else min(channels, b[1])
+        # A1111's rule: an inpainting (9) or instruct-pix2pix (8) conv_in against a plain one (4)
+        if same_but_dim1 and a[1] in INPAINT_CHANNELS and b[1] == LATENT_CHANNELS:
+            channels = LATENT_CHANNELS
             continue
         detail = f"{spec.inputs[0]} {list(a)} vs {other_name} {list(b)}"
-        if same_but_dim1:
+        if same_but_dim1 and b[1] in INPAINT_CHANNELS and a[1] == LATENT_CHANNELS:
             raise InputError(
                 f"[merges.{spec.name}] key {name!r}: {detail}: the first input must be the "
                 "inpainting / instruct-pix2pix model (the one with more input channels)"

@@ -1,0 +1,343 @@
+"""Core benchmark: mergebuild against the I/O floor and a plain torch script, on SD1.5-sized checkpoints.
+
+    python benchmarks/core.py               # full size (three ~2.1 GB fp16 checkpoints, several minutes)
+    python benchmarks/core.py --shrink 16   # small, to check the script works
+
+Steps (each one a subprocess, timed by wall clock; peak RSS from os.wait4's rusage of that child):
+  (a) I/O floor: read both inputs fully, write one output of the same size, fsync
+  (b) plain torch: safetensors load_file both, lerp in fp32 per tensor, cast to fp16, save_file (+ fsync)
+  (c) mergebuild cold build (empty cache) of weighted_sum(A, B) -> fp16 output
+  (d) mergebuild no-op rebuild of (c)
+  (e) mergebuild 3-step chain, cold; then the last step's alpha changed and rebuilt
+
+The parent process stays small (stdlib only) on purpose: a child's ru_maxrss can inherit the
+parent's high-water mark across fork/exec. The page cache is warm: inputs are read once before the
+first step (caches cannot be dropped here); `sync` runs, untimed, before every step.
+Figures go to benchmarks/results/core-<date>.json. Misses are reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import selectors
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+MERGEBUILD = str(Path(PY).with_name("mergebuild"))
+CHUNK = 64 << 20
+MB = 1e6
+
+
+# ------------------------------------------------------------------------------------------------
+# steps that run inside a child process (`core.py _step NAME ...`)
+
+def _child_fabricate(data: str, shrink: str) -> None:
+    import torch
+
+    from mergebuild.testing.fabricate import fabricate_family
+
+    paths = fabricate_family(Path(data), "sd1-ldm", int(shrink), torch.float16,
+                             names=("A", "B", "C"), prefix=f"sd15-x{shrink}-")
+    for p in paths:
+        print(p)
+
+
+def _child_io_floor(a: str, b: str, out: str) -> None:
+    """Read B fully, then read A chunk by chunk writing each chunk to OUT; fsync."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(b, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    with open(a, "rb", buffering=0) as src, open(out, "wb", buffering=0) as dst:
+        while n := src.readinto(buf):
+            done = 0
+            while done < n:
+                done += dst.write(view[done:n])
+        os.fsync(dst.fileno())
+
+
+def _child_torch(a: str, b: str, out: str, alpha: str) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ta, tb = load_file(a), load_file(b)
+    w = float(alpha)
+    res = {}
+    for k in list(ta):
+        x = ta.pop(k)
+        y = tb.pop(k)
+        if x.is_floating_point():
+            res[k] = torch.lerp(x.float(), y.float(), w).to(torch.float16)
+        else:
+            res[k] = x
+        del x, y
+    save_file(res, out, metadata={"format": "pt"})
+    fd = os.open(out, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def _child_compare(p: str, q: str) -> None:
+    """Print how many tensors of two safetensors files differ (data only, metadata ignored)."""
+    import torch
+    from safetensors import safe_open
+
+    differ = 0
+    with safe_open(p, "pt") as f, safe_open(q, "pt") as g:
+        keys = set(f.keys())
+        assert keys == set(g.keys()), "key sets differ"
+        for k in keys:
+            if not torch.equal(f.get_tensor(k), g.get_tensor(k)):
+                differ += 1
+    print(json.dumps({"tensors": len(keys), "differ": differ}))
+
+
+CHILD_STEPS = {"fabricate": _child_fabricate, "io_floor": _child_io_floor, "torch": _child_torch,
+               "compare": _child_compare}
+
+
+# ------------------------------------------------------------------------------------------------
+# the parent: run and measure
+
+def run(argv: list[str], label: str, env: dict | None = None) -> dict:
+    """Run argv as a child; its wall time, peak RSS (from wait4) and stdout."""
+    os.sync()
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    # drain both pipes ourselves, then reap with wait4 (Popen.wait would discard the rusage)
+    out_chunks, err_chunks = [], []
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ, out_chunks)
+    sel.register(proc.stderr, selectors.EVENT_READ, err_chunks)
+    open_ = 2
+    while open_:
+        for key, _ in sel.select():
+            chunk = os.read(key.fileobj.fileno(), 1 << 16)
+            if chunk:
+                key.data.append(chunk)
+            else:
+                sel.unregister(key.fileobj)
+                open_ -= 1
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stdout = b"".join(out_chunks).decode()
+    stderr = b"".join(err_chunks).decode()
+    if proc.returncode != 0:
+        sys.stderr.write(stderr)
+        raise SystemExit(f"step {label} failed (exit {proc.returncode}): {' '.join(argv)}")
+    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024, "stdout": stdout,
+            "user_s": usage.ru_utime, "sys_s": usage.ru_stime}
+
+
+def child(step: str, *args: str) -> list[str]:
+    return [PY, str(Path(__file__).resolve()), "_step", step, *args]
+
+
+def mergebuild(mergefile: Path, cache: Path) -> list[str]:
+    return [MERGEBUILD, "-f", str(mergefile), "--cache-dir", str(cache), "--json", "-q"]
+
+
+def mergefile_one(path: Path, a: Path, b: Path, out: Path) -> None:
+    path.write_text(f"""[models.A]
+path = "{a}"
+[models.B]
+path = "{b}"
+
+[merges.merged]
+method = "weighted_sum"
+inputs = ["A", "B"]
+alpha = 0.5
+output = "{out}"
+dtype = "float16"
+""")
+
+
+def mergefile_chain(path: Path, a: Path, b: Path, c: Path, out: Path, final_alpha: float) -> None:
+    path.write_text(f"""[models.A]
+path = "{a}"
+[models.B]
+path = "{b}"
+[models.C]
+path = "{c}"
+
+[merges.mix1]
+method = "weighted_sum"
+inputs = ["A", "B"]
+alpha = 0.4
+
+[merges.mix2]
+method = "add_difference"
+inputs = ["mix1", "B", "C"]
+alpha = 0.5
+
+[merges.final]
+method = "weighted_sum"
+inputs = ["mix2", "A"]
+alpha = {final_alpha}
+output = "{out}"
+dtype = "float16"
+""")
+
+
+def fresh(path: Path) -> Path:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    return path
+
+
+def warm(paths) -> None:
+    buf = bytearray(CHUNK)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def mb(n: float) -> str:
+    return f"{n / MB:,.0f} MB"
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "_step":
+        CHILD_STEPS[sys.argv[2]](*sys.argv[3:])
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shrink", type=int, default=1, help="divide large dims by this (1 = full size)")
+    p.add_argument("--data", type=Path, default=HERE / "data")
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--keep", action="store_true", help="keep outputs and caches in the data folder")
+    args = p.parse_args()
+
+    data = args.data.resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    work = data / f"run-x{args.shrink}"
+    fresh(work).mkdir(parents=True)
+
+    # 1. inputs --------------------------------------------------------------------------------
+    names = [data / f"sd15-x{args.shrink}-{n}.safetensors" for n in "ABC"]
+    if not all(n.exists() for n in names):
+        print(f"fabricating {len(names)} checkpoints (shrink {args.shrink}) into {data} ...", flush=True)
+        r = run(child("fabricate", str(data), str(args.shrink)), "fabricate")
+        print(f"  done in {r['seconds']:.1f} s, peak RSS {mb(r['peak_rss_bytes'])}", flush=True)
+    a, b, c = names
+    size = a.stat().st_size
+    print(f"inputs: 3 x {mb(size)} ({a.parent})", flush=True)
+    warm(names)
+
+    steps: dict[str, dict] = {}
+
+    def record(key: str, label: str, r: dict, **extra) -> dict:
+        steps[key] = {"label": label, "seconds": r["seconds"], "peak_rss_bytes": r["peak_rss_bytes"],
+                      "user_s": r["user_s"], "sys_s": r["sys_s"], **extra}
+        print(f"  {key}: {r['seconds']:8.2f} s  peak RSS {mb(r['peak_rss_bytes']):>9}  "
+              f"(user {r['user_s']:.1f} s, sys {r['sys_s']:.1f} s)  {label}", flush=True)
+        return steps[key]
+
+    # (a) I/O floor ------------------------------------------------------------------------------
+    out_a = work / "io-floor.bin"
+    record("a", "I/O floor: read A+B, write one output, fsync", run(child("io_floor", str(a), str(b), str(out_a)), "a"))
+    fresh(out_a)
+
+    # (b) plain torch ----------------------------------------------------------------------------
+    out_b = work / "torch.safetensors"
+    record("b", "plain torch: load_file x2, lerp fp32, fp16, save_file, fsync",
+           run(child("torch", str(a), str(b), str(out_b), "0.5"), "b"))
+
+    # (c) mergebuild cold ------------------------------------------------------------------------
+    mf_one = work / "one.toml"
+    out_c = work / "out" / "one.safetensors"
+    cache_c = work / "cache-one"
+    mergefile_one(mf_one, a, b, out_c)
+    r = run(mergebuild(mf_one, cache_c), "c")
+    record("c", "mergebuild cold: weighted_sum(A,B) -> fp16", r, report=json.loads(r["stdout"]))
+
+    # sanity: same numbers as the plain torch script (not timed)
+    cmp = json.loads(run(child("compare", str(out_b), str(out_c)), "compare")["stdout"])
+    fresh(out_b)
+
+    # (d) no-op rebuild --------------------------------------------------------------------------
+    r = run(mergebuild(mf_one, cache_c), "d")
+    record("d", "mergebuild no-op rebuild of (c)", r, report=json.loads(r["stdout"]))
+    if not args.keep:
+        fresh(cache_c), fresh(out_c)
+
+    # (e) chain ----------------------------------------------------------------------------------
+    mf_chain = work / "chain.toml"
+    out_e = work / "out" / "chain.safetensors"
+    cache_e = work / "cache-chain"
+    mergefile_chain(mf_chain, a, b, c, out_e, 0.25)
+    r = run(mergebuild(mf_chain, cache_e), "e_cold")
+    record("e_cold", "mergebuild 3-step chain, cold", r, report=json.loads(r["stdout"]))
+    mergefile_chain(mf_chain, a, b, c, out_e, 0.3)
+    r = run(mergebuild(mf_chain, cache_e), "e_rebuild")
+    record("e_rebuild", "chain rebuilt after the last step's alpha changed", r, report=json.loads(r["stdout"]))
+    if not args.keep:
+        fresh(work)
+
+    # 3. table and targets -----------------------------------------------------------------------
+    floor = steps["a"]["seconds"]
+    rows = [("(a) I/O floor", "a"), ("(b) plain torch", "b"), ("(c) mergebuild cold", "c"),
+            ("(d) no-op rebuild", "d"), ("(e) chain cold", "e_cold"), ("(e) chain alpha rebuild", "e_rebuild")]
+    lines = []
+    lines.append(f"mergebuild core benchmark, shrink {args.shrink}: inputs 3 x {mb(size)} fp16, "
+                 f"{platform.node()}, {os.cpu_count()} CPUs")
+    lines.append("NOTE: page cache WARM (inputs read before the first step; caches cannot be dropped here); "
+                 "sync before each step")
+    lines.append("")
+    lines.append(f"{'step':<26} {'seconds':>9} {'x (a)':>7} {'peak RSS':>11}")
+    for label, key in rows:
+        s = steps[key]
+        lines.append(f"{label:<26} {s['seconds']:>9.2f} {s['seconds'] / floor:>7.2f} {mb(s['peak_rss_bytes']):>11}")
+    lines.append("")
+    c_s, b_s, d_s = steps["c"]["seconds"], steps["b"]["seconds"], steps["d"]["seconds"]
+    e_ratio = steps["e_rebuild"]["seconds"] / steps["e_cold"]["seconds"]
+    c_rss = steps["c"]["peak_rss_bytes"]
+    targets = [
+        ("(c) <= 2x (a)", f"{c_s / floor:.2f}x", c_s <= 2 * floor),
+        ("(c) faster than (b)", f"{c_s / b_s:.2f}x of (b)", c_s < b_s),
+        ("(d) < 1 s", f"{d_s:.2f} s", d_s < 1.0),
+        ("(e) rebuild <= 0.4x cold chain", f"{e_ratio:.2f}x", e_ratio <= 0.4),
+        ("(c) peak RSS <= 1.5 GB", mb(c_rss), c_rss <= 1.5e9),
+    ]
+    for name, value, ok in targets:
+        lines.append(f"{'PASS' if ok else 'MISS'}  {name:<32} {value}")
+    lines.append("")
+    lines.append(f"check: (b) and (c) outputs: {cmp['differ']} of {cmp['tensors']} tensors differ")
+    print("\n" + "\n".join(lines))
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now()
+    path = args.results / f"core-{now:%Y-%m-%d}{'' if args.shrink == 1 else f'-x{args.shrink}'}.json"
+    doc = {
+        "date": now.isoformat(timespec="seconds"),
+        "shrink": args.shrink,
+        "input_bytes": size,
+        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "page_cache": "warm",
+        "steps": steps,
+        "ratios_to_io_floor": {k: v["seconds"] / floor for k, v in steps.items()},
+        "targets": {name: {"value": value, "pass": ok} for name, value, ok in targets},
+        "check_b_vs_c": cmp,
+        "table": lines,
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

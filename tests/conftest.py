@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny real safetensors models under tmp_path, and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_model(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def small_model(seed: int, dtype=torch.float16, extra: dict | None = None) -> dict:
+    """A few SD-style keys: a conv, a linear, a norm, an int buffer and a scheduler buffer."""
+    g = torch.Generator().manual_seed(seed)
+    t = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": torch.randn(8, 8, generator=g),
+        "model.diffusion_model.out.0.bias": torch.randn(8, generator=g),
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.randn(16, generator=g),
+        "first_stage_model.decoder.conv_in.weight": torch.randn(4, 4, 3, 3, generator=g),
+    }
+    t = {k: v.to(dtype) for k, v in t.items()}
+    t["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77).reshape(1, 77)
+    t["alphas_cumprod"] = torch.linspace(0.99, 0.01, 10, dtype=torch.float32) + seed
+    t.update(extra or {})
+    return t
+
+
+def mergefile(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def run_cli(*args, cwd: Path, env: dict | None = None, check: bool = False, timeout: float = 300):
+    full_env = {k: v for k, v in os.environ.items() if k != "MERGEBUILD_CACHE"}
+    full_env.update(NO_COLOR="1", PYTHONPATH=str(ROOT), COLUMNS="200")
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "mergebuild", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mergebuild {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def build_json(*args, cwd: Path, env: dict | None = None) -> dict:
+    proc = run_cli(*args, "--json", "-q", cwd=cwd, env=env, check=True)
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A folder with three tiny models: base, and two fine-tunes of it (real, anime)."""
+    base = small_model(0)
+    write_model(tmp_path / "models" / "base.safetensors", base)
+    for i, name in ((1, "real"), (2, "anime")):
+        g = torch.Generator().manual_seed(100 + i)
+        tuned = {k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() and "model" in k else v
+                 for k, v in base.items()}
+        write_model(tmp_path / "models" / f"{name}.safetensors", tuned)
+    return tmp_path
+
+
+CHAIN = """
+[models.base]
+path = "models/base.safetensors"
+[models.real]
+path = "models/real.safetensors"
+[models.anime]
+path = "models/anime.safetensors"
+
+[merges.mix1]
+method = "weighted_sum"
+inputs = ["real", "anime"]
+alpha = {a1}
+
+[merges.mix2]
+method = "add_difference"
+inputs = ["mix1", "anime", "base"]
+alpha = {a2}
+
+[merges.final]
+method = "weighted_sum"
+inputs = ["mix2", "real"]
+alpha = {a3}
+output = "out/final.safetensors"
+"""
+
+
+def chain(a1=0.4, a2=0.5, a3=0.25) -> str:
+    return CHAIN.format(a1=a1, a2=a2, a3=a3)
+
+
+def load(path: Path) -> dict:
+    return load_file(str(path))
