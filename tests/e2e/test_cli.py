@@ -1,0 +1,103 @@
+"""The make-like surface: dry runs with reasons, graph formats, clean, cache commands."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import build_json, chain, mergefile, run_cli
+
+
+def test_dry_run_says_what_and_why_and_computes_nothing(project):
+    mf = mergefile(project / "mergefile.toml", chain())
+    proc = run_cli("-n", cwd=project, check=True)
+    assert "mix1: 7 of 7 tensors dirty" not in proc.stdout  # some tensors are copied, not merged
+    assert "mix1:" in proc.stdout and "tensors dirty" in proc.stdout
+    assert "final: depends on a dirty input" in proc.stdout
+    assert not (project / "out").exists()
+    run_cli(cwd=project, check=True)
+    assert run_cli("-n", cwd=project, check=True).stdout.splitlines() == [
+        "mix1: up to date", "mix2: up to date", "final: up to date"]
+    mf.write_text(chain(a2=0.8))
+    proc = run_cli("-n", "-v", cwd=project, check=True)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "mix1: up to date"
+    assert lines[1].startswith("mix2: ") and "tensors dirty" in lines[1]
+    assert "  because parameter alpha changed: 0.5 -> 0.8" in lines
+    assert lines[-2].startswith("final: depends on a dirty input")
+    assert "  because input 'mix2' has tensors to recompute" in lines
+
+
+def test_dry_run_json(project):
+    mergefile(project / "mergefile.toml", chain())
+    doc = json.loads(run_cli("-n", "--json", cwd=project, check=True).stdout)
+    assert doc["merges"]["mix1"]["dirty"] > 0 and doc["merges"]["final"]["pending"] > 0
+    assert doc["merges"]["mix1"]["reasons"] == ["never built from this Mergefile"]
+
+
+def test_json_summary_contract(project):
+    mergefile(project / "mergefile.toml", chain())
+    doc = build_json(cwd=project)
+    assert set(doc) == {"merges", "outputs"}
+    for entry in doc["merges"].values():
+        assert set(entry) == {"status", "tensors", "computed", "reused", "seconds"}
+        assert entry["computed"] + entry["reused"] == entry["tensors"]
+    assert doc["outputs"] == {"final": str(project / "out/final.safetensors")}
+
+
+def test_force_recomputes_everything(project):
+    mergefile(project / "mergefile.toml", chain())
+    cold = build_json(cwd=project)["merges"]
+    forced = build_json("--force", cwd=project)["merges"]
+    assert all(forced[n]["computed"] == cold[n]["computed"] > 0 for n in cold)
+
+
+def test_graph_formats(project):
+    mergefile(project / "mergefile.toml", chain())
+    text = run_cli("graph", cwd=project, check=True).stdout
+    assert text.splitlines()[0] == "final = weighted_sum(alpha=0.25) -> final.safetensors"
+    dot = run_cli("graph", "--format", "dot", cwd=project, check=True).stdout
+    assert dot.startswith("digraph") and '"mix1" -> "mix2";' in dot
+    mermaid = run_cli("graph", "--format", "mermaid", cwd=project, check=True).stdout
+    assert mermaid.startswith("graph LR") and "n_mix2 --> n_final" in mermaid
+
+
+def test_clean_removes_declared_outputs(project):
+    mergefile(project / "mergefile.toml", chain())
+    run_cli(cwd=project, check=True)
+    assert (project / "out/final.safetensors").exists()
+    proc = run_cli("clean", cwd=project, check=True)
+    assert "removed" in proc.stdout and not (project / "out/final.safetensors").exists()
+
+
+def test_cache_stats_and_gc_keep_what_current_targets_need(project):
+    mf = mergefile(project / "mergefile.toml", chain())
+    run_cli(cwd=project, check=True)
+    stats = json.loads(run_cli("cache", "stats", "--json", cwd=project, check=True).stdout)
+    assert stats["blobs"] > 0 and stats["bytes"] > 0 and stats["builds"] == 1
+    mf.write_text(chain(a1=0.9))
+    run_cli(cwd=project, check=True)
+    gc = json.loads(run_cli("cache", "gc", "--keep", "1", "--json", cwd=project, check=True).stdout)
+    # the old alpha's three merges are no longer needed by anything
+    assert gc["entries_removed"] > 0 and gc["blobs_removed"] > 0 and gc["bytes_freed"] > 0
+    (project / "out/final.safetensors").unlink()
+    doc = build_json(cwd=project)["merges"]
+    assert all(m["computed"] == 0 for m in doc.values())  # nothing current was collected
+
+
+def test_cache_env_and_flag_override(project, tmp_path_factory):
+    mergefile(project / "mergefile.toml", chain())
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    run_cli(cwd=project, env={"MERGEBUILD_CACHE": str(elsewhere / "env-cache")}, check=True)
+    assert (elsewhere / "env-cache/index.sqlite").exists() and not (project / "cache").exists()
+    run_cli("--cache-dir", elsewhere / "flag-cache", cwd=project, env={"MERGEBUILD_CACHE": str(elsewhere / "x")}, check=True)
+    assert (elsewhere / "flag-cache/index.sqlite").exists() and not (elsewhere / "x").exists()
+
+
+def test_lineage_of_a_file_without_lineage(project):
+    proc = run_cli("lineage", project / "models/base.safetensors", cwd=project, check=True)
+    assert "no lineage recorded" in proc.stdout
+
+
+def test_methods_list(project):
+    doc = json.loads(run_cli("methods", "--json", cwd=project, check=True).stdout)
+    assert doc["add_difference"] == {"version": 1, "inputs": ["A", "B", "C"], "params": {"alpha": None}}
