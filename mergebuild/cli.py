@@ -110,8 +110,8 @@ def _cmd_build(args) -> int:
         return 0
 
     def on_plan(plan, reasons):
-        if args.verbose and not args.quiet:
-            report.print_reasons(reasons)
+        if not args.quiet:
+            report.print_plan(plan, reasons, args.verbose)
 
     with report.RichProgress(enabled=not args.quiet) as progress:
         _plan, results = build.build(opts, progress, on_plan)

@@ -26,6 +26,19 @@ def merge_fingerprint(plan: Plan, merge: str) -> dict:
         "inputs": list(spec.inputs),
         "files": files,
         "compute_dtype": plan.mergefile.settings.compute_dtype,
+        **selection(spec),
+    }
+
+
+def selection(spec) -> dict:
+    """The parts of a merge that choose keys and per-key values, beyond its parameters."""
+    return {
+        "rules": [{"blocks": r.blocks, "match": list(r.match), "regex": r.regex, "not": r.negate, **r.params}
+                  for r in spec.rules],
+        "include": list(spec.include),
+        "exclude": list(spec.exclude),
+        "clip_to_inputs": spec.clip_to_inputs,
+        "fix_clip_position_ids": spec.fix_clip_position_ids,
     }
 
 
@@ -66,8 +79,9 @@ def _changes(last: dict | None, now: dict) -> list[str]:
     for key in sorted(before.keys() | after.keys()):
         if before.get(key) != after.get(key):
             reasons.append(f"parameter {key} changed: {before.get(key, 'unset')} -> {after.get(key, 'unset')}")
-    for field in ("dtype", "discard", "compute_dtype", "inputs"):
-        if last.get(field) != now[field]:
+    for field in ("dtype", "discard", "compute_dtype", "inputs", "rules", "include", "exclude",
+                  "clip_to_inputs", "fix_clip_position_ids"):
+        if field in last and last[field] != now[field]:
             reasons.append(f"{field} changed: {last.get(field)} -> {now[field]}")
     for name, info in now["files"].items():
         if last.get("files", {}).get(name) != info:

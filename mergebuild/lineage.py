@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from mergebuild import __version__
+from mergebuild.explain import selection
 from mergebuild.plan.planner import Plan
 from mergebuild.store.hashing import autov2
 from mergebuild.tensors.header import read_header
@@ -39,6 +40,7 @@ def recipe(plan: Plan, node: str, hashes: dict[str, str] | None) -> dict:
         "params": spec.params,
         "dtype": spec.dtype,
         "discard": spec.discard,
+        **{k: v for k, v in selection(spec).items() if v},
         "inputs": [recipe(plan, i, hashes) for i in spec.inputs],
     }
 

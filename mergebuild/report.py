@@ -55,11 +55,11 @@ class RichProgress:
 
 def summary_table(results) -> Table:
     table = Table(title="mergebuild", title_justify="left")
-    for col in ("merge", "status", "tensors", "computed", "reused", "size", "seconds", "output"):
+    for col in ("merge", "arch", "status", "tensors", "computed", "reused", "size", "seconds", "output"):
         table.add_column(col, justify="right" if col in ("tensors", "computed", "reused", "size", "seconds") else "left")
     for r in results.values():
         output = "" if r.output is None else f"{r.output}" + ("" if r.written else " (up to date)")
-        table.add_row(r.name, r.status, str(r.tensors), str(r.computed), str(r.reused),
+        table.add_row(r.name, r.architecture, r.status, str(r.tensors), str(r.computed), str(r.reused),
                       human_bytes(r.bytes), f"{r.seconds:.2f}", output)
     return table
 
@@ -68,7 +68,7 @@ def build_json(results) -> dict:
     return {
         "merges": {
             r.name: {"status": r.status, "tensors": r.tensors, "computed": r.computed,
-                     "reused": r.reused, "seconds": round(r.seconds, 3)}
+                     "reused": r.reused, "seconds": round(r.seconds, 3), "architecture": r.architecture}
             for r in results.values()
         },
         "outputs": {r.name: str(r.output) for r in results.values() if r.output is not None},
@@ -93,9 +93,16 @@ def dry_run_json(statuses) -> dict:
     }
 
 
-def print_reasons(reasons: dict[str, list[str]]) -> None:
-    for name, items in reasons.items():
-        err.print(f"[bold]{escape(name)}[/]: " + escape("; ".join(items)))
+def print_plan(plan, reasons: dict[str, list[str]], verbose: bool) -> None:
+    """Before a build: warnings always; with -v the detected architectures and why merges rebuild."""
+    for name, merge in plan.merges.items():
+        for warning in merge.warnings:
+            err.print(f"[yellow]warning:[/] {escape(name)}: {escape(warning)}")
+        if verbose and merge.arch is not None:
+            err.print(escape(f"{name}: architecture {merge.arch.name} ({merge.arch_how})"))
+    if verbose:
+        for name, items in reasons.items():
+            err.print(f"[bold]{escape(name)}[/]: " + escape("; ".join(items)))
 
 
 def lineage_tree(node: dict) -> Tree:

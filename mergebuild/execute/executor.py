@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergebuild.errors import BuildError
+from mergebuild.errors import BuildError, InputError
 from mergebuild.execute.tensorio import copy_range, read_ref
 from mergebuild.plan.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
 from mergebuild.store.cache import Cache
@@ -39,6 +39,7 @@ class MergeResult:
     method_tensors: int
     output: Path | None = None
     written: bool = False
+    architecture: str = ""
 
     @property
     def reused(self) -> int:
@@ -119,6 +120,7 @@ class Executor:
         return MergeResult(
             name, len(merge.tasks), computed + self._healed, time.perf_counter() - started,
             sum(t.nbytes for t in merge.tasks.values()), merge.method_tasks, output, writer is not None,
+            merge.arch.name if merge.arch else "",
         )
 
     def _stream(self, merge: MergePlan, todo: list[TensorTask], writer) -> int:
@@ -210,6 +212,7 @@ class Executor:
         kwargs = dict(task.params)
         if task.method.takes_key:
             kwargs["key"] = task.name
+        self._check_finite(task, xs)
         try:
             if task.channels is None:
                 result = task.method.fn(*xs, **kwargs)
@@ -217,9 +220,25 @@ class Executor:
                 c = task.channels
                 head = task.method.fn(*(x[:, :c] for x in xs), **kwargs)
                 result = torch.cat([head, xs[0][:, c:]], dim=1)
+            if task.clip:
+                stacked = torch.stack(xs)
+                result = torch.clamp(result, stacked.amin(0), stacked.amax(0))
         except Exception as e:
             raise BuildError(f"[merges.{self._merge_name}] {task.method.name} failed on {task.name!r}: {e}") from e
         return result.to(torch_dtype(task.dtype)).cpu()
+
+    def _check_finite(self, task: TensorTask, xs) -> None:
+        from mergebuild.torchlazy import torch
+
+        for (node, tensor), x in zip(task.inputs, xs):
+            if not bool(torch.isfinite(x).all()):
+                raise InputError(f"{self._describe(node)}: tensor {tensor!r} holds NaN or Inf; "
+                                 "merging it would spread them (fix or discard the key)")
+
+    def _describe(self, node: str) -> str:
+        if node in self.plan.sources:
+            return f"[models.{node}] {self.plan.sources[node].path}"
+        return f"[merges.{node}]"
 
     def _store(self, task: TensorTask, result, writer) -> None:
         """In a writer thread: hash the result, keep its blob, write it into the output."""

@@ -1,18 +1,131 @@
-"""Per-tensor parameter resolution.
+"""Per-tensor parameter resolution: block weights, layer gradients, presets, elemental rules.
 
-Every tensor's cache key holds only the parameter values that reach that tensor. Today a
-parameter is one plain value for the whole merge; block tables and elemental rules (the methods
-issue) resolve here, by key name, without changing the planner.
+Every tensor's cache key holds only the parameter values that reach that tensor, so changing
+IN05's weight changes the keys of IN05's tensors and nothing else. A numeric parameter is written
+as one of:
+    alpha = 0.5                                         everywhere
+    alpha = { default = 0.5, BASE = 0.0, IN05 = 0.2 }   by MBW block (SD models)
+    alpha = [0.0, 0.1, ...]                             26 (SD1/SD2) or 20 (SDXL) values, BASE first
+    alpha = "GRAD_V"                                    a named preset (26 values)
+    alpha = { gradient = [0.0, 0.5, 1.0] }              over the layer index (generic models)
+then [[merges.NAME.rules]] override it for the keys they select, later rules winning.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
+from mergebuild.errors import MergefileError
+from mergebuild.layouts.blocks import PRESETS, Architecture, block_values, expand_blocks
 from mergebuild.methods.registry import Method
-from mergebuild.spec.model import MergeSpec
+from mergebuild.spec.model import Mergefile, MergeSpec, Rule
 
 
-def resolve_params(merge: MergeSpec, method: Method, key: str) -> dict:
-    """The parameter values for tensor `key` of `merge`, defaults filled in."""
-    params = method.defaults()
-    params.update(merge.params)
-    return params
+@dataclass
+class _CompiledRule:
+    rule: Rule
+    blocks: set[str] | None
+    regex: re.Pattern | None
+
+    def selects(self, key: str, block: str | None) -> bool:
+        if self.blocks is not None and block not in self.blocks:
+            return False
+        if not self.rule.match and self.regex is None:
+            return True
+        hit = any(m in key for m in self.rule.match) or bool(self.regex and self.regex.search(key))
+        return hit != self.rule.negate
+
+
+class ParamResolver:
+    """Compiled once per merge; resolves the parameters of each tensor key."""
+
+    def __init__(self, mf: Mergefile, merge: MergeSpec, method: Method, arch: Architecture, keys: list[str]):
+        self.mf, self.merge, self.method, self.arch = mf, merge, method, arch
+        self.time_embed_in_base = mf.settings.time_embed == "BASE"
+        layers = [arch.layer_of(k) for k in keys]
+        self.num_layers = max((n for n in layers if n is not None), default=-1) + 1
+        self.values = {name: self._compile(name, v) for name, v in merge.params.items()}
+        self.rules = [self._compile_rule(i, r) for i, r in enumerate(merge.rules)]
+        self.include = [re.compile(p) for p in merge.include]
+        self.exclude = [re.compile(p) for p in merge.exclude]
+        self.defaults = method.defaults()
+
+    def block_of(self, key: str) -> str | None:
+        return self.arch.block_of(key, self.time_embed_in_base)
+
+    def selected(self, key: str) -> bool:
+        """Whether the merge applies to this key at all (include / exclude)."""
+        if self.include and not any(p.search(key) for p in self.include):
+            return False
+        return not any(p.search(key) for p in self.exclude)
+
+    def params(self, key: str) -> dict:
+        block = self.block_of(key)
+        out = dict(self.defaults)
+        for name, value in self.values.items():
+            out[name] = value(key, block) if callable(value) else value
+        for rule in self.rules:
+            if rule.selects(key, block):
+                out.update(rule.rule.params)
+        for name, value in out.items():
+            if value is None:
+                self._fail(name, f"no value for block {block or 'of ' + key} (add default = ...)")
+        return out
+
+    # compiling ----------------------------------------------------------------------------
+    def _compile(self, name: str, value):
+        param = self.method.param(name)
+        if not param.numeric or isinstance(value, (int, float)):
+            return value
+        if isinstance(value, str):
+            value = PRESETS[value]
+        if isinstance(value, list):
+            return self._table(name, self._block_list(name, value))
+        if "gradient" in value:
+            return self._gradient(name, value)
+        return self._table(name, value)
+
+    def _block_list(self, name: str, values: list) -> dict:
+        if not self.arch.blocks:
+            self._fail(name, f"{self.arch.name} models have no blocks; use {{ gradient = [...] }} or rules")
+        try:
+            return block_values(values, self.arch)
+        except ValueError as e:
+            self._fail(name, str(e))
+
+    def _table(self, name: str, table: dict):
+        blocks = {k: v for k, v in table.items() if k != "default"}
+        for block in blocks:
+            if block not in self.arch.blocks:
+                have = f"{self.arch.blocks[0]}..{self.arch.blocks[-1]}" if self.arch.blocks else "no blocks"
+                self._fail(f"{name}.{block}", f"block {block} does not exist in {self.arch.name} ({have})")
+        default = table.get("default")
+        return lambda key, block: blocks.get(block, default)
+
+    def _gradient(self, name: str, table: dict):
+        points = table["gradient"]
+        default = table.get("default", points[0])
+        span = max(self.num_layers - 1, 1)
+
+        def at(key: str, block):
+            layer = self.arch.layer_of(key)
+            if layer is None:
+                return default
+            x = layer / span * (len(points) - 1)
+            i = min(int(x), len(points) - 2)
+            return points[i] + (x - i) * (points[i + 1] - points[i])
+
+        return at
+
+    def _compile_rule(self, index: int, rule: Rule) -> _CompiledRule:
+        blocks = None
+        if rule.blocks is not None:
+            try:
+                blocks = expand_blocks(rule.blocks, self.arch)
+            except ValueError as e:
+                raise MergefileError(self.mf.path, f"merges.{self.merge.name}.rules[{index}]", "blocks", str(e)) from None
+        return _CompiledRule(rule, blocks, re.compile(rule.regex) if rule.regex else None)
+
+    def _fail(self, field: str, message: str):
+        raise MergefileError(self.mf.path, f"merges.{self.merge.name}", field, message)

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergebuild.dtypes import USER_DTYPES, is_float, nbytes
-from mergebuild.errors import InputError
+from mergebuild.errors import InputError, MergefileError
+from mergebuild.methods.parts import POSITION_IDS
 from mergebuild.methods.registry import Method, get_method
 from mergebuild.plan.graph import build_graph, build_order
-from mergebuild.plan.params import resolve_params
+from mergebuild.layouts.blocks import Architecture, detect
+from mergebuild.plan.params import ParamResolver
 from mergebuild.plan.sources import Source, TensorRef, load_source
 from mergebuild.spec.model import Mergefile, MergeSpec
 from mergebuild.store.cache import Cache
@@ -28,6 +30,7 @@ from mergebuild.store.hashing import text_digest
 SKIP_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 SD_UNET_PREFIX = "model.diffusion_model."
 LATENT_CHANNELS, INPAINT_CHANNELS = 4, (8, 9)
+POSITION_IDS_SUFFIX = "embeddings.position_ids"
 
 CACHED, DIRTY, PENDING, PASSTHROUGH = "cached", "dirty", "pending", "passthrough"
 
@@ -41,6 +44,7 @@ class TensorTask:
     method: Method | None  # None: the result is the first input's tensor, unchanged
     params: dict = field(default_factory=dict)
     channels: int | None = None  # inpainting: merge only [:, :channels], keep the rest of A
+    clip: bool = False  # clamp the result to the inputs' elementwise range (weights_clip)
     key: str | None = None
     digest: str | None = None
     state: str = PENDING
@@ -58,6 +62,9 @@ class MergePlan:
     output_digest: str | None = None  # what the output file must hold, when fully known
     output_current: bool = False  # the output file already holds exactly that
     reasons: list[str] = field(default_factory=list)
+    arch: Architecture | None = None
+    arch_how: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     def count(self, state: str) -> int:
         return sum(1 for t in self.tasks.values() if t.state == state)
@@ -109,35 +116,55 @@ def _plan_merge(plan: Plan, spec: MergeSpec) -> MergePlan:
     method = get_method(spec.method)
     first = spec.inputs[0]
     names = plan.tensor_names(first)
+    arch, how = detect(names)
+    resolver = ParamResolver(plan.mergefile, spec, method, arch, names)
     sd_checkpoint = any(n.startswith(SD_UNET_PREFIX) for n in names)
     discard = re.compile(spec.discard) if spec.discard else None
+    others = [set(plan.tensor_names(i)) for i in spec.inputs[1:]]
     tasks = {}
     for name in sorted(names):
         if discard and discard.search(name):
             continue
-        tasks[name] = _task(plan, spec, method, name, sd_checkpoint)
-    return MergePlan(spec, method, tasks)
+        tasks[name] = _task(plan, spec, method, name, sd_checkpoint, resolver, others)
+    merge = MergePlan(spec, method, tasks, arch=arch, arch_how=how)
+    if method.merges_tensors and not any(t.method is method for t in tasks.values()):
+        merge.warnings.append(f"{spec.method} changed no tensor: no key of {', '.join(spec.inputs[1:])} matched")
+    return merge
 
 
-def _task(plan: Plan, spec: MergeSpec, method: Method, name: str, sd_checkpoint: bool) -> TensorTask:
+def _input_names(method: Method, name: str, others: list[set]) -> list[str] | None:
+    """The tensor each other input contributes to key `name`, or None if one has none."""
+    found = []
+    for i, names in enumerate(others, start=1):
+        candidates = method.input_names(name, i) if method.input_names else (name,)
+        hit = next((c for c in candidates if c in names), None)
+        if hit is None:
+            return None
+        found.append(hit)
+    return found
+
+
+def _task(plan: Plan, spec: MergeSpec, method: Method, name: str, sd_checkpoint: bool,
+          resolver: ParamResolver, others: list[set]) -> TensorTask:
     a = plan.ref(spec.inputs[0], name)
     out_dtype = USER_DTYPES[spec.dtype] if spec.dtype and is_float(a.dtype) else a.dtype
-    refs = [a]
-    mergeable = method.merges_tensors and _mergeable_name(name, sd_checkpoint) and is_float(a.dtype)
-    for other in spec.inputs[1:]:
-        if not mergeable or name not in plan.tensor_names(other):
-            mergeable = False
-            break
-        ref = plan.ref(other, name)
-        if not is_float(ref.dtype):
-            mergeable = False
-            break
-        refs.append(ref)
-    channels = _check_shapes(plan, spec, name, refs) if mergeable else None
+    mergeable = (method.merges_tensors and _mergeable_name(name, sd_checkpoint) and is_float(a.dtype)
+                 and resolver.selected(name))
+    other_names = _input_names(method, name, others) if mergeable else None
+    refs = [a] + [plan.ref(n, t) for n, t in zip(spec.inputs[1:], other_names or [])]
+    mergeable = other_names is not None and all(is_float(r.dtype) for r in refs)
+    params = resolver.params(name) if mergeable else {}
+    if mergeable and method.select is not None:
+        try:
+            mergeable = method.select(name, params, resolver.arch, resolver.block_of(name))
+        except ValueError as e:
+            raise MergefileError(plan.mergefile.path, f"merges.{spec.name}", None, str(e)) from None
+    if spec.fix_clip_position_ids and name.endswith(POSITION_IDS_SUFFIX):
+        return TensorTask(name, "I64", a.shape, (), POSITION_IDS, {"shape": list(a.shape)})
     if mergeable:
-        inputs = tuple((n, name) for n in spec.inputs)
-        params = resolve_params(spec, method, name)
-        return TensorTask(name, out_dtype, a.shape, inputs, method, params, channels)
+        channels = _check_shapes(plan, spec, name, refs)
+        inputs = ((spec.inputs[0], name),) + tuple(zip(spec.inputs[1:], other_names))
+        return TensorTask(name, out_dtype, a.shape, inputs, method, params, channels, spec.clip_to_inputs)
     if out_dtype == a.dtype:
         return TensorTask(name, a.dtype, a.shape, ((spec.inputs[0], name),), None, state=PASSTHROUGH)
     cast = get_method("copy")
@@ -184,6 +211,7 @@ def task_key(plan: Plan, task: TensorTask, digests: list[str]) -> str:
         plan.compute_dtype,
         task.dtype,
         task.channels,
+        task.clip,
         digests,
         task.name if method.takes_key else None,
     ]

@@ -13,7 +13,8 @@ from pathlib import Path
 from mergebuild.dtypes import OUTPUT_DTYPES, USER_DTYPES
 from mergebuild.errors import MergefileError
 from mergebuild.methods.registry import get_method, suggest
-from mergebuild.spec.model import Mergefile, MergeSpec, ModelSpec, Settings
+from mergebuild.layouts.blocks import PRESETS, is_block_name
+from mergebuild.spec.model import Mergefile, MergeSpec, ModelSpec, Rule, Settings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,9 +22,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TOP_LEVEL = ("settings", "models", "merges")
-SETTINGS_FIELDS = ("cache", "device", "compute_dtype", "keep_builds")
+SETTINGS_FIELDS = ("cache", "device", "compute_dtype", "keep_builds", "time_embed")
 MODEL_FIELDS = ("path",)
-MERGE_FIELDS = ("method", "inputs", "output", "dtype", "discard")
+MERGE_FIELDS = ("method", "inputs", "output", "dtype", "discard", "rules", "include", "exclude", "clip_to_inputs",
+                "fix_clip_position_ids")
+RULE_FIELDS = ("blocks", "match", "regex", "not")
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -94,7 +97,10 @@ def _settings(path, base: Path, table: dict) -> Settings:
     keep = table.get("keep_builds", 3)
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
         raise MergefileError(path, where, "keep_builds", f"expected a whole number >= 1, got {keep!r}")
-    return Settings(cache=base / cache, device=device, compute_dtype=compute, keep_builds=keep)
+    time_embed = table.get("time_embed", "IN00")
+    if time_embed not in ("IN00", "BASE"):
+        raise MergefileError(path, where, "time_embed", f"expected 'IN00' or 'BASE', got {time_embed!r}")
+    return Settings(cache=base / cache, device=device, compute_dtype=compute, keep_builds=keep, time_embed=time_embed)
 
 
 def _model(path, base: Path, name: str, table: dict) -> ModelSpec:
@@ -128,13 +134,78 @@ def _merge(path, base: Path, name: str, table: dict) -> MergeSpec:
     discard = table.get("discard")
     if discard is not None:
         discard = _string(path, where, "discard", discard)
-        try:
-            re.compile(discard)
-        except re.error as e:
-            raise MergefileError(path, where, "discard", f"not a valid regular expression: {e}") from None
+        _compile(path, where, "discard", discard)
     params = {k: v for k, v in table.items() if k not in MERGE_FIELDS}
     _check_params(path, where, method, params)
-    return MergeSpec(name, method_name, tuple(inputs), params, output, dtype, discard)
+    rules = tuple(_rule(path, f"{where}.rules", i, method, r) for i, r in enumerate(_list(path, where, "rules", table.get("rules", []))))
+    include = _patterns(path, where, "include", table.get("include"))
+    exclude = _patterns(path, where, "exclude", table.get("exclude"))
+    clip, fix_ids = (_flag(path, where, table, f) for f in ("clip_to_inputs", "fix_clip_position_ids"))
+    return MergeSpec(name, method_name, tuple(inputs), params, output, dtype, discard, rules, include, exclude,
+                     clip, fix_ids)
+
+
+def _flag(path, where, table: dict, field: str) -> bool:
+    value = table.get(field, False)
+    if not isinstance(value, bool):
+        raise MergefileError(path, where, field, f"expected true or false, got {value!r}")
+    return value
+
+
+def _list(path, where, field, value) -> list:
+    if not isinstance(value, list):
+        raise MergefileError(path, where, field, "expected a list (an array of tables: [[...rules]])")
+    return value
+
+
+def _rule(path, where: str, index: int, method, table) -> Rule:
+    where = f"{where}[{index}]"
+    if not isinstance(table, dict):
+        raise MergefileError(path, where, None, "a rule is a table")
+    params = {k: v for k, v in table.items() if k not in RULE_FIELDS}
+    if not params:
+        raise MergefileError(path, where, None, "the rule sets no parameter")
+    for key, value in params.items():
+        param = method.param(key)
+        if param is None or not param.numeric:
+            raise MergefileError(path, where, key, f"not a numeric parameter of {method.name}")
+        if not param.accepts(value):
+            raise MergefileError(path, where, key, f"expected {param.describe()}, got {value!r}")
+    blocks = table.get("blocks")
+    if blocks is not None:
+        blocks = _string(path, where, "blocks", blocks)
+        for word in blocks.replace(",", " ").replace("-", " ").split():
+            if not is_block_name(word):
+                raise MergefileError(path, where, "blocks", f"{word!r} is not a block name (BASE, IN00, M00, OUT00...)")
+    match = table.get("match", [])
+    match = [match] if isinstance(match, str) else match
+    if not isinstance(match, list) or not all(isinstance(m, str) and m for m in match):
+        raise MergefileError(path, where, "match", "expected a substring or a list of substrings")
+    regex = table.get("regex")
+    if regex is not None:
+        _compile(path, where, "regex", _string(path, where, "regex", regex))
+    negate = table.get("not", False)
+    if not isinstance(negate, bool):
+        raise MergefileError(path, where, "not", f"expected true or false, got {negate!r}")
+    return Rule(params, blocks, tuple(match), regex, negate)
+
+
+def _patterns(path, where, field, value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+        raise MergefileError(path, where, field, "expected a regular expression or a list of them")
+    for v in values:
+        _compile(path, where, field, v)
+    return tuple(values)
+
+
+def _compile(path, where, field, pattern: str):
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise MergefileError(path, where, field, f"not a valid regular expression: {e}") from None
 
 
 def _check_params(path, where: str, method, params: dict) -> None:
@@ -144,11 +215,40 @@ def _check_params(path, where: str, method, params: dict) -> None:
         if param is None:
             allowed = known + list(MERGE_FIELDS)
             raise MergefileError(path, where, key, f"unknown parameter of {method.name}{_hint(key, allowed)}")
-        if not param.accepts(value):
+        if param.numeric and not isinstance(value, (int, float)):
+            _check_varying(path, where, key, param, value)
+        elif not param.accepts(value):
             raise MergefileError(path, where, key, f"expected {param.describe()}, got {value!r}")
     for param in method.params:
         if param.required and param.name not in params:
             raise MergefileError(path, where, param.name, f"missing: {method.name} needs {param.name}")
+
+
+def _check_varying(path, where: str, key: str, param, value) -> None:
+    """A numeric parameter that varies by block or layer: a table, a list, or a preset name."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if isinstance(value, str):
+        if value not in PRESETS:
+            raise MergefileError(path, where, key, f"expected {param.describe()} (or a block table, a list, "
+                                 f"a preset: {', '.join(PRESETS)}), got {value!r}")
+    elif isinstance(value, list):
+        if not all(number(v) for v in value):
+            raise MergefileError(path, where, key, "a block list holds numbers only")
+    elif isinstance(value, dict):
+        for name, v in value.items():
+            if name == "gradient":
+                if not (isinstance(v, list) and len(v) >= 2 and all(number(x) for x in v)):
+                    raise MergefileError(path, where, f"{key}.gradient", "expected a list of two or more numbers")
+            elif name == "default" or is_block_name(name):
+                if not number(v):
+                    raise MergefileError(path, where, f"{key}.{name}", f"expected a number, got {v!r}")
+            else:
+                raise MergefileError(path, where, f"{key}.{name}",
+                                     "not a block name (BASE, IN00..IN11, M00, OUT00..OUT11), default or gradient")
+    else:
+        raise MergefileError(path, where, key, f"expected {param.describe()}, a block table, a list or a preset, got {value!r}")
 
 
 def _check_inputs(path, models: dict, merges: dict) -> None:

@@ -12,12 +12,25 @@ class Settings:
     device: str = "auto"
     compute_dtype: str = "float32"
     keep_builds: int = 3
+    time_embed: str = "IN00"  # the MBW block of time_embed / label_emb: "IN00" (supermerger) or "BASE" (sd-mecha)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     path: Path  # absolute
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An elemental override (supermerger's elemental merge): for the keys it selects, these
+    parameter values replace the merge's. Later rules win."""
+
+    params: dict = field(hash=False)
+    blocks: str | None = None  # "IN04-IN08 M00"
+    match: tuple[str, ...] = ()  # substrings of the key; any one selects it
+    regex: str | None = None  # re.search on the key
+    negate: bool = False  # `not = true`: select the keys that match/regex do NOT select
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,11 @@ class MergeSpec:
     output: Path | None = None  # absolute; a merge with an output is a target
     dtype: str | None = None  # float16 | bfloat16 | float32; None: the first input's, per tensor
     discard: str | None = None  # regex: keys to leave out of the result
+    rules: tuple[Rule, ...] = ()
+    include: tuple[str, ...] = ()  # regexes: only these keys are merged (others pass through from A)
+    exclude: tuple[str, ...] = ()  # regexes: these keys pass through from A
+    clip_to_inputs: bool = False  # clamp merged values to the inputs' range (sd-meh weights_clip)
+    fix_clip_position_ids: bool = False  # reset CLIP position_ids to 0..76 (int64), as sd-meh does
 
 
 @dataclass(frozen=True)

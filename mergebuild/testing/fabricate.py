@@ -37,6 +37,23 @@ def layout_keys(layout: str, shrink: int = 32, components: set[str] | None = Non
     return keys
 
 
+def llama_keys(layers: int = 4, hidden: int = 16, intermediate: int = 40, vocab: int = 64) -> dict[str, tuple]:
+    """A Llama-shaped state dict's keys (Hugging Face names), tiny."""
+    keys = {"model.embed_tokens.weight": ((vocab, hidden), torch.float32)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            keys[p + f"self_attn.{proj}.weight"] = ((hidden, hidden), torch.float32)
+        keys[p + "mlp.gate_proj.weight"] = ((intermediate, hidden), torch.float32)
+        keys[p + "mlp.up_proj.weight"] = ((intermediate, hidden), torch.float32)
+        keys[p + "mlp.down_proj.weight"] = ((hidden, intermediate), torch.float32)
+        keys[p + "input_layernorm.weight"] = ((hidden,), torch.float32)
+        keys[p + "post_attention_layernorm.weight"] = ((hidden,), torch.float32)
+    keys["model.norm.weight"] = ((hidden,), torch.float32)
+    keys["lm_head.weight"] = ((vocab, hidden), torch.float32)
+    return keys
+
+
 def make_base(keys: dict, seed: int, dtype=torch.float16) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -54,7 +71,7 @@ def make_finetune(base: dict, seed: int, scale: float = 0.01) -> dict[str, torch
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key, t in base.items():
-        if t.is_floating_point() and "model" in key:
+        if t.is_floating_point() and "." in key:  # scheduler buffers (alphas_cumprod) have no dots
             out[key] = (t.float() + torch.randn(t.shape, generator=g) * scale).to(t.dtype)
         else:
             out[key] = t.clone()

@@ -39,7 +39,7 @@ def test_json_summary_contract(project):
     doc = build_json(cwd=project)
     assert set(doc) == {"merges", "outputs"}
     for entry in doc["merges"].values():
-        assert set(entry) == {"status", "tensors", "computed", "reused", "seconds"}
+        assert set(entry) == {"status", "tensors", "computed", "reused", "seconds", "architecture"}
         assert entry["computed"] + entry["reused"] == entry["tensors"]
     assert doc["outputs"] == {"final": str(project / "out/final.safetensors")}
 

@@ -31,7 +31,7 @@ CASES = {
     ),
     "mistyped parameter": (
         chain().replace("alpha = 0.25", 'alpha = "0.25"'),
-        ["[merges.final] alpha", "expected float, got '0.25'"],
+        ["[merges.final] alpha", "expected float", "got '0.25'"],
     ),
     "cycle": (
         chain().replace('inputs = ["real", "anime"]', 'inputs = ["final", "anime"]'),

@@ -1,0 +1,74 @@
+"""Methods that take parts of models: a component, attention layers, a VAE; and position ids."""
+
+from __future__ import annotations
+
+import re
+
+from mergebuild.layouts.blocks import expand_blocks
+from mergebuild.methods.registry import Method, Param
+from mergebuild.torchlazy import torch
+
+VAE_PREFIX = "first_stage_model."
+
+
+def take_b(a, b, **_params):
+    """B's tensor, for the keys the method selects (A's everywhere else)."""
+    return b.clone()
+
+
+def _swap_selects(key: str, params: dict, arch, block) -> bool:
+    component, match = params["component"], params["match"]
+    if not component and not match:
+        raise ValueError("swap needs component or match")
+    hit = False
+    if component:
+        prefixes = arch.components.get(component)
+        if prefixes is None:
+            raise ValueError(f"{arch.name} has no component {component!r} (has: {', '.join(arch.components)})")
+        hit = any(key.startswith(p) for p in prefixes)
+    return hit or bool(match and re.search(match, key))
+
+
+def _attention_selects(key: str, params: dict, arch, block) -> bool:
+    parts = params["parts"].split()
+    if not any(f".{p}." in key or key.endswith(f".{p}") or f".{p}_" in key for p in parts):
+        return False
+    if not params["blocks"]:
+        return True
+    if not arch.blocks:
+        raise ValueError(f"{arch.name} models have no blocks: leave blocks empty and use parts")
+    return block in expand_blocks(params["blocks"], arch)
+
+
+def _vae_selects(key: str, params: dict, arch, block) -> bool:
+    return key.startswith(VAE_PREFIX)
+
+
+def _vae_names(key: str, i: int) -> tuple[str, ...]:
+    # a standalone VAE file has no prefix; a full checkpoint has it
+    return (key.removeprefix(VAE_PREFIX), key)
+
+
+def position_ids(*, shape: list[int]):
+    """CLIP's position ids reset to 0, 1, 2, ... (sd-meh's fix for corrupted float ids)."""
+    n = 1
+    for d in shape:
+        n *= d
+    return torch.arange(n, dtype=torch.int64).reshape(shape)
+
+
+POSITION_IDS = Method("fix_clip_position_ids", 1, position_ids, (), (), position_ids.__doc__)
+
+METHODS = [
+    Method("swap", 1, take_b, ("A", "B"), (
+        Param("component", str, "", "a component of the detected architecture: text_encoder, unet, vae (SDXL: clip_l, clip_g)"),
+        Param("match", str, "", "a regular expression: keys it finds are taken from B"),
+    ), "Take a component (text encoder, UNet, VAE) or the keys matching a pattern from B.", select=_swap_selects),
+    Method("attention_swap", 1, take_b, ("A", "B"), (
+        Param("blocks", str, "", "MBW blocks, e.g. 'IN04-IN08 M00'; empty: all"),
+        Param("parts", str, "attn1 attn2", "which layers: attn1 (self-attention), attn2 (cross-attention), ff"),
+    ), "Take attention (attn1 / attn2) or feed-forward (ff) layers of chosen blocks from B.", select=_attention_selects),
+    Method("bake_vae", 1, take_b, ("A", "VAE"), (),
+           "Replace A's VAE (first_stage_model.*) with a VAE file's; only keys A has are written.",
+           select=_vae_selects, input_names=_vae_names),
+]
