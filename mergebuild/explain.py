@@ -16,7 +16,7 @@ def merge_fingerprint(plan: Plan, merge: str) -> dict:
     for name in spec.inputs:
         if name in plan.sources:
             s = plan.sources[name]
-            files[name] = [str(s.path), s.stat.st_size, s.stat.st_mtime_ns]
+            files[name] = s.stats()
     return {
         "method": spec.method,
         "version": plan.merges[merge].method.version,
@@ -83,7 +83,9 @@ def _changes(last: dict | None, now: dict) -> list[str]:
                   "clip_to_inputs", "fix_clip_position_ids"):
         if field in last and last[field] != now[field]:
             reasons.append(f"{field} changed: {last.get(field)} -> {now[field]}")
-    for name, info in now["files"].items():
-        if last.get("files", {}).get(name) != info:
-            reasons.append(f"input file {info[0]} changed")
+    for name, stats in now["files"].items():
+        before = {s[0]: s for s in last.get("files", {}).get(name, [])}
+        for info in stats:
+            if before.get(info[0]) != info:
+                reasons.append(f"input file {info[0]} changed")
     return reasons

@@ -49,7 +49,7 @@ def _model_node(plan: Plan, node: str, hashes: dict[str, str] | None) -> dict:
     source = plan.sources[node]
     out = {"kind": "model", "name": node, "file": source.path.name}
     if hashes is None:
-        out["stat"] = [source.stat.st_size, source.stat.st_mtime_ns, source.stat.st_ino]
+        out["stat"] = source.stats()
     else:
         out["sha256"] = hashes[node]
         out["autov2"] = autov2(hashes[node])
@@ -168,7 +168,16 @@ def _node_hash(node: dict) -> str:
 
 
 def read_lineage(path: Path) -> dict:
-    """The lineage tree of a file, from its header alone: {"file", "sha256"?, "made_by"}."""
-    header = read_header(Path(path))
+    """The lineage tree of a file (or model folder), from its header alone: {"file", "made_by"}."""
+    path = Path(path)
+    header = read_header(_first_shard(path) if path.is_dir() else path)
     return {"kind": "model", "name": Path(path).name, "file": Path(path).name,
             "made_by": made_by_from_metadata(header.metadata)}
+
+
+def _first_shard(folder: Path) -> Path:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return folder / sorted(set(json.loads(index.read_text())["weight_map"].values()))[0]
+    shards = sorted(folder.glob("*.safetensors"))
+    return shards[0] if shards else folder / "model.safetensors"

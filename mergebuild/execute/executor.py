@@ -22,6 +22,7 @@ from mergebuild.execute.tensorio import copy_range, read_ref
 from mergebuild.plan.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import file_sha256, legacy_hash, tensor_digest
+from mergebuild.tensors.folder import FolderWriter, is_folder_output, output_marker
 from mergebuild.tensors.writer import SafetensorsWriter, remove_stale_temps
 
 READ_AHEAD = 384 << 20
@@ -162,7 +163,7 @@ class Executor:
             return 1
         if fetched is None:
             ref = self.plan.ref(*task.inputs[0])
-            future = self.writers.submit(copy_range, ref.file, ref.begin, task.nbytes, writer.fd, writer.position(task.name))
+            future = self.writers.submit(copy_range, ref.file, ref.begin, task.nbytes, *writer.target(task.name))
         else:
             future = self.writers.submit(writer.write, task.name, fetched)
         writes.append((task.nbytes, future))
@@ -273,25 +274,35 @@ class Executor:
         placeholder = {n: "0" * 64 for n in self.plan.sources}
         draft = build_metadata(self.plan, merge.spec.name, placeholder, {n: "0" * 8 for n in self.plan.sources})
         tensors = [(t.name, t.dtype, t.shape) for t in merge.tasks.values()]
+        if is_folder_output(merge.spec.output):
+            return FolderWriter(merge.spec.output, tensors, draft, merge.spec.shard_size, self._config_folder(merge))
         return SafetensorsWriter(merge.spec.output, tensors, draft)
+
+    def _config_folder(self, merge: MergePlan) -> Path | None:
+        """The model folder whose config files the output copies: the first input's, up the chain."""
+        node = merge.spec.inputs[0]
+        while node in self.plan.merges:
+            node = self.plan.merges[node].spec.inputs[0]
+        path = self.plan.sources[node].path
+        return path if path.is_dir() else None
 
     def _commit_output(self, merge: MergePlan, writer: SafetensorsWriter) -> None:
         from mergebuild.lineage import build_metadata
         from mergebuild.plan.planner import output_digest
 
         hashes = {n: self._source_sha256(n) for n in self.plan.sources}
-        legacy = {n: legacy_hash(s.path) for n, s in self.plan.sources.items()}
+        legacy = {n: legacy_hash(s.hash_file) for n, s in self.plan.sources.items()}
         self._flush_records()
         writer.commit(build_metadata(self.plan, merge.spec.name, hashes, legacy))
         digest = output_digest(merge, identity_text(self.plan, merge.spec.name))
-        self.cache.index.save_output(str(merge.spec.output), os.stat(merge.spec.output), digest)
+        self.cache.index.save_output(str(merge.spec.output), os.stat(output_marker(merge.spec.output)), digest)
 
     def _start_source_hashes(self) -> None:
         if not any(m.spec.output is not None for m in self.plan.merges.values()):
             return
         for name, source in self.plan.sources.items():
             if source.sha256 is None:
-                self._sha256[name] = self.hashers.submit(file_sha256, source.path)
+                self._sha256[name] = self.hashers.submit(file_sha256, source.hash_file)
 
     def _source_sha256(self, name: str) -> str:
         source = self.plan.sources[name]
@@ -302,7 +313,7 @@ class Executor:
     def _save_source_hashes(self) -> None:
         for name, future in self._sha256.items():
             source = self.plan.sources[name]
-            self.cache.index.save_sha256(str(source.path), source.stat, future.result())
+            self.cache.index.save_sha256(str(source.hash_file), source.stat, future.result())
 
 
 def identity_text(plan: Plan, merge: str) -> str:

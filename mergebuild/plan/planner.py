@@ -25,6 +25,7 @@ from mergebuild.plan.sources import Source, TensorRef, load_source
 from mergebuild.spec.model import Mergefile, MergeSpec
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import text_digest
+from mergebuild.tensors.folder import output_marker
 
 # A1111 never merges these; they are copied from the first input
 SKIP_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
@@ -255,7 +256,7 @@ def output_is_current(cache: Cache, path: Path, digest: str | None) -> bool:
     if digest is None:
         return False
     try:
-        stat = path.stat()
+        stat = output_marker(path).stat()
     except FileNotFoundError:
         return False
     return cache.index.output_digest(str(path), stat) == digest

@@ -7,8 +7,9 @@ and its tensors are imported into the cache as blobs, so from then on it streams
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergebuild.errors import InputError
@@ -17,6 +18,8 @@ from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import digest_safetensors
 from mergebuild.tensors.header import read_header
 from mergebuild.tensors.legacy import LEGACY_SUFFIXES
+
+INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -35,36 +38,83 @@ class Source:
     spec: ModelSpec
     tensors: dict[str, TensorRef]
     metadata: dict[str, str]
-    stat: os.stat_result
-    sha256: str | None  # known when fingerprinted before; else computed during the build
+    stat: os.stat_result  # of hash_file
+    sha256: str | None  # of hash_file; known when fingerprinted before, else computed during the build
+    hash_file: Path  # the file that identifies the source: itself, or a folder's index / only shard
+    parts: list[tuple[Path, os.stat_result]] = field(default_factory=list)  # every file read
 
     @property
     def path(self) -> Path:
         return self.spec.path
 
+    def stats(self) -> list:
+        """(path, size, mtime_ns) of every file: what explain compares between builds."""
+        return [[str(p), st.st_size, st.st_mtime_ns] for p, st in self.parts]
+
 
 def load_source(spec: ModelSpec, cache: Cache, table: str) -> Source:
-    try:
-        stat = os.stat(spec.path)
-    except FileNotFoundError:
-        raise InputError(f"[{table}] path: file not found: {spec.path}") from None
-    except OSError as e:
-        raise InputError(f"[{table}] path: cannot read {spec.path}: {e.strerror}") from None
+    if spec.path.is_dir():
+        return _folder_source(spec, cache, table)
+    stat = _stat(spec.path, table)
     if spec.path.suffix.lower() in LEGACY_SUFFIXES:
         return _legacy_source(spec, cache, stat)
-    header = read_header(spec.path)
-    known = cache.index.fingerprint(str(spec.path), stat)
+    tensors, metadata, sha256 = _safetensors(spec.path, stat, cache)
+    return Source(spec, tensors, metadata, stat, sha256, spec.path, [(spec.path, stat)])
+
+
+def _stat(path: Path, table: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"[{table}] path: file not found: {path}") from None
+    except OSError as e:
+        raise InputError(f"[{table}] path: cannot read {path}: {e.strerror}") from None
+
+
+def _safetensors(path: Path, stat, cache: Cache) -> tuple[dict[str, TensorRef], dict, str | None]:
+    header = read_header(path)
+    known = cache.index.fingerprint(str(path), stat)
     if known is None:
-        digests = digest_safetensors(spec.path, header.tensors)
-        table_ = {n: (e.dtype, list(e.shape), digests[n]) for n, e in header.tensors.items()}
-        cache.index.save_fingerprint(str(spec.path), stat, table_, None)
+        digests = digest_safetensors(path, header.tensors)
+        table = {n: (e.dtype, list(e.shape), digests[n]) for n, e in header.tensors.items()}
+        cache.index.save_fingerprint(str(path), stat, table, None)
         sha256 = None
     else:
-        table_, sha256 = known
-    tensors = {
-        n: TensorRef(e.dtype, e.shape, table_[n][2], spec.path, e.begin) for n, e in header.tensors.items()
-    }
-    return Source(spec, tensors, header.metadata, stat, sha256)
+        table, sha256 = known
+    tensors = {n: TensorRef(e.dtype, e.shape, table[n][2], path, e.begin) for n, e in header.tensors.items()}
+    return tensors, header.metadata, sha256
+
+
+def _folder_source(spec: ModelSpec, cache: Cache, table: str) -> Source:
+    """A Hugging Face model folder: one safetensors file, or shards listed by an index."""
+    folder = spec.path
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{index}: not a valid safetensors index ({e})") from None
+        shards = sorted(set(weight_map.values()))
+    else:
+        shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not shards:
+        raise InputError(f"[{table}] path: {folder} holds no .safetensors files")
+    tensors: dict[str, TensorRef] = {}
+    metadata: dict = {}
+    parts = []
+    for shard in shards:
+        path = folder / shard
+        stat = _stat(path, table)
+        found, meta, _ = _safetensors(path, stat, cache)
+        for name in found.keys() & tensors.keys():
+            raise InputError(f"{folder}: tensor {name!r} is in two shards")
+        tensors.update(found)
+        metadata = metadata or meta
+        parts.append((path, stat))
+    hash_file = index if index.exists() else folder / shards[0]
+    stat = os.stat(hash_file)
+    known = cache.index.fingerprint(str(hash_file), stat)
+    return Source(spec, tensors, metadata, stat, known[1] if known else None, hash_file, parts)
 
 
 def _legacy_source(spec: ModelSpec, cache: Cache, stat) -> Source:
@@ -75,7 +125,7 @@ def _legacy_source(spec: ModelSpec, cache: Cache, stat) -> Source:
         table, sha256 = _import_legacy(spec.path, cache), None
         cache.index.save_fingerprint(str(spec.path), stat, table, None)
     tensors = {n: TensorRef(dt, tuple(shape), d) for n, (dt, shape, d) in table.items()}
-    return Source(spec, tensors, {}, stat, sha256)
+    return Source(spec, tensors, {}, stat, sha256, spec.path, [(spec.path, stat)])
 
 
 def _import_legacy(path: Path, cache: Cache) -> dict:

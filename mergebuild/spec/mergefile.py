@@ -25,7 +25,9 @@ TOP_LEVEL = ("settings", "models", "merges")
 SETTINGS_FIELDS = ("cache", "device", "compute_dtype", "keep_builds", "time_embed")
 MODEL_FIELDS = ("path",)
 MERGE_FIELDS = ("method", "inputs", "output", "dtype", "discard", "rules", "include", "exclude", "clip_to_inputs",
-                "fix_clip_position_ids")
+                "fix_clip_position_ids", "shard_size")
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)\s*$", re.IGNORECASE)
+UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 RULE_FIELDS = ("blocks", "match", "regex", "not")
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -141,8 +143,18 @@ def _merge(path, base: Path, name: str, table: dict) -> MergeSpec:
     include = _patterns(path, where, "include", table.get("include"))
     exclude = _patterns(path, where, "exclude", table.get("exclude"))
     clip, fix_ids = (_flag(path, where, table, f) for f in ("clip_to_inputs", "fix_clip_position_ids"))
+    shard_size = _size(path, where, "shard_size", table.get("shard_size", "5GB"))
     return MergeSpec(name, method_name, tuple(inputs), params, output, dtype, discard, rules, include, exclude,
-                     clip, fix_ids)
+                     clip, fix_ids, shard_size)
+
+
+def _size(path, where, field, value) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = SIZE.match(value) if isinstance(value, str) else None
+    if not m:
+        raise MergefileError(path, where, field, f"expected bytes or a size such as \"2GB\", got {value!r}")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
 
 
 def _flag(path, where, table: dict, field: str) -> bool:

@@ -47,6 +47,7 @@ class MergeSpec:
     exclude: tuple[str, ...] = ()  # regexes: these keys pass through from A
     clip_to_inputs: bool = False  # clamp merged values to the inputs' range (sd-meh weights_clip)
     fix_clip_position_ids: bool = False  # reset CLIP position_ids to 0..76 (int64), as sd-meh does
+    shard_size: int = 5_000_000_000  # folder outputs: bytes per safetensors shard at most
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,9 +62,9 @@ class SafetensorsWriter:
         """The absolute offset of tensor `name` in the file (for copy_file_range)."""
         return 8 + self.header_size + self.slots[name].offset
 
-    @property
-    def fd(self) -> int:
-        return self._fd
+    def target(self, name: str) -> tuple[int, int]:
+        """(fd, absolute offset) where tensor `name` goes, for copy_file_range."""
+        return self._fd, self.position(name)
 
     def commit(self, metadata: dict[str, str]) -> None:
         header = self._header_bytes(metadata)
@@ -104,7 +105,10 @@ def remove_stale_temps(path: Path) -> None:
     for p in candidates:
         pid = p.name[len(prefix):]
         if pid.isdigit() and not pid_alive(int(pid)):
-            p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def pid_alive(pid: int) -> bool:
