@@ -118,8 +118,6 @@ PRESETS: dict[str, list[float]] = {
     "FLAT_75": [0.0] + [0.75] * 25,
     "GRAD_V": _grad_v(),
     "GRAD_A": [0.0] + [round(1 - v, 6) for v in _grad_v()[1:]],
-    "OUT07": [0.0] * 20 + [1.0] * 6,
-    "OUT12": [0.0] * 14 + [1.0] * 12,
 }
 
 
