@@ -118,6 +118,7 @@ def build_metadata(plan: Plan, merge: str, hashes: dict[str, str], legacy: dict[
     tree = recipe(plan, merge, hashes)
     sd_recipe, sd_models = _a1111(plan, merge, tree, hashes, legacy)
     return {
+        **plan.merges[merge].output_metadata,
         "format": "pt",
         "mergebuild.version": __version__,
         RECIPE_KEY: json.dumps(tree, separators=(",", ":")),

@@ -98,6 +98,8 @@ def print_plan(plan, reasons: dict[str, list[str]], verbose: bool) -> None:
     for name, merge in plan.merges.items():
         for warning in merge.warnings:
             err.print(f"[yellow]warning:[/] {escape(name)}: {escape(warning)}")
+        for note in merge.notes:
+            err.print(f"{escape(name)}: {escape(note)}")
         if verbose and merge.arch is not None:
             err.print(escape(f"{name}: architecture {merge.arch.name} ({merge.arch_how})"))
     if verbose:

@@ -66,6 +66,8 @@ class MergePlan:
     arch: Architecture | None = None
     arch_how: str = ""
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    output_metadata: dict[str, str] = field(default_factory=dict)
 
     def count(self, state: str) -> int:
         return sum(1 for t in self.tasks.values() if t.state == state)
@@ -113,24 +115,84 @@ def make_plan(mf: Mergefile, cache: Cache, targets: list[str] | None = None, for
     return plan
 
 
+@dataclass
+class MergeContext:
+    """What a method's own planner (Method.plan_tasks) sees of a merge."""
+
+    plan: Plan
+    spec: MergeSpec
+    arch: Architecture
+    resolver: ParamResolver
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    output_metadata: dict[str, str] = field(default_factory=dict)  # extra __metadata__ of the output
+
+    def names(self, i: int) -> list[str]:
+        return self.plan.tensor_names(self.spec.inputs[i])
+
+    def ref(self, i: int, name: str) -> TensorRef:
+        return self.plan.ref(self.spec.inputs[i], name)
+
+    def metadata(self, i: int) -> dict[str, str]:
+        node = self.spec.inputs[i]
+        return self.plan.sources[node].metadata if node in self.plan.sources else {}
+
+    def params(self, key: str) -> dict:
+        return self.resolver.params(key)
+
+    def out_dtype(self, dtype: str) -> str:
+        return USER_DTYPES[self.spec.dtype] if self.spec.dtype and is_float(dtype) else dtype
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+
+    def note(self, text: str) -> None:
+        """Information the build prints (e.g. how many LoRA modules were applied)."""
+        self.notes.append(text)
+
+
 def _plan_merge(plan: Plan, spec: MergeSpec) -> MergePlan:
     method = get_method(spec.method)
     first = spec.inputs[0]
     names = plan.tensor_names(first)
     arch, how = detect(names)
     resolver = ParamResolver(plan.mergefile, spec, method, arch, names)
-    sd_checkpoint = any(n.startswith(SD_UNET_PREFIX) for n in names)
     discard = re.compile(spec.discard) if spec.discard else None
-    others = [set(plan.tensor_names(i)) for i in spec.inputs[1:]]
-    tasks = {}
-    for name in sorted(names):
-        if discard and discard.search(name):
-            continue
-        tasks[name] = _task(plan, spec, method, name, sd_checkpoint, resolver, others)
-    merge = MergePlan(spec, method, tasks, arch=arch, arch_how=how)
+    ctx = MergeContext(plan, spec, arch, resolver)
+    if method.plan_tasks is not None:
+        tasks = _method_planned(ctx, method)
+    else:
+        tasks = _key_by_key(plan, spec, method, names, resolver)
+    if discard:
+        tasks = {n: t for n, t in tasks.items() if not discard.search(n)}
+    merge = MergePlan(spec, method, tasks, arch=arch, arch_how=how, warnings=ctx.warnings, notes=ctx.notes,
+                      output_metadata=ctx.output_metadata)
     if method.merges_tensors and not any(t.method is method for t in tasks.values()):
         merge.warnings.append(f"{spec.method} changed no tensor: no key of {', '.join(spec.inputs[1:])} matched")
     return merge
+
+
+def _key_by_key(plan: Plan, spec: MergeSpec, method: Method, names: list[str], resolver) -> dict[str, TensorTask]:
+    sd_checkpoint = any(n.startswith(SD_UNET_PREFIX) for n in names)
+    others = [set(plan.tensor_names(i)) for i in spec.inputs[1:]]
+    return {name: _task(plan, spec, method, name, sd_checkpoint, resolver, others) for name in sorted(names)}
+
+
+def _method_planned(ctx: MergeContext, method: Method) -> dict[str, TensorTask]:
+    plan, spec = ctx.plan, ctx.spec
+    tasks = {}
+    try:
+        for p in method.plan_tasks(ctx):
+            inputs = tuple((spec.inputs[i], name) for i, name in p.inputs)
+            if p.params is not None:
+                tasks[p.name] = TensorTask(p.name, p.dtype, tuple(p.shape), inputs, method, p.params)
+            elif p.dtype == plan.ref(*inputs[0]).dtype:
+                tasks[p.name] = TensorTask(p.name, p.dtype, tuple(p.shape), inputs, None, state=PASSTHROUGH)
+            else:
+                tasks[p.name] = TensorTask(p.name, p.dtype, tuple(p.shape), inputs, get_method("copy"), {})
+    except ValueError as e:
+        raise MergefileError(plan.mergefile.path, f"merges.{spec.name}", None, str(e)) from None
+    return dict(sorted(tasks.items()))
 
 
 def _input_names(method: Method, name: str, others: list[set]) -> list[str] | None:
