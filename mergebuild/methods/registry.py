@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 REQUIRED = object()
-BUILTIN_MODULES = ("mergebuild.methods.basic",)
+BUILTIN_MODULES = ("mergebuild.methods.basic", "mergebuild.methods.classic", "mergebuild.methods.meh",
+                   "mergebuild.methods.task_vectors", "mergebuild.methods.many",
+                   "mergebuild.methods.parts")
 ENTRY_POINT_GROUP = "mergebuild.methods"
 
 
@@ -70,6 +72,16 @@ class Method:
     merges_tensors: bool = True  # False: every tensor is taken from the first input (copy)
     takes_key: bool = False  # fn gets key=<tensor name> (for per-tensor random streams)
     variadic: bool = False  # takes len(inputs) or more models (soups, TIES over many fine-tunes)
+    # select(key, params, arch) -> bool: which keys the method changes (others pass through
+    # from the first input); None: every mergeable key (swap and attention_swap select)
+    select: Callable | None = None
+    # input_names(key, i) -> candidate tensor names in input i (bake_vae: VAE files lack the
+    # "first_stage_model." prefix); None: the same key in every input
+    input_names: Callable | None = None
+    # plan_tasks(context) -> iterable of PlannedTensor: the method plans its output tensors itself
+    # (LoRA bake-in reads several tensors per key; lora_merge and lora_extract write LoRA keys).
+    # `context` is a plan.planner.MergeContext. None: one task per key of the first input.
+    plan_tasks: Callable | None = None
     extra: dict = field(default_factory=dict)
 
     def arity_ok(self, n: int) -> bool:
@@ -86,6 +98,22 @@ class Method:
 
     def defaults(self) -> dict:
         return {p.name: p.default for p in self.params if not p.required}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor planned by a method's own plan_tasks.
+
+    inputs: (input index, tensor name) pairs, in the order fn receives them as positional tensors.
+    params: the keyword parameters fn receives for this tensor (JSON-able: they are part of the
+    cache key); None means "the single input tensor, unchanged" (cast to the merge's dtype if set).
+    """
+
+    name: str
+    dtype: str  # safetensors code, e.g. "F16"
+    shape: tuple[int, ...]
+    inputs: tuple[tuple[int, str], ...]
+    params: dict | None = None
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -1,0 +1,54 @@
+"""Helpers shared by the merge-method modules: parameter checks and per-tensor random streams.
+
+Not a method module (it has no METHODS list); the method modules import from it.
+"""
+
+from __future__ import annotations
+
+import xxhash
+
+from mergebuild.torchlazy import torch
+
+
+def model_weights(weights, n: int, what: str = "models") -> list[float]:
+    """The per-model weights as floats: an empty list (the default) means 1.0 for each model.
+
+    A list of another length is an error that names both counts."""
+    if weights is None or len(weights) == 0:
+        return [1.0] * n
+    if len(weights) != n:
+        raise ValueError(f"weights has {len(weights)} values but there are {n} {what}; give one weight per {what[:-1]}")
+    return [float(w) for w in weights]
+
+
+def normalised_weights(weights, n: int, what: str = "models") -> list[float]:
+    """model_weights scaled to sum to 1; a zero sum is an error."""
+    ws = model_weights(weights, n, what)
+    total = sum(ws)
+    if total == 0:
+        raise ValueError(f"weights {ws} sum to 0 and cannot be normalised")
+    return [w / total for w in ws]
+
+
+def check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def generator_for(seed: int, key: str):
+    """A CPU torch.Generator seeded from (seed, tensor name): every tensor has its own stream, so
+    one tensor can be recomputed alone, and the stream does not depend on the compute device."""
+    return torch.Generator(device="cpu").manual_seed(xxhash.xxh3_64_intdigest(f"{seed}:{key}".encode()))
+
+
+def bernoulli_mask(shape, keep, generator, device):
+    """A bool mask of `shape`, True with probability `keep` (a float, or a CPU float tensor of
+    `shape`), drawn on the CPU from `generator` and then moved to `device`: the same bytes on any
+    device."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float32, device="cpu")
+    return (u < keep).to(device)
+
+
+def as_1d(x):
+    """x viewed as a 1-element vector when it is a 0-d scalar, else x itself."""
+    return x.reshape(1) if x.dim() == 0 else x

@@ -1,0 +1,247 @@
+"""Task-vector merges against a base: task arithmetic, TIES, DARE, breadcrumbs, DELLA, Model Stock.
+
+The first input is the base; the others are fine-tunes of it, and delta_i = model_i - base is a
+task vector. Task arithmetic, TIES, DARE, breadcrumbs and DELLA are configured instances of one
+function, generalized_task_arithmetic (the idea of mergekit's GeneralizedTaskArithmeticMerge):
+
+    1. sparsify each delta (none | magnitude top-k | random DARE | breadcrumbs band | DELLA),
+    2. weight it: w_i * delta_i,
+    3. optionally elect a sign per element (sign "mass" or "count") and keep the agreeing deltas,
+    4. sum them, optionally dividing by the summed weights of those kept (normalize),
+    5. base + lambda * that.
+
+See ../../docs/methods.md for each member's defaults and where they differ from mergekit.
+"""
+
+from __future__ import annotations
+
+from mergebuild.methods.common import bernoulli_mask, check_range, generator_for, model_weights
+from mergebuild.methods.registry import Method, Param
+from mergebuild.torchlazy import torch
+
+SPARSIFIERS = ("none", "magnitude", "random", "breadcrumbs", "della")
+SIGNS = ("none", "mass", "count")
+
+
+# --- sparsification: each returns the kept (and possibly rescaled) delta ------------------
+
+
+def _top_k_mask(magnitude, k: int):
+    """True at the k largest magnitudes; ties go to the lower flat index (a stable sort)."""
+    order = torch.sort(magnitude.reshape(-1), descending=True, stable=True).indices
+    mask = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
+    mask[order[:k]] = True
+    return mask.reshape(magnitude.shape)
+
+
+def magnitude_sparsify(delta, density: float):
+    """Keep the int(density * n) entries of largest |delta| (TIES "trim"); density >= 1 keeps all."""
+    if density >= 1:
+        return delta
+    k = max(int(density * delta.numel()), 0)
+    return torch.where(_top_k_mask(delta.abs(), k), delta, torch.zeros_like(delta))
+
+
+def breadcrumbs_sparsify(delta, density: float, gamma: float):
+    """Drop the int(gamma * n) largest |delta| and then the smallest, keeping int(density * n)
+    (Model Breadcrumbs, as mergekit counts it). If density + gamma > 1, fewer large ones go."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep = max(int(density * n), 0)
+    top = min(max(int(gamma * n), 0), n - keep)
+    order = torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[order[top:top + keep]] = True
+    return torch.where(mask.reshape(delta.shape), delta, torch.zeros_like(delta))
+
+
+def dare_sparsify(delta, density: float, generator, rescale: bool = True):
+    """Keep each entry with probability density (DARE's drop rate p = 1 - density), then divide
+    by density so the expectation is unchanged. density >= 1 keeps all, <= 0 drops all."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    mask = bernoulli_mask(delta.shape, density, generator, delta.device)
+    kept = torch.where(mask, delta, torch.zeros_like(delta))
+    return kept / density if rescale else kept
+
+
+def della_keep_probabilities(delta, density: float, epsilon: float):
+    """DELLA's per-entry keep probability, on the CPU (float64): within each row (dim 0; a 1-D
+    tensor is one row), ranks by |delta| map linearly onto [density - epsilon, density + epsilon],
+    the smallest magnitude lowest. Ties rank by position (a stable sort)."""
+    rows = delta.reshape(delta.shape[0], -1) if delta.dim() > 1 else delta.reshape(1, -1)
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(rows.shape[1], device=order.device).expand_as(order))
+    ranks = ranks.cpu().to(torch.float64)
+    m = rows.shape[1]
+    spread = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
+    return ((density - epsilon) + 2 * epsilon * spread).reshape(delta.shape)
+
+
+def della_sparsify(delta, density: float, epsilon: float, generator, rescale: bool = True):
+    """DELLA's MagPrune: keep each entry with its della_keep_probabilities p_i, then divide the kept
+    ones by p_i (the paper's rescaling). density >= 1 keeps all."""
+    if density >= 1:
+        return delta
+    if epsilon < 0 or density - epsilon < 0 or density + epsilon > 1:
+        raise ValueError(f"della needs 0 <= density - epsilon and density + epsilon <= 1 "
+                         f"(density={density}, epsilon={epsilon})")
+    p = della_keep_probabilities(delta, density, epsilon)
+    mask = bernoulli_mask(delta.shape, p, generator, delta.device)
+    kept = torch.where(mask, delta, torch.zeros_like(delta))
+    if not rescale:
+        return kept
+    p = p.to(delta.dtype).to(delta.device)
+    return torch.where(mask, kept / torch.where(mask, p, torch.ones_like(p)), kept)
+
+
+# --- the general function -----------------------------------------------------------------
+
+
+def elect_sign(weighted, sign: str):
+    """The elected sign per element (+1 or -1; a tie elects +1) of the stacked weighted deltas:
+    "mass" takes the sign of their sum (TIES), "count" the sign of the sum of their signs."""
+    votes = weighted.sum(dim=0) if sign == "mass" else torch.sign(weighted).sum(dim=0)
+    return torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
+
+
+def generalized_task_arithmetic(base, *models, sparsify: str = "none", sign: str = "none",
+                                normalize: bool = False, rescale: bool = True, weights=(),
+                                lam: float = 1.0, density: float = 1.0, gamma: float = 0.01,
+                                epsilon: float = 0.15, seed: int = 0, key: str | None = None):
+    """base + lam * merge(sparsified w_i * delta_i); see the module docstring."""
+    if sparsify not in SPARSIFIERS:
+        raise ValueError(f"sparsify must be one of {SPARSIFIERS}, got {sparsify!r}")
+    if sign not in SIGNS:
+        raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
+    if not models:
+        raise ValueError("a task-vector merge needs the base and at least one fine-tune")
+    ws = model_weights(weights, len(models), "fine-tunes")
+    generator = None
+    if sparsify in ("random", "della"):
+        if key is None:
+            raise ValueError(f"{sparsify} sparsification needs the tensor's key for its random stream")
+        generator = generator_for(seed, key)
+    deltas = []
+    for model in models:
+        delta = model - base
+        if sparsify == "magnitude":
+            delta = magnitude_sparsify(delta, density)
+        elif sparsify == "random":
+            delta = dare_sparsify(delta, density, generator, rescale)
+        elif sparsify == "breadcrumbs":
+            delta = breadcrumbs_sparsify(delta, density, gamma)
+        elif sparsify == "della":
+            delta = della_sparsify(delta, density, epsilon, generator, rescale)
+        deltas.append(delta)
+    stacked = torch.stack(deltas)
+    w = torch.tensor(ws, dtype=base.dtype, device=base.device).reshape((-1,) + (1,) * base.dim())
+    weighted = stacked * w
+    if sign == "none":
+        mixed = weighted.sum(dim=0)
+        total = sum(ws)
+        divisor = total if abs(total) >= 1e-8 else 1.0
+    else:
+        agree = torch.sign(weighted) == elect_sign(weighted, sign)
+        mixed = torch.where(agree, weighted, torch.zeros_like(weighted)).sum(dim=0)
+        divisor = torch.where(agree, w.expand_as(weighted), torch.zeros_like(weighted)).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    if normalize:
+        mixed = mixed / divisor
+    return base + lam * mixed
+
+
+def _member(name: str, doc: str, *, sparsify: str, params: tuple, fixed: dict | None = None,
+            takes_key: bool = False) -> Method:
+    """A Method that calls generalized_task_arithmetic with its own configuration and parameters."""
+    defaults = {p.name: p.default for p in params}
+    fixed = dict(fixed or {})
+
+    def fn(base, *models, **kwargs):
+        p = {**defaults, **kwargs}
+        if "lambda" in p:
+            p["lam"] = p.pop("lambda")
+        return generalized_task_arithmetic(base, *models, sparsify=sparsify, **fixed, **p)
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    return Method(name, 1, fn, ("Base", "A"), params, doc, takes_key=takes_key, variadic=True)
+
+
+WEIGHTS = Param("weights", list, (), "one weight per fine-tune (the base has none); empty: 1.0 each")
+LAMBDA = Param("lambda", float, 1.0, "multiplier of the merged task vector")
+SEED = Param("seed", int, 0, "seed of the drop masks; with the tensor's name it gives each tensor its own stream")
+RESCALE = Param("rescale", bool, True, "divide kept entries by their keep probability")
+
+
+def _density(default: float) -> Param:
+    return Param("density", float, default, "fraction of each task vector's entries kept")
+
+
+def _sign(default: str, choices=("mass", "count")) -> Param:
+    return Param("sign", str, default, "sign election: mass = sign of the summed deltas (TIES), "
+                 "count = majority of signs" + (", none = no election" if "none" in choices else ""),
+                 choices=choices)
+
+
+def _normalize(default: bool) -> Param:
+    return Param("normalize", bool, default, "divide by the summed weights of the deltas kept at each element")
+
+
+METHODS = [
+    _member("task_arithmetic", "base + lambda * sum_i w_i (model_i - base) (Ilharco et al.; mergekit task_arithmetic).",
+            sparsify="none", fixed={"sign": "none", "normalize": False}, params=(WEIGHTS, LAMBDA)),
+    _member("ties", "TIES-merging: keep each delta's top density fraction by magnitude, elect a sign per "
+            "element, average the agreeing weighted deltas, add lambda times that to the base.",
+            sparsify="magnitude", params=(_density(0.2), WEIGHTS, LAMBDA, _sign("mass"), _normalize(True))),
+    _member("dare", "DARE (mergekit dare_linear): drop each delta entry with probability 1 - density, divide the "
+            "rest by density, base + lambda * sum_i w_i delta_i.", sparsify="random", takes_key=True,
+            fixed={"sign": "none", "normalize": False}, params=(_density(0.5), SEED, WEIGHTS, LAMBDA, RESCALE)),
+    _member("dare_ties", "DARE drop and rescale, then TIES sign election (mergekit dare_ties: no normalisation by "
+            "default).", sparsify="random", takes_key=True,
+            params=(_density(0.5), SEED, WEIGHTS, LAMBDA, _sign("mass"), _normalize(False), RESCALE)),
+    _member("breadcrumbs", "Model Breadcrumbs: drop each delta's gamma largest and its smallest entries, keeping "
+            "density, then task arithmetic (sign mass|count = mergekit breadcrumbs_ties).", sparsify="breadcrumbs",
+            params=(_density(0.9), Param("gamma", float, 0.01, "fraction of largest-magnitude entries dropped"),
+                    WEIGHTS, LAMBDA, _sign("none", SIGNS), _normalize(False))),
+    _member("della", "DELLA: keep entries with probabilities ranked by magnitude within each row, from "
+            "density - epsilon to density + epsilon, rescale by 1/p, elect signs, merge (sign none = della_linear).",
+            sparsify="della", takes_key=True,
+            params=(_density(0.5), Param("epsilon", float, 0.15, "half-width of the keep-probability range"), SEED,
+                    WEIGHTS, LAMBDA, _sign("mass", SIGNS), _normalize(True), RESCALE)),
+]
+
+
+# --- Model Stock --------------------------------------------------------------------------
+
+
+def model_stock(base, *models, filter_wise: bool = False):
+    """Model Stock (Jang et al. 2024): t * mean(models) + (1-t) * base, t = k cos / (1 + (k-1) cos).
+
+    cos is the mean pairwise cosine of the k deltas (whole tensor, or per row of dim 0 with filter_wise).
+    cos is clamped to [0, 1], so deltas pointing apart give the base."""
+    if len(models) < 2:
+        raise ValueError(f"model_stock needs the base and at least 2 fine-tunes, got {len(models)} fine-tune(s)")
+    k = len(models)
+    rows = (lambda x: x.reshape(x.shape[0], -1)) if filter_wise and base.dim() > 1 else (lambda x: x.reshape(1, -1))
+    deltas = [rows(m - base) for m in models]
+    cosines = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            norms = torch.linalg.vector_norm(deltas[i], dim=1) * torch.linalg.vector_norm(deltas[j], dim=1)
+            dots = (deltas[i] * deltas[j]).sum(dim=1)
+            cosines.append(torch.where(norms > 0, dots / torch.where(norms > 0, norms, torch.ones_like(norms)),
+                                       torch.zeros_like(norms)))
+    cos = torch.stack(cosines).mean(dim=0).clamp(0.0, 1.0)
+    t = (k * cos / (1 + (k - 1) * cos)).unsqueeze(1)
+    mean = rows(torch.stack(models).mean(dim=0))
+    return (t * mean + (1 - t) * rows(base)).reshape(base.shape)
+
+
+METHODS.append(Method("model_stock", 1, model_stock, ("Base", "A", "B"),
+                      (Param("filter_wise", bool, False, "one t per row of dim 0 instead of per tensor"),),
+                      model_stock.__doc__, variadic=True))
