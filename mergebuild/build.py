@@ -6,8 +6,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import networkx as nx
+
 from mergebuild.execute.executor import Executor, MergeResult
 from mergebuild.explain import explain
+from mergebuild.lockfile import read_lock, status, write_lock
+from mergebuild.plan.graph import build_graph
 from mergebuild.plan.planner import DIRTY, PENDING, Plan, make_plan, output_digest, output_is_current
 from mergebuild.spec.mergefile import load_mergefile
 from mergebuild.spec.model import Mergefile
@@ -89,7 +93,9 @@ def build(opts: BuildOptions, progress=None, on_plan=None) -> tuple[Plan, dict[s
                 on_plan(plan, explain(plan, cache, opts.force))
             build_id = cache.index.start_build(str(mf.path))
             device = opts.device or mf.settings.device
-            results = Executor(plan, cache, device, build_id, opts.force, progress).run()
+            executor = Executor(plan, cache, device, build_id, opts.force, progress)
+            results = executor.run()
+            write_lock(plan, results, executor.output_sha256)
             return plan, results
     finally:
         cache.close()
@@ -155,3 +161,38 @@ def cache_stats(opts: BuildOptions) -> dict:
         return {"path": str(cache.root), "blobs": count, "bytes": size, **cache.index.counts()}
     finally:
         cache.close()
+
+
+def check_status(opts: BuildOptions) -> dict[str, list[str]]:
+    """For every target of the Mergefile (or those asked for), why it is out of date with
+    mergefile.lock and the files on disk; an empty list means up to date."""
+    mf, cache = open_project(opts)
+    try:
+        plan = make_plan(mf, cache, list(opts.targets))
+        own = status(plan, cache, read_lock(mf.path))
+        graph = build_graph(mf)
+        out = {}
+        for target in plan.targets:
+            chain = [n for n in plan.order if n in own and (n == target or n in nx.ancestors(graph, target))]
+            out[target] = [r if n == target else f"{n}: {r}" for n in chain for r in own[n]]
+        return out
+    finally:
+        cache.close()
+
+
+def explain_target(opts: BuildOptions) -> dict:
+    """Per merge the target needs: dirty and pending tensors by block, and why."""
+    plan, statuses = dry_run(opts)
+    out = {}
+    for s in statuses:
+        merge = plan.merges[s.name]
+        by_block: dict[str, int] = {}
+        for task in merge.tasks.values():
+            if task.state in (DIRTY, PENDING):
+                block = merge.arch.block_of(task.name, plan.mergefile.settings.time_embed == "BASE") if merge.arch else None
+                layer = merge.arch.layer_of(task.name) if merge.arch and block is None else None
+                group = block or (f"layer {layer}" if layer is not None else "other")
+                by_block[group] = by_block.get(group, 0) + 1
+        out[s.name] = {"state": s.state, "tensors": s.tensors, "dirty": s.dirty, "pending": s.pending,
+                       "by_block": by_block, "reasons": s.reasons}
+    return out

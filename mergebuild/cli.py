@@ -12,7 +12,7 @@ from pathlib import Path
 from mergebuild import __version__
 from mergebuild.errors import MergebuildError
 
-SUBCOMMANDS = ("build", "graph", "lineage", "cache", "clean", "methods")
+SUBCOMMANDS = ("build", "status", "explain", "graph", "lineage", "cache", "clean", "methods")
 TAKES_VALUE = {"-f", "--file", "--cache-dir", "--device", "--format", "--keep"}
 
 
@@ -62,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="recompute every tensor, ignoring cached results")
     b.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides [settings] device)")
     b.set_defaults(run=_cmd_build)
+
+    st = sub.add_parser("status", parents=[common], help="compare the Mergefile and files with mergefile.lock")
+    st.add_argument("targets", nargs="*", metavar="TARGET")
+    st.add_argument("--check", action="store_true", help="exit 1 when a target is out of date (as make -q)")
+    st.set_defaults(run=_cmd_status)
+
+    ex = sub.add_parser("explain", parents=[common], help="per merge: dirty tensors by block, and why")
+    ex.add_argument("targets", nargs="*", metavar="TARGET")
+    ex.set_defaults(run=_cmd_explain)
 
     g = sub.add_parser("graph", parents=[common], help="show the merge DAG")
     g.add_argument("--format", choices=("text", "dot", "mermaid"), default="text")
@@ -119,6 +128,28 @@ def _cmd_build(args) -> int:
         report.err.print(report.summary_table(results))
     if args.json:
         report.print_json(report.build_json(results))
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from mergebuild import build, report
+
+    reasons = build.check_status(_options(args))
+    if args.json:
+        report.print_json({"targets": {t: {"up_to_date": not r, "reasons": r} for t, r in reasons.items()}})
+    elif not args.quiet:
+        report.print_status(reasons)
+    return 1 if args.check and any(reasons.values()) else 0
+
+
+def _cmd_explain(args) -> int:
+    from mergebuild import build, report
+
+    doc = build.explain_target(_options(args))
+    if args.json:
+        report.print_json({"merges": doc})
+    else:
+        report.print_explain(doc)
     return 0
 
 
@@ -188,9 +219,13 @@ def _cmd_methods(args) -> int:
                                     "params": {p.name: None if p.required else p.default for p in m.params}}
                            for m in methods})
         return 0
+    from rich.markup import escape
+
     for m in methods:
         params = ", ".join(p.name if p.required else f"{p.name}={p.default}" for p in m.params)
-        report.out.print(f"[bold]{m.name}[/] v{m.version} [{', '.join(m.inputs)}] {params}: {m.doc.splitlines()[0]}")
+        inputs = ", ".join(m.inputs) + (", ..." if m.variadic else "")
+        summary = (m.doc or "").strip().splitlines()[0] if m.doc else ""
+        report.out.print(f"[bold]{escape(m.name)}[/] v{m.version} " + escape(f"[{inputs}] {params}: {summary}"))
     return 0
 
 

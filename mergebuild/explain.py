@@ -53,7 +53,7 @@ def explain(plan: Plan, cache: Cache, force: bool = False) -> dict[str, list[str
         if force:
             out[name] = ["--force"]
             continue
-        reasons = _changes(cache.index.last_recipe(mf_path, name), merge_fingerprint(plan, name))
+        reasons = changes(cache.index.last_recipe(mf_path, name), merge_fingerprint(plan, name))
         upstream = [i for i in merge.spec.inputs if i in plan.merges and _has_work(plan, i)]
         reasons += [f"input {i!r} has tensors to recompute" for i in upstream]
         if not reasons:
@@ -67,7 +67,7 @@ def _has_work(plan: Plan, merge: str) -> bool:
     return m.count(DIRTY) > 0 or m.count(PENDING) > 0
 
 
-def _changes(last: dict | None, now: dict) -> list[str]:
+def changes(last: dict | None, now: dict) -> list[str]:
     if last is None:
         return ["never built from this Mergefile"]
     reasons = []
@@ -83,7 +83,7 @@ def _changes(last: dict | None, now: dict) -> list[str]:
                   "clip_to_inputs", "fix_clip_position_ids"):
         if field in last and last[field] != now[field]:
             reasons.append(f"{field} changed: {last.get(field)} -> {now[field]}")
-    for name, stats in now["files"].items():
+    for name, stats in now.get("files", {}).items():
         before = {s[0]: s for s in last.get("files", {}).get(name, [])}
         for info in stats:
             if before.get(info[0]) != info:

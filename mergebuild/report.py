@@ -140,3 +140,23 @@ def human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n} B"
+
+
+def print_status(reasons: dict[str, list[str]]) -> None:
+    for target, items in reasons.items():
+        if not items:
+            out.print(f"{escape(target)}: up to date")
+            continue
+        out.print(f"{escape(target)}: out of date")
+        for reason in items:
+            out.print(escape(f"  {reason}"))
+
+
+def print_explain(doc: dict) -> None:
+    for name, info in doc.items():
+        out.print(f"[bold]{escape(name)}[/]: {escape(info['state'])}")
+        for reason in info["reasons"]:
+            out.print(escape(f"  because {reason}"))
+        if info["by_block"]:
+            groups = ", ".join(f"{b} {n}" for b, n in sorted(info["by_block"].items()))
+            out.print(escape(f"  tensors to recompute by block: {groups}"))

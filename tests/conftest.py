@@ -23,11 +23,13 @@ def write_model(path: Path, tensors: dict, metadata: dict | None = None) -> Path
 
 
 def small_model(seed: int, dtype=torch.float16, extra: dict | None = None) -> dict:
-    """A few SD-style keys: a conv, a linear, a norm, an int buffer and a scheduler buffer."""
+    """A few SD1 keys (enough to be detected as SD1): convs, a linear, norms, an int buffer and a
+    scheduler buffer."""
     g = torch.Generator().manual_seed(seed)
     t = {
         "model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
         "model.diffusion_model.input_blocks.1.1.proj_in.weight": torch.randn(8, 8, generator=g),
+        "model.diffusion_model.input_blocks.11.0.in_layers.0.weight": torch.randn(8, generator=g),
         "model.diffusion_model.out.0.bias": torch.randn(8, generator=g),
         "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.randn(16, generator=g),
         "first_stage_model.decoder.conv_in.weight": torch.randn(4, 4, 3, 3, generator=g),

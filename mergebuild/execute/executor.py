@@ -70,6 +70,7 @@ class Executor:
         self._sha256: dict[str, Future] = {}
         self._merge_name = ""
         self._healed = 0  # cached tensors found bad on read and recomputed
+        self.output_sha256: dict[str, Future] = {}  # outputs written by this build
 
     # public -------------------------------------------------------------------------------
     def run(self) -> dict[str, MergeResult]:
@@ -86,6 +87,7 @@ class Executor:
             finally:
                 self._flush_records()
             self._save_source_hashes()
+            self.output_sha256 = {n: f.result() for n, f in self.output_sha256.items()}
         return results
 
     @property
@@ -294,12 +296,12 @@ class Executor:
         legacy = {n: legacy_hash(s.hash_file) for n, s in self.plan.sources.items()}
         self._flush_records()
         writer.commit(build_metadata(self.plan, merge.spec.name, hashes, legacy))
-        digest = output_digest(merge, identity_text(self.plan, merge.spec.name))
-        self.cache.index.save_output(str(merge.spec.output), os.stat(output_marker(merge.spec.output)), digest)
+        merge.output_digest = output_digest(merge, identity_text(self.plan, merge.spec.name))
+        marker = output_marker(merge.spec.output)
+        self.cache.index.save_output(str(merge.spec.output), os.stat(marker), merge.output_digest)
+        self.output_sha256[merge.spec.name] = self.hashers.submit(file_sha256, marker)
 
     def _start_source_hashes(self) -> None:
-        if not any(m.spec.output is not None for m in self.plan.merges.values()):
-            return
         for name, source in self.plan.sources.items():
             if source.sha256 is None:
                 self._sha256[name] = self.hashers.submit(file_sha256, source.hash_file)
@@ -313,7 +315,8 @@ class Executor:
     def _save_source_hashes(self) -> None:
         for name, future in self._sha256.items():
             source = self.plan.sources[name]
-            self.cache.index.save_sha256(str(source.hash_file), source.stat, future.result())
+            source.sha256 = future.result()
+            self.cache.index.save_sha256(str(source.hash_file), source.stat, source.sha256)
 
 
 def identity_text(plan: Plan, merge: str) -> str:

@@ -10,18 +10,20 @@ import xxhash
 from mergebuild.torchlazy import torch
 
 
-def model_weights(weights, n: int, what: str = "models") -> list[float]:
+def model_weights(weights, n: int, what: str = "model") -> list[float]:
     """The per-model weights as floats: an empty list (the default) means 1.0 for each model.
 
     A list of another length is an error that names both counts."""
     if weights is None or len(weights) == 0:
         return [1.0] * n
     if len(weights) != n:
-        raise ValueError(f"weights has {len(weights)} values but there are {n} {what}; give one weight per {what[:-1]}")
+        k = len(weights)
+        raise ValueError(f"weights has {k} value{'' if k == 1 else 's'} but there {'is' if n == 1 else 'are'} "
+                         f"{n} {what}{'' if n == 1 else 's'}; give one weight per {what}")
     return [float(w) for w in weights]
 
 
-def normalised_weights(weights, n: int, what: str = "models") -> list[float]:
+def normalised_weights(weights, n: int, what: str = "model") -> list[float]:
     """model_weights scaled to sum to 1; a zero sum is an error."""
     ws = model_weights(weights, n, what)
     total = sum(ws)

@@ -15,7 +15,7 @@ See ../../docs/methods.md for each member's defaults and where they differ from 
 
 from __future__ import annotations
 
-from mergebuild.methods.common import bernoulli_mask, check_range, generator_for, model_weights
+from mergebuild.methods.common import bernoulli_mask, generator_for, model_weights
 from mergebuild.methods.registry import Method, Param
 from mergebuild.torchlazy import torch
 
@@ -27,11 +27,19 @@ SIGNS = ("none", "mass", "count")
 
 
 def _top_k_mask(magnitude, k: int):
-    """True at the k largest magnitudes; ties go to the lower flat index (a stable sort)."""
-    order = torch.sort(magnitude.reshape(-1), descending=True, stable=True).indices
-    mask = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
-    mask[order[:k]] = True
-    return mask.reshape(magnitude.shape)
+    """True at the k largest magnitudes; among equal ones the lower flat index wins, as in a
+    stable descending sort. Linear time: a k-th value, then a cumulative count of the ties."""
+    flat = magnitude.reshape(-1)
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros_like(magnitude, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    above = flat > threshold
+    ties = flat == threshold
+    room = k - int(above.sum())
+    return (above | (ties & (torch.cumsum(ties, 0) <= room))).reshape(magnitude.shape)
 
 
 def magnitude_sparsify(delta, density: float):
@@ -50,10 +58,9 @@ def breadcrumbs_sparsify(delta, density: float, gamma: float):
     n = delta.numel()
     keep = max(int(density * n), 0)
     top = min(max(int(gamma * n), 0), n - keep)
-    order = torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    mask[order[top:top + keep]] = True
-    return torch.where(mask.reshape(delta.shape), delta, torch.zeros_like(delta))
+    magnitude = delta.abs()
+    mask = _top_k_mask(magnitude, top + keep) & ~_top_k_mask(magnitude, top)
+    return torch.where(mask, delta, torch.zeros_like(delta))
 
 
 def dare_sparsify(delta, density: float, generator, rescale: bool = True):
@@ -120,7 +127,7 @@ def generalized_task_arithmetic(base, *models, sparsify: str = "none", sign: str
         raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
     if not models:
         raise ValueError("a task-vector merge needs the base and at least one fine-tune")
-    ws = model_weights(weights, len(models), "fine-tunes")
+    ws = model_weights(weights, len(models), "fine-tune")
     generator = None
     if sparsify in ("random", "della"):
         if key is None:

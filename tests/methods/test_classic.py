@@ -115,6 +115,22 @@ def test_deterministic_and_pure(name, n, params):
 
 
 @pytest.mark.parametrize("name,n,params", CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(CALLS)])
+def test_identical_inputs_give_that_input(name, n, params):
+    """Every method here maps (X, X[, X]) to X: no difference, nothing to merge."""
+    x = rand(6, 5, 3, seed=11)
+    out = run(name, *[x.clone() for _ in range(n)], **params)
+    assert not torch.isnan(out).any()
+    assert torch.allclose(out, x, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,n,params", CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(CALLS)])
+def test_all_zero_inputs_give_zeros(name, n, params):
+    """Zero norms everywhere: no 0/0 reaches the result."""
+    out = run(name, *[torch.zeros(6, 5) for _ in range(n)], **params)
+    assert torch.equal(out, torch.zeros(6, 5))
+
+
+@pytest.mark.parametrize("name,n,params", CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(CALLS)])
 def test_scalars_and_vectors(name, n, params):
     """0-d and 1-element tensors, which real checkpoints have, go through without error or NaN."""
     for shape in ((), (1,), (7,)):

@@ -375,3 +375,15 @@ def test_model_stock_edges():
     assert torch.equal(run("model_stock", base, models[0], opposite), base)  # cos -1 clamps to 0: t = 0
     with pytest.raises(ValueError, match="at least 2"):
         get_method("model_stock").fn(base, models[0])
+
+
+@pytest.mark.parametrize("density", [0.1, 0.35, 0.5, 0.9])
+def test_trimming_with_tied_magnitudes(density):
+    """Many equal magnitudes: exactly int(density * n) survive, the lower positions first."""
+    base = torch.zeros(6, 7)
+    models = [torch.randint(-3, 4, (6, 7), generator=torch.Generator().manual_seed(i)).float() for i in range(2)]
+    b, ds = np_deltas(base, models)
+    close(run("ties", base, *models, density=density), ref_merge(b, [ref_trim(d, density) for d in ds], [1, 1], 1.0,
+                                                                 "mass", True))
+    close(run("breadcrumbs", base, *models, density=density, gamma=0.1),
+          ref_merge(b, [ref_breadcrumbs(d, density, 0.1) for d in ds], [1, 1], 1.0, None, False))
