@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
     lin = sub.add_parser("lineage", parents=[common], help="show how a file was made, from its metadata alone")
     lin.add_argument("path", type=Path, metavar="FILE")
+    lin.add_argument("--format", choices=("tree", "mermaid", "dot"), default="tree")
     lin.set_defaults(run=_cmd_lineage)
 
     c = sub.add_parser("cache", parents=[common], help="cache stats | gc | verify")
@@ -170,6 +171,11 @@ def _cmd_lineage(args) -> int:
     tree = read_lineage(args.path)
     if args.json:
         report.print_json(tree)
+    elif args.format != "tree":
+        from mergebuild import graphviz
+
+        render = graphviz.lineage_to_dot if args.format == "dot" else graphviz.lineage_to_mermaid
+        sys.stdout.write(render(tree))
     elif tree["made_by"] is None:
         report.out.print(f"{args.path}: no lineage recorded (not made by mergebuild or an A1111-family merger)")
     else:

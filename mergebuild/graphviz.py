@@ -52,3 +52,40 @@ def _params(merge) -> str:
 
 def _id(name: str) -> str:
     return "n_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+def lineage_to_dot(tree: dict) -> str:
+    """A lineage tree (mergebuild lineage --json) as Graphviz dot: files as boxes, merges as ellipses."""
+    lines = ["digraph lineage {", "  rankdir=LR;"]
+    _walk(tree, lines, [0], dot=True)
+    return "\n".join(lines + ["}"]) + "\n"
+
+
+def lineage_to_mermaid(tree: dict) -> str:
+    lines = ["graph LR"]
+    _walk(tree, lines, [0], dot=False)
+    return "\n".join(lines) + "\n"
+
+
+def _walk(node: dict, lines: list[str], counter: list[int], dot: bool) -> str:
+    counter[0] += 1
+    me = f"n{counter[0]}"
+    if node.get("kind") == "model":
+        label = node.get("file") or node.get("name") or "?"
+        if node.get("autov2"):
+            label += f" {node['autov2']}"
+        lines.append(f'  {me} [shape=box, label="{_quote(label)}"];' if dot else f'  {me}["{_quote(label)}"]')
+        children = [node["made_by"]] if node.get("made_by") else []
+    else:
+        params = ", ".join(f"{k}={v}" for k, v in (node.get("params") or {}).items())
+        label = f"{node.get('name') or ''}: {node.get('method')}({params})".lstrip(": ")
+        lines.append(f'  {me} [label="{_quote(label)}"];' if dot else f'  {me}(("{_quote(label)}"))')
+        children = node.get("inputs", [])
+    for child in children:
+        other = _walk(child, lines, counter, dot)
+        lines.append(f"  {other} -> {me};" if dot else f"  {other} --> {me}")
+    return me
+
+
+def _quote(text: str) -> str:
+    return text.replace('"', "'")

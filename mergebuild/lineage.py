@@ -68,6 +68,10 @@ def made_by_from_metadata(metadata: dict[str, str]) -> dict | None:
             return None
     if "sd_merge_recipe" in metadata:
         return _from_a1111(metadata)
+    if metadata.get("modelspec.merged_from"):
+        names = [n.strip() for n in metadata["modelspec.merged_from"].split(",") if n.strip()]
+        return {"kind": "merge", "name": metadata.get("modelspec.title", ""), "tool": "modelspec", "method": "merge",
+                "params": {}, "inputs": [{"kind": "model", "name": n, "file": n} for n in names]}
     return None
 
 
@@ -114,7 +118,8 @@ def virtual_hash(tree: dict) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
-def build_metadata(plan: Plan, merge: str, hashes: dict[str, str], legacy: dict[str, str]) -> dict[str, str]:
+def build_metadata(plan: Plan, merge: str, hashes: dict[str, str], legacy: dict[str, str],
+                   data_sha256: str) -> dict[str, str]:
     tree = recipe(plan, merge, hashes)
     sd_recipe, sd_models = _a1111(plan, merge, tree, hashes, legacy)
     return {
@@ -124,7 +129,44 @@ def build_metadata(plan: Plan, merge: str, hashes: dict[str, str], legacy: dict[
         RECIPE_KEY: json.dumps(tree, separators=(",", ":")),
         "sd_merge_recipe": json.dumps(sd_recipe),
         "sd_merge_models": json.dumps(sd_models),
+        **modelspec(plan, merge, tree, data_sha256),
     }
+
+
+# ModelSpec 1.0.1 (Stability AI): architecture and implementation ids by detected layout
+MODELSPEC_ARCH = {
+    "sd1": ("stable-diffusion-v1", "https://github.com/CompVis/stable-diffusion"),
+    "sd2": ("stable-diffusion-v2", "https://github.com/Stability-AI/stablediffusion"),
+    "sdxl": ("stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models"),
+}
+
+
+def modelspec(plan: Plan, merge: str, tree: dict, data_sha256: str) -> dict[str, str]:
+    arch = plan.merges[merge].arch
+    architecture, implementation = MODELSPEC_ARCH.get(arch.name if arch else "", ("unknown", "unknown"))
+    spec = plan.mergefile.merges[merge]
+    title = spec.output.stem if spec.output is not None else merge
+    merged_from = ", ".join(child.get("file") or child["name"] for child in tree["inputs"])
+    return {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": implementation,
+        "modelspec.title": title,
+        "modelspec.date": build_date(),
+        "modelspec.merged_from": merged_from,
+        "modelspec.hash_sha256": "0x" + data_sha256,
+    }
+
+
+def build_date() -> str:
+    """Today (UTC), or the day SOURCE_DATE_EPOCH names: reproducible builds get equal bytes."""
+    import datetime
+    import os
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch else \
+        datetime.datetime.now(datetime.timezone.utc)
+    return moment.date().isoformat()
 
 
 def _a1111(plan: Plan, merge: str, tree: dict, hashes: dict, legacy: dict) -> tuple[dict, dict]:

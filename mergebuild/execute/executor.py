@@ -274,7 +274,7 @@ class Executor:
 
         remove_stale_temps(merge.spec.output)
         placeholder = {n: "0" * 64 for n in self.plan.sources}
-        draft = build_metadata(self.plan, merge.spec.name, placeholder, {n: "0" * 8 for n in self.plan.sources})
+        draft = build_metadata(self.plan, merge.spec.name, placeholder, {n: "0" * 8 for n in self.plan.sources}, "0" * 64)
         tensors = [(t.name, t.dtype, t.shape) for t in merge.tasks.values()]
         if is_folder_output(merge.spec.output):
             return FolderWriter(merge.spec.output, tensors, draft, merge.spec.shard_size, self._config_folder(merge))
@@ -295,7 +295,8 @@ class Executor:
         hashes = {n: self._source_sha256(n) for n in self.plan.sources}
         legacy = {n: legacy_hash(s.hash_file) for n, s in self.plan.sources.items()}
         self._flush_records()
-        writer.commit(build_metadata(self.plan, merge.spec.name, hashes, legacy))
+        data_hash = writer.data_sha256().hexdigest()
+        writer.commit(build_metadata(self.plan, merge.spec.name, hashes, legacy, data_hash))
         merge.output_digest = output_digest(merge, identity_text(self.plan, merge.spec.name))
         marker = output_marker(merge.spec.output)
         self.cache.index.save_output(str(merge.spec.output), os.stat(marker), merge.output_digest)

@@ -53,6 +53,12 @@ class FolderWriter:
     def target(self, name: str) -> tuple[int, int]:
         return self.where[name].target(name)
 
+    def data_sha256(self):
+        h = None
+        for w in self.writers:
+            h = w.data_sha256(h)
+        return h
+
     def commit(self, metadata: dict[str, str]) -> None:
         for w in self.writers:
             w.commit(metadata)

@@ -66,6 +66,19 @@ class SafetensorsWriter:
         """(fd, absolute offset) where tensor `name` goes, for copy_file_range."""
         return self._fd, self.position(name)
 
+    def data_sha256(self, hasher=None):
+        """sha256 of the tensor data written so far (ModelSpec's hash_sha256, kohya's addnet
+        hash): the bytes after the header, read back (from the page cache, as a rule)."""
+        import hashlib
+
+        h = hasher or hashlib.sha256()
+        position, end = 8 + self.header_size, 8 + self.header_size + self.data_size
+        while position < end:
+            chunk = os.pread(self._fd, min(16 << 20, end - position), position)
+            h.update(chunk)
+            position += len(chunk)
+        return h
+
     def commit(self, metadata: dict[str, str]) -> None:
         header = self._header_bytes(metadata)
         if len(header) > self.header_size:
