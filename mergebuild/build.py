@@ -13,7 +13,7 @@ from mergebuild.explain import explain
 from mergebuild.lockfile import read_lock, status, write_lock
 from mergebuild.plan.graph import build_graph
 from mergebuild.plan.planner import DIRTY, PENDING, Plan, make_plan, output_digest, output_is_current
-from mergebuild.spec.mergefile import load_mergefile
+from mergebuild.spec.mergefile import load_mergefile  # noqa: F401 (part of the facade)
 from mergebuild.spec.model import Mergefile
 from mergebuild.store.cache import Cache
 

@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.set_defaults(run=_cmd_explain)
 
     g = sub.add_parser("graph", parents=[common], help="show the merge DAG")
-    g.add_argument("--format", choices=("text", "dot", "mermaid"), default="text")
+    g.add_argument("--format", choices=("text", "dot", "mermaid", "png", "svg"), default="text")
+    g.add_argument("-o", "--output", type=Path, help="png/svg: the picture to write (default graph.png / graph.svg)")
     g.set_defaults(run=_cmd_graph)
 
     lin = sub.add_parser("lineage", parents=[common], help="show how a file was made, from its metadata alone")
@@ -155,12 +156,27 @@ def _cmd_explain(args) -> int:
 
 
 def _cmd_graph(args) -> int:
-    from mergebuild import graphviz
-    from mergebuild.spec.mergefile import load_mergefile
+    from mergebuild import build, graphviz, report
+    from mergebuild.errors import InputError
 
-    mf = load_mergefile(args.file)
-    text = {"dot": graphviz.to_dot, "mermaid": graphviz.to_mermaid, "text": graphviz.to_text}[args.format](mf)
-    sys.stdout.write(text)
+    opts = _options(args)
+    mf = build.load_mergefile(opts.mergefile)
+    try:
+        _plan, statuses = build.dry_run(opts)
+        states = {s.name: s.state for s in statuses}
+    except InputError as e:  # a source is missing: still draw the DAG, without states
+        report.err.print(f"note: no tensor states ({e})", markup=False)
+        states = {}
+    if args.format in ("png", "svg"):
+        path = args.output or Path(f"graph.{args.format}")
+        from mergebuild import plotting
+
+        if not plotting.render_dot(graphviz.to_dot(mf, states), path):
+            plotting.plot_graph(*graphviz.to_nodes(mf, states), path)
+        report.err.print(f"wrote {path}", markup=False)
+        return 0
+    render = {"dot": graphviz.to_dot, "mermaid": graphviz.to_mermaid, "text": graphviz.to_text}[args.format]
+    sys.stdout.write(render(mf, states))
     return 0
 
 

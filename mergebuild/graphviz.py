@@ -5,45 +5,70 @@ from __future__ import annotations
 from mergebuild.spec.model import Mergefile
 
 
-def to_dot(mf: Mergefile) -> str:
-    lines = ["digraph mergebuild {", "  rankdir=LR;"]
+# node fill colours by state, shared by dot, mermaid and the PNG drawing
+STATE_COLOURS = {"up to date": "#b7e1b0", "dirty": "#f6c48b", "pending": "#f7e59a", "source": "#dddddd"}
+
+
+def state_class(state: str | None) -> str:
+    """'up to date', 'dirty', 'pending' or 'source' from a dry run's state text."""
+    if not state:
+        return "source"
+    if "dirty" in state and "depends" not in state:
+        return "dirty"
+    if "depends" in state or "write" in state:
+        return "pending"
+    return "up to date"
+
+
+def to_dot(mf: Mergefile, states: dict[str, str] | None = None) -> str:
+    states = states or {}
+    lines = ["digraph mergebuild {", "  rankdir=LR;", "  node [style=filled];"]
     for name, model in mf.models.items():
-        lines.append(f'  "{name}" [shape=box, label="{name}\\n{model.path.name}"];')
+        lines.append(f'  "{name}" [shape=box, fillcolor="{STATE_COLOURS["source"]}", label="{name}\\n{model.path.name}"];')
     for name, merge in mf.merges.items():
         shape = "doubleoctagon" if merge.output else "ellipse"
-        lines.append(f'  "{name}" [shape={shape}, label="{name}\\n{merge.method}{_params(merge)}"];')
+        state = states.get(name)
+        colour = STATE_COLOURS[state_class(state)] if state else "white"
+        label = f"{name}\\n{merge.method}{_params(merge)}" + (f"\\n{state}" if state else "")
+        lines.append(f'  "{name}" [shape={shape}, fillcolor="{colour}", label="{_quote(label)}"];')
         for i in merge.inputs:
             lines.append(f'  "{i}" -> "{name}";')
     return "\n".join(lines + ["}"]) + "\n"
 
 
-def to_mermaid(mf: Mergefile) -> str:
+def to_mermaid(mf: Mergefile, states: dict[str, str] | None = None) -> str:
+    states = states or {}
     lines = ["graph LR"]
     for name, model in mf.models.items():
         lines.append(f'  {_id(name)}["{name}<br/>{model.path.name}"]')
     for name, merge in mf.merges.items():
-        lines.append(f'  {_id(name)}(("{name}<br/>{merge.method}{_params(merge)}"))')
+        state = f"<br/>{states[name]}" if name in states else ""
+        lines.append(f'  {_id(name)}(("{name}<br/>{merge.method}{_params(merge)}{state}"))')
         for i in merge.inputs:
             lines.append(f"  {_id(i)} --> {_id(name)}")
+    for name, state in states.items():
+        colour = STATE_COLOURS[state_class(state)]
+        lines.append(f"  style {_id(name)} fill:{colour}")
     return "\n".join(lines) + "\n"
 
 
-def to_text(mf: Mergefile) -> str:
+def to_text(mf: Mergefile, states: dict[str, str] | None = None) -> str:
     lines: list[str] = []
     for target in mf.targets or list(mf.merges)[-1:]:
-        _text(mf, target, "", lines)
+        _text(mf, target, "", lines, states or {})
     return "\n".join(lines) + "\n"
 
 
-def _text(mf: Mergefile, name: str, indent: str, lines: list[str]) -> None:
+def _text(mf: Mergefile, name: str, indent: str, lines: list[str], states: dict[str, str]) -> None:
     if name in mf.models:
         lines.append(f"{indent}{name} <- {mf.models[name].path.name}")
         return
     merge = mf.merges[name]
     out = f" -> {merge.output.name}" if merge.output else ""
-    lines.append(f"{indent}{name} = {merge.method}{_params(merge)}{out}")
+    state = f"  [{states[name]}]" if name in states else ""
+    lines.append(f"{indent}{name} = {merge.method}{_params(merge)}{out}{state}")
     for i in merge.inputs:
-        _text(mf, i, indent + "  ", lines)
+        _text(mf, i, indent + "  ", lines, states)
 
 
 def _params(merge) -> str:
@@ -89,3 +114,14 @@ def _walk(node: dict, lines: list[str], counter: list[int], dot: bool) -> str:
 
 def _quote(text: str) -> str:
     return text.replace('"', "'")
+
+
+def to_nodes(mf: Mergefile, states: dict[str, str]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Nodes and edges for the pure-Python drawing (plotting.plot_graph)."""
+    nodes = [{"name": n, "label": f"{n}\n{m.path.name}", "state": "source"} for n, m in mf.models.items()]
+    edges = []
+    for name, merge in mf.merges.items():
+        label = f"{name}\n{merge.method}{_params(merge)}" + (f"\n{states[name]}" if name in states else "")
+        nodes.append({"name": name, "label": label, "state": state_class(states.get(name)) if name in states else "pending"})
+        edges += [(i, name) for i in merge.inputs]
+    return nodes, edges

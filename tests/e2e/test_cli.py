@@ -54,9 +54,12 @@ def test_force_recomputes_everything(project):
 def test_graph_formats(project):
     mergefile(project / "mergefile.toml", chain())
     text = run_cli("graph", cwd=project, check=True).stdout
-    assert text.splitlines()[0] == "final = weighted_sum(alpha=0.25) -> final.safetensors"
+    assert text.splitlines()[0].startswith("final = weighted_sum(alpha=0.25) -> final.safetensors  [")
+    assert "mix1 = weighted_sum(alpha=0.4)  [" in text and "tensors dirty]" in text
+    run_cli(cwd=project, check=True)
+    assert "final.safetensors  [up to date]" in run_cli("graph", cwd=project, check=True).stdout
     dot = run_cli("graph", "--format", "dot", cwd=project, check=True).stdout
-    assert dot.startswith("digraph") and '"mix1" -> "mix2";' in dot
+    assert dot.startswith("digraph") and '"mix1" -> "mix2";' in dot and "#b7e1b0" in dot
     mermaid = run_cli("graph", "--format", "mermaid", cwd=project, check=True).stdout
     assert mermaid.startswith("graph LR") and "n_mix2 --> n_final" in mermaid
 
