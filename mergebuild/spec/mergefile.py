@@ -15,13 +15,14 @@ from mergebuild.errors import MergefileError
 from mergebuild.methods.registry import get_method, suggest
 from mergebuild.layouts.blocks import PRESETS, is_block_name
 from mergebuild.spec.model import Mergefile, MergeSpec, ModelSpec, Rule, Settings
+from mergebuild.spec.search import check_range, is_range
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-TOP_LEVEL = ("settings", "models", "merges")
+TOP_LEVEL = ("settings", "models", "merges", "tune", "soup")
 SETTINGS_FIELDS = ("cache", "device", "compute_dtype", "keep_builds", "time_embed")
 MODEL_FIELDS = ("path",)
 MERGE_FIELDS = ("method", "inputs", "output", "dtype", "discard", "rules", "include", "exclude", "clip_to_inputs",
@@ -33,7 +34,7 @@ NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-def load_mergefile(path: Path) -> Mergefile:
+def load_mergefile(path: Path, allow_search: bool = False) -> Mergefile:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -41,11 +42,12 @@ def load_mergefile(path: Path) -> Mergefile:
         raise MergefileError(path, None, None, "no such Mergefile (use -f to name another)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise MergefileError(path, None, None, f"cannot read: {e}") from None
-    return parse_mergefile(text, path)
+    return parse_mergefile(text, path, allow_search)
 
 
-def parse_mergefile(text: str, path: Path) -> Mergefile:
-    """Parse Mergefile text; `path` locates relative paths and names the file in errors."""
+def parse_mergefile(text: str, path: Path, allow_search: bool = False) -> Mergefile:
+    """Parse Mergefile text; `path` locates relative paths and names the file in errors.
+    allow_search: accept open search ranges (for `mergebuild tune`)."""
     path = Path(path).absolute()
     try:
         doc = tomllib.loads(text)
@@ -57,14 +59,14 @@ def parse_mergefile(text: str, path: Path) -> Mergefile:
     base = path.parent
     settings = _settings(path, base, _table(path, doc, "settings"))
     models = {n: _model(path, base, n, t) for n, t in _named_tables(path, doc, "models").items()}
-    merges = {n: _merge(path, base, n, t) for n, t in _named_tables(path, doc, "merges").items()}
+    merges = {n: _merge(path, base, n, t, allow_search) for n, t in _named_tables(path, doc, "merges").items()}
     for name in models.keys() & merges.keys():
         raise MergefileError(path, f"merges.{name}", None, f"the name {name!r} is also a model")
     if not merges:
         raise MergefileError(path, "merges", None, "the Mergefile has no merges")
     _check_inputs(path, models, merges)
     _check_outputs(path, models, merges)
-    return Mergefile(path, settings, models, merges)
+    return Mergefile(path, settings, models, merges, _table(path, doc, "tune"), _table(path, doc, "soup"))
 
 
 def _table(path, doc, key) -> dict:
@@ -115,7 +117,7 @@ def _model(path, base: Path, name: str, table: dict) -> ModelSpec:
     return ModelSpec(name, base / _string(path, where, "path", table["path"]))
 
 
-def _merge(path, base: Path, name: str, table: dict) -> MergeSpec:
+def _merge(path, base: Path, name: str, table: dict, allow_search: bool = False) -> MergeSpec:
     where = f"merges.{name}"
     if "method" not in table:
         raise MergefileError(path, where, "method", "missing: which merge method to use")
@@ -138,7 +140,7 @@ def _merge(path, base: Path, name: str, table: dict) -> MergeSpec:
         discard = _string(path, where, "discard", discard)
         _compile(path, where, "discard", discard)
     params = {k: v for k, v in table.items() if k not in MERGE_FIELDS}
-    _check_params(path, where, method, params)
+    _check_params(path, where, method, params, allow_search)
     rules = tuple(_rule(path, f"{where}.rules", i, method, r) for i, r in enumerate(_list(path, where, "rules", table.get("rules", []))))
     include = _patterns(path, where, "include", table.get("include"))
     exclude = _patterns(path, where, "exclude", table.get("exclude"))
@@ -220,13 +222,17 @@ def _compile(path, where, field, pattern: str):
         raise MergefileError(path, where, field, f"not a valid regular expression: {e}") from None
 
 
-def _check_params(path, where: str, method, params: dict) -> None:
+def _check_params(path, where: str, method, params: dict, allow_search: bool = False) -> None:
     known = [p.name for p in method.params]
     for key, value in params.items():
         param = method.param(key)
         if param is None:
             allowed = known + list(MERGE_FIELDS)
             raise MergefileError(path, where, key, f"unknown parameter of {method.name}{_hint(key, allowed)}")
+        if param.numeric:
+            _check_ranges(path, where, key, value, allow_search)
+        if is_range(value):
+            continue
         if param.numeric and not isinstance(value, (int, float)):
             _check_varying(path, where, key, param, value)
         elif not param.accepts(value):
@@ -234,6 +240,18 @@ def _check_params(path, where: str, method, params: dict) -> None:
     for param in method.params:
         if param.required and param.name not in params:
             raise MergefileError(path, where, param.name, f"missing: {method.name} needs {param.name}")
+
+
+def _check_ranges(path, where: str, key: str, value, allow_search: bool) -> None:
+    """Open search ranges ({ search = [lo, hi] }, { choice = [...] }) are for `mergebuild tune`."""
+    found = [(key, value)] if is_range(value) else []
+    if isinstance(value, dict) and not found:
+        found = [(f"{key}.{k}", v) for k, v in value.items() if is_range(v)]
+    for field, spec in found:
+        if not allow_search:
+            raise MergefileError(path, where, field, "an open search range: run `mergebuild tune` to search it, "
+                                 "or give a value")
+        check_range(path, where, field, spec)
 
 
 def _check_varying(path, where: str, key: str, param, value) -> None:
@@ -254,6 +272,8 @@ def _check_varying(path, where: str, key: str, param, value) -> None:
                 if not (isinstance(v, list) and len(v) >= 2 and all(number(x) for x in v)):
                     raise MergefileError(path, where, f"{key}.gradient", "expected a list of two or more numbers")
             elif name == "default" or is_block_name(name):
+                if is_range(v):
+                    continue  # checked by _check_ranges
                 if not number(v):
                     raise MergefileError(path, where, f"{key}.{name}", f"expected a number, got {v!r}")
             else:

@@ -56,6 +56,8 @@ class Mergefile:
     settings: Settings
     models: dict[str, ModelSpec]
     merges: dict[str, MergeSpec]
+    tune: dict = field(default_factory=dict)  # the [tune] table, validated by mergebuild.tune
+    soup: dict = field(default_factory=dict)  # the [soup] table (greedy soup)
 
     @property
     def targets(self) -> list[str]:
