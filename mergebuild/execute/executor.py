@@ -63,7 +63,7 @@ class Executor:
     def __init__(self, plan: Plan, cache: Cache, device: str, build_id: int, force: bool = False, progress=None):
         self.plan, self.cache, self.build_id, self.force = plan, cache, build_id, force
         self.device_name = device
-        self._device = None
+        self._transfer = None
         self.progress = progress or NullProgress()
         self._records: list[tuple] = []
         self._lock = threading.Lock()
@@ -91,12 +91,15 @@ class Executor:
         return results
 
     @property
-    def device(self):
-        if self._device is None:
-            from mergebuild.execute.device import resolve_device
+    def transfer(self):
+        """The device's transfer (CPU or CUDA), made on first use: a no-op build never imports torch."""
+        if self._transfer is None:
+            with self._lock:
+                if self._transfer is None:
+                    from mergebuild.execute.device import make_transfer
 
-            self._device = resolve_device(self.device_name)
-        return self._device
+                    self._transfer = make_transfer(self.device_name, self.plan.compute_dtype)
+        return self._transfer
 
     # one merge ----------------------------------------------------------------------------
     def _run_merge(self, merge: MergePlan) -> MergeResult:
@@ -149,7 +152,7 @@ class Executor:
     def _fetch(self, merge: MergePlan, task: TensorTask, writer):
         """In a reader thread: what _handle needs for this task."""
         if task.state == DIRTY:
-            return [self._load(node, tensor) for node, tensor in task.inputs]
+            return self._upload(task, [self._load(node, tensor) for node, tensor in task.inputs])
         ref = self.plan.ref(*task.inputs[0]) if task.state == PASSTHROUGH else None
         if ref is not None and ref.file is not None:
             return None  # copied file to file by the writer, never through memory
@@ -189,9 +192,8 @@ class Executor:
         if data is not None:
             return data
         merge_name, task = self._producer(node, tensor)
-        inputs = [self._load(n, t) for n, t in task.inputs]
-        result = self._compute(task, inputs)
-        self._store(task, result, None)
+        inputs = self._upload(task, [self._load(n, t) for n, t in task.inputs])
+        self._store(task, self._compute(task, inputs), None)
         with self._lock:
             self._healed += 1
         return read_ref(self.plan.ref(node, tensor), self.cache.blobs)
@@ -205,13 +207,14 @@ class Executor:
             return self._producer(*task.inputs[0])
         return node, task
 
-    def _compute(self, task: TensorTask, buffers: list[bytearray]):
-        from mergebuild.tensors.convert import from_bytes
-        from mergebuild.torchlazy import torch, torch_dtype
+    def _upload(self, task: TensorTask, buffers: list[bytearray]):
+        return self.transfer.upload(buffers, [self.plan.ref(n, t) for n, t in task.inputs])
 
-        refs = [self.plan.ref(n, t) for n, t in task.inputs]
-        compute_dtype = torch_dtype(self.plan.compute_dtype)
-        xs = [from_bytes(b, r.dtype, r.shape).to(self.device, compute_dtype) for b, r in zip(buffers, refs)]
+    def _compute(self, task: TensorTask, uploaded):
+        """On the main thread: run the method; returns the transfer's handle on the result."""
+        from mergebuild.torchlazy import torch
+
+        xs = self.transfer.ready(uploaded)
         kwargs = dict(task.params)
         if task.method.takes_key:
             kwargs["key"] = task.name
@@ -228,7 +231,7 @@ class Executor:
                 result = torch.clamp(result, stacked.amin(0), stacked.amax(0))
         except Exception as e:
             raise BuildError(f"[merges.{self._merge_name}] {task.method.name} failed on {task.name!r}: {e}") from e
-        return result.to(torch_dtype(task.dtype)).cpu()
+        return self.transfer.download(result, task.dtype)
 
     def _check_finite(self, task: TensorTask, xs) -> None:
         from mergebuild.torchlazy import torch
@@ -243,11 +246,11 @@ class Executor:
             return f"[models.{node}] {self.plan.sources[node].path}"
         return f"[merges.{node}]"
 
-    def _store(self, task: TensorTask, result, writer) -> None:
+    def _store(self, task: TensorTask, handle, writer) -> None:
         """In a writer thread: hash the result, keep its blob, write it into the output."""
         from mergebuild.tensors.convert import to_bytes
 
-        data = to_bytes(result)
+        data = to_bytes(self.transfer.fetch(handle))
         digest = tensor_digest(task.dtype, task.shape, data)
         self.cache.blobs.put(digest, data)
         task.digest, task.state = digest, CACHED
