@@ -12,7 +12,7 @@ from pathlib import Path
 from mergebuild import __version__
 from mergebuild.errors import MergebuildError
 
-SUBCOMMANDS = ("build", "status", "explain", "graph", "lineage", "cache", "clean", "methods")
+SUBCOMMANDS = ("build", "status", "explain", "graph", "lineage", "inspect", "diff", "cache", "clean", "methods")
 TAKES_VALUE = {"-f", "--file", "--cache-dir", "--device", "--format", "--keep"}
 
 
@@ -81,6 +81,17 @@ def _parser() -> argparse.ArgumentParser:
     lin.add_argument("path", type=Path, metavar="FILE")
     lin.add_argument("--format", choices=("tree", "mermaid", "dot"), default="tree")
     lin.set_defaults(run=_cmd_lineage)
+
+    ins = sub.add_parser("inspect", parents=[common], help="architecture, blocks, metadata and hashes of a file")
+    ins.add_argument("path", type=Path, metavar="FILE")
+    ins.add_argument("--no-hashes", action="store_true", help="skip hashing (reads the header only)")
+    ins.set_defaults(run=_cmd_inspect)
+
+    d = sub.add_parser("diff", parents=[common], help="where two models differ, per block and component")
+    d.add_argument("a", type=Path, metavar="A")
+    d.add_argument("b", type=Path, metavar="B")
+    d.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw a heatmap")
+    d.set_defaults(run=_cmd_diff)
 
     c = sub.add_parser("cache", parents=[common], help="cache stats | gc | verify")
     c.add_argument("action", choices=("stats", "gc", "verify"))
@@ -196,6 +207,35 @@ def _cmd_lineage(args) -> int:
         report.out.print(f"{args.path}: no lineage recorded (not made by mergebuild or an A1111-family merger)")
     else:
         report.out.print(report.lineage_tree(tree))
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from mergebuild import report
+    from mergebuild.inspection import inspect_file
+
+    doc = inspect_file(args.path, hashes=not args.no_hashes)
+    if args.json:
+        report.print_json(doc)
+    else:
+        report.print_inspect(doc)
+    return 0
+
+
+def _cmd_diff(args) -> int:
+    from mergebuild import report
+    from mergebuild.diff import diff_files
+
+    doc = diff_files(args.a, args.b)
+    if args.plot:
+        from mergebuild.plotting import plot_diff
+
+        plot_diff(doc, args.plot)
+        report.err.print(f"wrote {args.plot}", markup=False)
+    if args.json:
+        report.print_json(doc)
+    else:
+        report.print_diff(doc)
     return 0
 
 

@@ -160,3 +160,54 @@ def print_explain(doc: dict) -> None:
         if info["by_block"]:
             groups = ", ".join(f"{b} {n}" for b, n in sorted(info["by_block"].items()))
             out.print(escape(f"  tensors to recompute by block: {groups}"))
+
+
+def print_inspect(doc: dict) -> None:
+    arch = doc["architecture"]
+    out.print(f"[bold]{escape(str(doc['path']))}[/]: {escape(arch['description'])} ({escape(arch['name'])})")
+    totals = doc["totals"]
+    dtypes = ", ".join(f"{k} {v}" for k, v in totals["dtypes"].items())
+    out.print(f"{totals['tensors']} tensors, {totals['params']:,} parameters, {human_bytes(totals['bytes'])} ({escape(dtypes)})")
+    if doc.get("hashes"):
+        h = doc["hashes"]
+        out.print(f"AutoV1 {h['autov1']}  AutoV2 {h['autov2']}  sha256 {h['sha256']}")
+        out.print(f"tensor data sha256 {h['tensor_data_sha256']}")
+    table = Table(title="by " + doc["grouping"], title_justify="left")
+    for col in (doc["grouping"], "tensors", "parameters", "size", "dtypes"):
+        table.add_column(col, justify="left" if col in (doc["grouping"], "dtypes") else "right")
+    for row in doc["blocks"]:
+        table.add_row(escape(row["name"]), str(row["tensors"]), f"{row['params']:,}", human_bytes(row["bytes"]),
+                      escape(", ".join(f"{k} {v}" for k, v in row["dtypes"].items())))
+    out.print(table)
+    comps = ", ".join(f"{k} {v['tensors']} tensors ({human_bytes(v['bytes'])})" for k, v in doc["components"].items())
+    out.print(escape(f"components: {comps}"))
+    if doc.get("lineage"):
+        out.print("lineage:")
+        out.print(lineage_tree({"kind": "model", "name": str(doc["path"]), "made_by": doc["lineage"]}))
+    keys = sorted(k for k in doc["metadata"] if k not in ("mergebuild.recipe", "sd_merge_recipe", "sd_merge_models"))
+    if keys:
+        out.print(escape("metadata: " + ", ".join(keys)))
+
+
+def print_diff(doc: dict) -> None:
+    out.print(escape(f"{doc['a']} vs {doc['b']} ({doc['architecture']['name']})"))
+    for title, rows in ((doc["grouping"], doc["blocks"]), ("component", doc["components"])):
+        table = Table(title=f"by {title}", title_justify="left")
+        for col in (title, "tensors", "cosine", "rel. L2", "changed"):
+            table.add_column(col, justify="left" if col == title else "right")
+        for row in rows:
+            table.add_row(escape(row["name"]), str(row["tensors"]), _num(row["cosine"], 5), _num(row["rel_l2"], 4),
+                          f"{row['changed'] * 100:.1f}%")
+        out.print(table)
+    total = doc["total"]
+    out.print(f"total: cosine {_num(total['cosine'], 5)}, relative L2 {_num(total['rel_l2'], 4)}, "
+              f"{total['changed'] * 100:.1f}% of elements changed")
+    for label, key in (("only in A", "only_in_a"), ("only in B", "only_in_b")):
+        if doc[key]:
+            out.print(escape(f"{label}: {len(doc[key])} keys, e.g. {doc[key][0]}"))
+    if doc["shape_mismatch"]:
+        out.print(escape(f"shape mismatches: {len(doc['shape_mismatch'])}, e.g. {doc['shape_mismatch'][0]}"))
+
+
+def _num(value, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"

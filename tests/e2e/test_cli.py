@@ -104,3 +104,36 @@ def test_lineage_of_a_file_without_lineage(project):
 def test_methods_list(project):
     doc = json.loads(run_cli("methods", "--json", cwd=project, check=True).stdout)
     assert doc["add_difference"] == {"version": 1, "inputs": ["A", "B", "C"], "params": {"alpha": None}}
+
+
+def test_inspect_and_diff_commands(project):
+    import hashlib
+
+    mergefile(project / "mergefile.toml", chain())
+    run_cli(cwd=project, check=True)
+    out = project / "out/final.safetensors"
+    doc = json.loads(run_cli("inspect", out, "--json", cwd=project, check=True).stdout)
+    assert doc["architecture"]["name"] == "sd1" and doc["lineage"]["name"] == "final"
+    assert doc["hashes"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert "modelspec.hash_sha256" in doc["metadata"]
+    assert doc["metadata"]["modelspec.hash_sha256"] == "0x" + doc["hashes"]["tensor_data_sha256"]
+    text = run_cli("inspect", out, cwd=project, check=True).stdout
+    assert "AutoV2 " + doc["hashes"]["autov2"] in text and "OUT11" in text
+
+    same = json.loads(run_cli("diff", out, out, "--json", cwd=project, check=True).stdout)
+    assert same["total"]["cosine"] == 1.0 and same["total"]["changed"] == 0.0
+    proc = run_cli("diff", project / "models/base.safetensors", out, "--plot", project / "d.png", cwd=project, check=True)
+    assert "by block" in proc.stdout and "by component" in proc.stdout
+    from matplotlib.image import imread
+
+    image = imread(project / "d.png")
+    assert image.shape[0] > 200 and image.shape[1] > 200
+
+
+def test_graph_png(project):
+    mergefile(project / "mergefile.toml", chain())
+    run_cli("graph", "--format", "png", "-o", project / "g.png", cwd=project, check=True)
+    from matplotlib.image import imread
+
+    image = imread(project / "g.png")
+    assert image.shape[0] > 100 and image.shape[1] > 200
