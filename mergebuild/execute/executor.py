@@ -4,7 +4,8 @@ Per merge, tensors flow through three stages that overlap:
   reader threads  -> load the input tensors (file ranges, verified blobs), a bounded window ahead
   main thread     -> run the method on the device, in the compute dtype, cast to the result dtype
   writer threads  -> hash the result, store its blob, write it into the output file
-Memory is bounded by the window (READ_AHEAD bytes in flight each way), not by the model size.
+Memory is bounded by the windows (READ_AHEAD bytes of loaded inputs, in the compute dtype, and
+WRITE_BEHIND bytes of results), not by the model size.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergebuild.dtypes import itemsize
 from mergebuild.errors import BuildError, InputError
 from mergebuild.execute.tensorio import copy_range, read_ref
 from mergebuild.plan.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
@@ -25,8 +27,8 @@ from mergebuild.store.hashing import file_sha256, legacy_hash, tensor_digest
 from mergebuild.tensors.folder import FolderWriter, is_folder_output, output_marker
 from mergebuild.tensors.writer import SafetensorsWriter, remove_stale_temps
 
-READ_AHEAD = 384 << 20
-WRITE_BEHIND = 384 << 20
+READ_AHEAD = 256 << 20
+WRITE_BEHIND = 192 << 20
 RECORD_EVERY = 256
 
 
@@ -136,10 +138,10 @@ class Executor:
         read_bytes = computed = 0
         for task in todo:
             reads.append((task, self.readers.submit(self._fetch, merge, task, writer)))
-            read_bytes += task.nbytes
+            read_bytes += self._footprint(task)
             while reads and (read_bytes > READ_AHEAD or reads[0][1].done()):
                 task_, future = reads.popleft()
-                read_bytes -= task_.nbytes
+                read_bytes -= self._footprint(task_)
                 computed += self._handle(task_, future.result(), writer, writes)
                 self._drain(writes, WRITE_BEHIND)
         while reads:
@@ -148,6 +150,13 @@ class Executor:
             self._drain(writes, WRITE_BEHIND)
         self._drain(writes, 0)
         return computed
+
+    def _footprint(self, task: TensorTask) -> int:
+        """The memory a fetched task holds until it is computed: its inputs in the compute dtype."""
+        if task.state != DIRTY:
+            return task.nbytes
+        size = itemsize(self.plan.compute_dtype)
+        return sum(size * _numel(self.plan.ref(n, t).shape) for n, t in task.inputs)
 
     def _fetch(self, merge: MergePlan, task: TensorTask, writer):
         """In a reader thread: what _handle needs for this task."""
@@ -321,6 +330,13 @@ class Executor:
             source = self.plan.sources[name]
             source.sha256 = future.result()
             self.cache.index.save_sha256(str(source.hash_file), source.stat, source.sha256)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def identity_text(plan: Plan, merge: str) -> str:
