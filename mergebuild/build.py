@@ -129,8 +129,9 @@ def collect_garbage(opts: BuildOptions, keep_builds: int | None = None) -> dict:
                 if digest not in referenced:
                     freed += cache.blobs.remove(digest)
                     blobs += 1
-            cache.blobs.clear_stale_tmp()
-            return {"entries_removed": dropped, "blobs_removed": blobs, "bytes_freed": freed}
+            packs, pack_bytes = cache.collect_packs(referenced)
+            cache.clear_stale()
+            return {"entries_removed": dropped, "blobs_removed": blobs + packs, "bytes_freed": freed + pack_bytes}
     finally:
         cache.close()
 
@@ -145,9 +146,9 @@ def verify_cache(opts: BuildOptions) -> dict:
             checked = bad = missing = 0
             for digest, dtype, shape in cache.index.blob_infos():
                 checked += 1
-                if not cache.blobs.has(digest):
+                if not cache.has(digest):
                     missing += 1
-                elif not cache.blobs.verify(digest, dtype, shape, nbytes(dtype, shape)):
+                elif cache.get(digest, dtype, shape, nbytes(dtype, shape)) is None:
                     bad += 1
             return {"checked": checked, "bad_removed": bad, "missing": missing}
     finally:

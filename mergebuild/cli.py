@@ -12,8 +12,8 @@ from pathlib import Path
 from mergebuild import __version__
 from mergebuild.errors import MergebuildError
 
-SUBCOMMANDS = ("build", "status", "explain", "graph", "lineage", "inspect", "diff", "cache", "clean", "methods")
-TAKES_VALUE = {"-f", "--file", "--cache-dir", "--device", "--format", "--keep"}
+SUBCOMMANDS = ("build", "status", "explain", "graph", "lineage", "inspect", "diff", "cache", "clean", "methods", "tune")
+TAKES_VALUE = {"-f", "--file", "--cache-dir", "--device", "--format", "--keep", "--trials", "--plot"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +104,15 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", parents=[common], help="list the merge methods")
     m.set_defaults(run=_cmd_methods)
+
+    t = sub.add_parser("tune", parents=[common], help="search the open ranges ([tune]) or make a greedy soup ([soup])")
+    t.add_argument("--trials", type=int, metavar="N", help="trials in the study in all (overrides [tune] trials)")
+    t.add_argument("--apply", action="store_true", help="also write the best values into the Mergefile itself")
+    t.add_argument("--plot", type=Path, metavar="DIR", help="save history.png and importances.png in DIR")
+    t.add_argument("--greedy-soup", action="store_true", help="the greedy model soup of [soup] ingredients")
+    t.add_argument("--no-cache", action="store_true", help="build every trial in a fresh cache (for comparisons)")
+    t.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides [settings] device)")
+    t.set_defaults(run=_cmd_tune)
     return p
 
 
@@ -289,6 +298,23 @@ def _cmd_methods(args) -> int:
         summary = (m.doc or "").strip().splitlines()[0] if m.doc else ""
         report.out.print(f"[bold]{escape(m.name)}[/] v{m.version} " + escape(f"[{inputs}] {params}: {summary}"))
     return 0
+
+
+def _cmd_tune(args) -> int:
+    from mergebuild import report
+    from mergebuild.errors import UsageError
+    from mergebuild.tune import TuneOptions, run_greedy_soup, run_tune
+
+    if args.trials is not None and args.trials < 0:
+        raise UsageError(f"--trials takes a number >= 0, got {args.trials}")
+    if args.greedy_soup and (args.trials is not None or args.apply or args.plot):
+        raise UsageError("--greedy-soup takes no --trials, --apply or --plot")
+    opts = TuneOptions(mergefile=args.file, cache_dir=args.cache_dir, trials=args.trials, apply=args.apply,
+                       plot=args.plot, no_cache=args.no_cache, quiet=args.quiet, device=args.device)
+    doc, code = (run_greedy_soup if args.greedy_soup else run_tune)(opts)
+    if args.json:
+        report.print_json(doc)
+    return code
 
 
 def _error(message: str) -> None:

@@ -25,7 +25,8 @@ from mergebuild.plan.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan,
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import file_sha256, legacy_hash, tensor_digest
 from mergebuild.tensors.folder import FolderWriter, is_folder_output, output_marker
-from mergebuild.tensors.writer import SafetensorsWriter, remove_stale_temps
+from mergebuild.execute.outputs import PackedOutput
+from mergebuild.tensors.writer import remove_stale_temps
 
 READ_AHEAD = 256 << 20
 WRITE_BEHIND = 192 << 20
@@ -76,7 +77,7 @@ class Executor:
 
     # public -------------------------------------------------------------------------------
     def run(self) -> dict[str, MergeResult]:
-        self.cache.blobs.clear_stale_tmp()
+        self.cache.clear_stale()
         results = {}
         with ThreadPoolExecutor(2, thread_name_prefix="read") as self.readers, \
                 ThreadPoolExecutor(2, thread_name_prefix="write") as self.writers, \
@@ -177,7 +178,7 @@ class Executor:
             return 1
         if fetched is None:
             ref = self.plan.ref(*task.inputs[0])
-            future = self.writers.submit(copy_range, ref.file, ref.begin, task.nbytes, *writer.target(task.name))
+            future = self.writers.submit(copy_range, ref.file, ref.begin, task.nbytes, *writer.target_of(task.name))
         else:
             future = self.writers.submit(writer.write, task.name, fetched)
         writes.append((task.nbytes, future))
@@ -197,7 +198,7 @@ class Executor:
     def _load(self, node: str, tensor: str) -> bytearray:
         """The bytes of a node's tensor; a missing or bad blob is recomputed, never used."""
         ref = self.plan.ref(node, tensor)
-        data = read_ref(ref, self.cache.blobs)
+        data = read_ref(ref, self.cache)
         if data is not None:
             return data
         merge_name, task = self._producer(node, tensor)
@@ -205,7 +206,7 @@ class Executor:
         self._store(task, self._compute(task, inputs), None)
         with self._lock:
             self._healed += 1
-        return read_ref(self.plan.ref(node, tensor), self.cache.blobs)
+        return read_ref(self.plan.ref(node, tensor), self.cache)
 
     def _producer(self, node: str, tensor: str) -> tuple[str, TensorTask]:
         if node in self.plan.sources:
@@ -227,7 +228,6 @@ class Executor:
         kwargs = dict(task.params)
         if task.method.takes_key:
             kwargs["key"] = task.name
-        self._check_finite(task, xs)
         try:
             if task.channels is None:
                 result = task.method.fn(*xs, **kwargs)
@@ -240,15 +240,23 @@ class Executor:
                 result = torch.clamp(result, stacked.amin(0), stacked.amax(0))
         except Exception as e:
             raise BuildError(f"[merges.{self._merge_name}] {task.method.name} failed on {task.name!r}: {e}") from e
+        self._check_finite(task, xs, result)
         return self.transfer.download(result, task.dtype)
 
-    def _check_finite(self, task: TensorTask, xs) -> None:
+    def _check_finite(self, task: TensorTask, xs, result) -> None:
+        """NaN and Inf spread through merges; stop at the first one, naming where it came from.
+        One cheap reduction over the result (NaN and Inf survive a sum) on the fast path; the
+        inputs are searched only when it is not finite."""
         from mergebuild.torchlazy import torch
 
+        if not result.is_floating_point() or bool(torch.isfinite(result.sum())) or bool(torch.isfinite(result).all()):
+            return
         for (node, tensor), x in zip(task.inputs, xs):
-            if not bool(torch.isfinite(x).all()):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 raise InputError(f"{self._describe(node)}: tensor {tensor!r} holds NaN or Inf; "
                                  "merging it would spread them (fix or discard the key)")
+        raise BuildError(f"[merges.{self._merge_name}] {task.method.name} produced NaN or Inf on {task.name!r} "
+                         f"from finite inputs (parameters {task.params})")
 
     def _describe(self, node: str) -> str:
         if node in self.plan.sources:
@@ -261,12 +269,13 @@ class Executor:
 
         data = to_bytes(self.transfer.fetch(handle))
         digest = tensor_digest(task.dtype, task.shape, data)
-        self.cache.blobs.put(digest, data)
+        if writer is not None:
+            writer.write(task.name, data)
+        if writer is None or not writer.stored(task.name, digest):
+            self.cache.blobs.put(digest, data)
         task.digest, task.state = digest, CACHED
         with self._lock:
             self._records.append((task.key, digest, task.dtype, task.shape))
-        if writer is not None:
-            writer.write(task.name, data)
 
     def _flush_records(self) -> None:
         with self._lock:
@@ -281,7 +290,7 @@ class Executor:
         merge.output_digest = output_digest(merge, identity_text(self.plan, merge.spec.name))
         return output_is_current(self.cache, merge.spec.output, merge.output_digest)
 
-    def _open_output(self, merge: MergePlan) -> SafetensorsWriter:
+    def _open_output(self, merge: MergePlan):
         from mergebuild.lineage import build_metadata
 
         remove_stale_temps(merge.spec.output)
@@ -290,7 +299,7 @@ class Executor:
         tensors = [(t.name, t.dtype, t.shape) for t in merge.tasks.values()]
         if is_folder_output(merge.spec.output):
             return FolderWriter(merge.spec.output, tensors, draft, merge.spec.shard_size, self._config_folder(merge))
-        return SafetensorsWriter(merge.spec.output, tensors, draft)
+        return PackedOutput(self.cache, merge.spec.output, tensors, draft)
 
     def _config_folder(self, merge: MergePlan) -> Path | None:
         """The model folder whose config files the output copies: the first input's, up the chain."""
@@ -300,7 +309,7 @@ class Executor:
         path = self.plan.sources[node].path
         return path if path.is_dir() else None
 
-    def _commit_output(self, merge: MergePlan, writer: SafetensorsWriter) -> None:
+    def _commit_output(self, merge: MergePlan, writer) -> None:
         from mergebuild.lineage import build_metadata
         from mergebuild.plan.planner import output_digest
 

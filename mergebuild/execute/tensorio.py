@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mergebuild.dtypes import nbytes
 from mergebuild.plan.sources import TensorRef
-from mergebuild.store.blobs import BlobStore
+from mergebuild.store.cache import Cache
 
 CHUNK = 64 << 20
 
@@ -28,12 +28,12 @@ def read_range(path: Path, begin: int, size: int) -> bytearray:
     return buf
 
 
-def read_ref(ref: TensorRef, blobs: BlobStore) -> bytearray | None:
-    """The bytes of a tensor; None when it lives in a blob that is missing or bad."""
+def read_ref(ref: TensorRef, cache: Cache) -> bytearray | None:
+    """The bytes of a tensor; None when it lives in the cache and is missing or bad there."""
     size = nbytes(ref.dtype, ref.shape)
     if ref.file is not None:
         return read_range(ref.file, ref.begin, size)
-    return blobs.get(ref.digest, ref.dtype, ref.shape, size)
+    return cache.get(ref.digest, ref.dtype, ref.shape, size)
 
 
 def copy_range(src: Path, begin: int, size: int, dst_fd: int, dst_offset: int) -> None:

@@ -16,7 +16,7 @@ from typing import Callable
 REQUIRED = object()
 BUILTIN_MODULES = ("mergebuild.methods.basic", "mergebuild.methods.classic", "mergebuild.methods.meh",
                    "mergebuild.methods.task_vectors", "mergebuild.methods.many",
-                   "mergebuild.methods.parts")
+                   "mergebuild.methods.parts", "mergebuild.methods.lora")
 ENTRY_POINT_GROUP = "mergebuild.methods"
 
 

@@ -298,7 +298,7 @@ def resolve_keys(plan: Plan, merge: MergePlan, cache: Cache, force: bool = False
     found = {} if force else cache.index.lookup([t.key for t in keyed])
     for task in keyed:
         digest = found.get(task.key)
-        if digest is not None and cache.blobs.has(digest):
+        if digest is not None and cache.has(digest):
             task.digest, task.state = digest, CACHED
         else:
             task.digest, task.state = None, DIRTY

@@ -6,6 +6,8 @@ Tables:
 - fingerprints: a source file's stat (size, mtime_ns, inode) -> its tensors' digests and sha256,
   so an unchanged file is never hashed twice;
 - outputs: an output file's stat -> the digest of what it holds (skip rewriting it);
+- locations: digest -> (pack file, offset) for tensors stored inside a pack (an output written
+  into the cache and hard-linked to its target) rather than as a blob of their own;
 - builds: one row per build (gc keeps the entries of the last N);
 - recipes: the recipe each merge was last built with (to explain what changed).
 """
@@ -31,6 +33,7 @@ CREATE TABLE IF NOT EXISTS outputs(path TEXT PRIMARY KEY, digest TEXT NOT NULL, 
     mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS builds(id INTEGER PRIMARY KEY AUTOINCREMENT, started REAL NOT NULL,
     mergefile TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS locations(digest TEXT PRIMARY KEY, pack TEXT NOT NULL, offset INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS recipes(mergefile TEXT NOT NULL, merge TEXT NOT NULL, recipe TEXT NOT NULL,
     PRIMARY KEY(mergefile, merge));
 """
@@ -89,6 +92,18 @@ class Index:
         """(digest, dtype, shape) of every blob the index knows of."""
         for digest, dtype, shape in self.db.execute("SELECT DISTINCT digest, dtype, shape FROM entries"):
             yield digest, dtype, tuple(json.loads(shape))
+
+    # locations in packs -------------------------------------------------------------------
+    def locations(self) -> dict[str, tuple[str, int]]:
+        return {d: (p, o) for d, p, o in self.db.execute("SELECT digest, pack, offset FROM locations")}
+
+    def save_locations(self, rows: list[tuple[str, str, int]]) -> None:
+        with self.transaction():
+            self.db.executemany("INSERT OR REPLACE INTO locations VALUES(?,?,?)", rows)
+
+    def forget_locations(self, digests: list[str]) -> None:
+        with self.transaction():
+            self.db.executemany("DELETE FROM locations WHERE digest=?", [(d,) for d in digests])
 
     # builds and gc ------------------------------------------------------------------------
     def start_build(self, mergefile: str) -> int:

@@ -50,8 +50,11 @@ class FolderWriter:
     def write(self, name: str, data, at: int = 0) -> None:
         self.where[name].write(name, data, at)
 
-    def target(self, name: str) -> tuple[int, int]:
+    def target_of(self, name: str) -> tuple[int, int]:
         return self.where[name].target(name)
+
+    def stored(self, name: str, digest: str) -> bool:
+        return False  # folder outputs keep their tensors as blobs
 
     def data_sha256(self):
         h = None

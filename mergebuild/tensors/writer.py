@@ -89,7 +89,7 @@ class SafetensorsWriter:
         os.close(self._fd)
         self._fd = None
         os.replace(self.temp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         if self._fd is not None:
@@ -136,7 +136,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -42,10 +42,15 @@ def start_build(cwd, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def temps(folder) -> list:
+    """Files being written: an output is written into the cache (a pack), then linked."""
+    return [p for p in folder.rglob("*") if ".mergebuild-tmp-" in p.name] if folder.exists() else []
+
+
 def wait_for_temp(folder, proc, timeout=60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if folder.exists() and any(".mergebuild-tmp-" in p.name for p in folder.iterdir()):
+        if temps(folder):
             return True
         time.sleep(0.002)
     return False
@@ -54,27 +59,28 @@ def wait_for_temp(folder, proc, timeout=60.0) -> bool:
 def test_sigkill_mid_build_leaves_no_partial_output(tmp_path):
     project = big_project(tmp_path)
     proc = start_build(project)
-    assert wait_for_temp(project / "out", proc), "the build finished before it could be killed"
+    assert wait_for_temp(project / "cache", proc), "the build finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (project / "out/m.safetensors").exists()
+    assert temps(project / "cache")  # what the killed build was writing
     run_cli(cwd=project, check=True)
+    assert not temps(project)  # removed by the next build
     out = load(project / "out/m.safetensors")
     a, b = load(project / "a.safetensors"), load(project / "b.safetensors")
     for key in a:
         torch.testing.assert_close(out[key], torch.lerp(a[key], b[key], 0.5))
-    assert not [p for p in (project / "out").iterdir() if ".mergebuild-tmp-" in p.name]
 
 
 def test_ctrl_c_removes_the_temp_file_and_exits_130(tmp_path):
     project = big_project(tmp_path)
     proc = start_build(project)
-    assert wait_for_temp(project / "out", proc), "the build finished before it could be interrupted"
+    assert wait_for_temp(project / "cache", proc), "the build finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
-    assert list((project / "out").iterdir()) == []
+    assert not (project / "out/m.safetensors").exists() and not temps(project)
 
 
 def test_two_builds_at_once_both_succeed(tmp_path):
@@ -95,12 +101,18 @@ def test_corrupt_blobs_are_detected_and_healed(project):
     mergefile(project / "mergefile.toml", chain())
     run_cli(cwd=project, check=True)
     first = (project / "out/final.safetensors").read_bytes()
+    (project / "out/final.safetensors").unlink()
     blobs = [p for p in (project / "cache/objects").rglob("*") if p.is_file()]
     for blob in blobs:
         data = bytearray(blob.read_bytes())
         data[0] ^= 0xFF
         blob.write_bytes(bytes(data))
-    (project / "out/final.safetensors").unlink()
+    for pack in (project / "cache/packs").glob("*.safetensors"):  # the target's tensors
+        data = bytearray(pack.read_bytes())
+        header = int.from_bytes(data[:8], "little")
+        for i in range(8 + header, len(data), 64):
+            data[i] ^= 0xFF
+        pack.write_bytes(bytes(data))
     doc = build_json(cwd=project)["merges"]
     assert doc["final"]["computed"] > 0  # bad blobs were recomputed, not used
     assert (project / "out/final.safetensors").read_bytes() == first
