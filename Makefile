@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 env: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mergebuild.testing.fabricate --out examples/models
+	$(BIN)/python -m mergebuild.testing.fabricate --out examples/models --lora
 	$(BIN)/mergebuild
 	$(BIN)/mergebuild lineage out/demo-final.safetensors
 

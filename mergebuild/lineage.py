@@ -53,6 +53,8 @@ def _model_node(plan: Plan, node: str, hashes: dict[str, str] | None) -> dict:
     else:
         out["sha256"] = hashes[node]
         out["autov2"] = autov2(hashes[node])
+        if source.addnet_hash:
+            out["addnet_hash"] = source.addnet_hash
     made_by = made_by_from_metadata(source.metadata)
     if made_by is not None:
         out["made_by"] = made_by

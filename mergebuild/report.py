@@ -55,13 +55,24 @@ class RichProgress:
 
 def summary_table(results) -> Table:
     table = Table(title="mergebuild", title_justify="left")
-    for col in ("merge", "arch", "status", "tensors", "computed", "reused", "size", "seconds", "output"):
-        table.add_column(col, justify="right" if col in ("tensors", "computed", "reused", "size", "seconds") else "left")
+    for col in ("merge", "arch", "status", "tensors", "computed", "reused", "seconds", "output"):
+        table.add_column(col, justify="right" if col in ("tensors", "computed", "reused", "seconds") else "left")
     for r in results.values():
-        output = "" if r.output is None else f"{r.output}" + ("" if r.written else " (up to date)")
-        table.add_row(r.name, r.architecture, r.status, str(r.tensors), str(r.computed), str(r.reused),
-                      human_bytes(r.bytes), f"{r.seconds:.2f}", output)
+        output = "" if r.output is None else _shown_path(r.output) + ("" if r.written else " (up to date)")
+        table.add_row(escape(r.name), r.architecture, r.status, str(r.tensors), str(r.computed), str(r.reused),
+                      f"{r.seconds:.2f}", escape(output))
     return table
+
+
+def _shown_path(path) -> str:
+    """A path relative to the working folder when it is below it (shorter in tables)."""
+    import os
+
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return str(path) if rel.startswith("..") else rel
 
 
 def build_json(results) -> dict:
@@ -127,11 +138,19 @@ def _label(node: dict) -> str:
     if node.get("kind") == "model":
         h = f" [dim]{node['autov2']}[/]" if node.get("autov2") else ""
         return f"[bold cyan]{escape(str(node.get('file') or node.get('name')))}[/]{h}"
-    params = escape(", ".join(f"{k}={v}" for k, v in (node.get("params") or {}).items()))
+    params = escape(", ".join(f"{k}={_compact(v)}" for k, v in (node.get("params") or {}).items()))
     tool = escape(str(node.get("tool", "")))
     name = f"{escape(str(node.get('name')))}: " if node.get("name") else ""
     via = f" [dim]({tool})[/]" if tool and tool != "mergebuild" else ""
     return f"{name}[green]{escape(str(node.get('method')))}[/]({params}){via}"
+
+
+def _compact(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} {_compact(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_compact(v) for v in value) + "]"
+    return str(value)
 
 
 def human_bytes(n: int) -> str:

@@ -23,7 +23,7 @@ from mergebuild.errors import BuildError, InputError
 from mergebuild.execute.tensorio import copy_range, read_ref
 from mergebuild.plan.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
 from mergebuild.store.cache import Cache
-from mergebuild.store.hashing import file_sha256, legacy_hash, tensor_digest
+from mergebuild.store.hashing import file_sha256, legacy_hash, tensor_data_sha256, tensor_digest
 from mergebuild.tensors.folder import FolderWriter, is_folder_output, output_marker
 from mergebuild.execute.outputs import PackedOutput
 from mergebuild.tensors.writer import remove_stale_temps
@@ -71,6 +71,7 @@ class Executor:
         self._records: list[tuple] = []
         self._lock = threading.Lock()
         self._sha256: dict[str, Future] = {}
+        self._addnet: dict[str, Future] = {}
         self._merge_name = ""
         self._healed = 0  # cached tensors found bad on read and recomputed
         self.output_sha256: dict[str, Future] = {}  # outputs written by this build
@@ -314,6 +315,8 @@ class Executor:
         from mergebuild.plan.planner import output_digest
 
         hashes = {n: self._source_sha256(n) for n in self.plan.sources}
+        for name, future in self._addnet.items():
+            self.plan.sources[name].addnet_hash = future.result()
         legacy = {n: legacy_hash(s.hash_file) for n, s in self.plan.sources.items()}
         self._flush_records()
         data_hash = writer.data_sha256().hexdigest()
@@ -327,6 +330,18 @@ class Executor:
         for name, source in self.plan.sources.items():
             if source.sha256 is None:
                 self._sha256[name] = self.hashers.submit(file_sha256, source.hash_file)
+        for name in self._lora_files():
+            self._addnet[name] = self.hashers.submit(tensor_data_sha256, self.plan.sources[name].path)
+
+    def _lora_files(self) -> set[str]:
+        """Sources read as LoRA files (by a lora method, after its first input): their lineage
+        carries kohya's hash of the tensor data too."""
+        out = set()
+        for merge in self.plan.merges.values():
+            if merge.spec.method.startswith("lora"):
+                first = 0 if merge.spec.method != "lora" else 1
+                out |= {n for n in merge.spec.inputs[first:] if n in self.plan.sources and self.plan.sources[n].path.is_file()}
+        return out
 
     def _source_sha256(self, name: str) -> str:
         source = self.plan.sources[name]

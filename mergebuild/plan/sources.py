@@ -42,6 +42,7 @@ class Source:
     sha256: str | None  # of hash_file; known when fingerprinted before, else computed during the build
     hash_file: Path  # the file that identifies the source: itself, or a folder's index / only shard
     parts: list[tuple[Path, os.stat_result]] = field(default_factory=list)  # every file read
+    addnet_hash: str | None = None  # sha256 of the tensor data (kohya's hash), for LoRA inputs
 
     @property
     def path(self) -> Path:

@@ -58,6 +58,17 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def tensor_data_sha256(path: Path) -> str:
+    """sha256 of the bytes after a safetensors header: kohya's addnet hash, ModelSpec's hash_sha256."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        f.seek(8 + length)
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def legacy_hash(path: Path) -> str:
     """A1111's old 8-hex model hash: sha256 of the 64 KiB at offset 1 MiB."""
     with open(path, "rb") as f:

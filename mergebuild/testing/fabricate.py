@@ -101,10 +101,27 @@ def main() -> None:
     p.add_argument("--shrink", type=int, default=32, help="divide large dims by this (1 = full size)")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--prefix", default="sd15-")
+    p.add_argument("--lora", action="store_true", help="also write a LoRA for the base (the demo bakes it)")
     args = p.parse_args()
     paths = fabricate_family(args.out, args.layout, args.shrink, getattr(torch, args.dtype), prefix=args.prefix)
+    if args.lora:
+        paths.append(fabricate_lora(paths[0], args.out / f"{args.prefix}detail-lora.safetensors", args.layout))
     for path in paths:
         print(path)
+
+
+def fabricate_lora(base: Path, path: Path, layout: str = "sd1-ldm") -> Path:
+    """A kohya-format LoRA (rank 4, UNet attention and text encoder) for the model at `base`."""
+    from safetensors.torch import load_file
+
+    from mergebuild.testing.lora import make_lora
+
+    if not path.exists():
+        arch = {"sd1-ldm": "sd1", "sdxl-sgm": "sdxl"}[layout]
+        lora = make_lora(load_file(str(base)), arch, rank=4, seed=7, dtype=torch.float16,
+                         targets=r"(attn[12]\.to_[qkv]|self_attn\.(q|k|v)_proj)")
+        save_file(lora, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": "4"})
+    return path
 
 
 if __name__ == "__main__":

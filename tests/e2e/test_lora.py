@@ -370,3 +370,21 @@ output = "back.safetensors"
     with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
         meta = f.metadata()
     assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("2", "2")
+
+
+def test_lineage_records_the_lora_file_hashes_and_strengths(sd1, tmp_path):
+    import hashlib
+    import json
+
+    base, base_path = sd1
+    project(tmp_path, models(base_path, "l") + bake_l("strength = 0.7\n"), l=make_lora(base, "sd1", targets=SOME))
+    run_cli(cwd=tmp_path, check=True)
+    tree = json.loads(run_cli("lineage", tmp_path / "m.safetensors", "--json", cwd=tmp_path, check=True).stdout)
+    merge = tree["made_by"]
+    assert merge["method"] == "lora" and merge["params"] == {"strength": 0.7}
+    lora_node = merge["inputs"][1]
+    raw = (tmp_path / "l.safetensors").read_bytes()
+    header = int.from_bytes(raw[:8], "little")
+    assert lora_node["file"] == "l.safetensors"
+    assert lora_node["sha256"] == hashlib.sha256(raw).hexdigest() and lora_node["autov2"] == lora_node["sha256"][:10]
+    assert lora_node["addnet_hash"] == hashlib.sha256(raw[8 + header:]).hexdigest()
