@@ -54,6 +54,14 @@ class Runner:
         self.fresh_cache = fresh_cache
         self.device = device
         self.temp = self.mergefile.parent / f".{self.mergefile.stem}.{tag}-{os.getpid()}.toml"
+        self._remove_stale(tag)
+
+    def _remove_stale(self, tag: str) -> None:
+        """Hidden Mergefiles (and their locks) left by a killed run, whose process is gone."""
+        for path in self.mergefile.parent.glob(f".{self.mergefile.stem}.{tag}-*.*"):
+            pid = path.name.rsplit("-", 1)[-1].split(".")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)
 
     def evaluate(self, text: str, target: str, output: Path) -> Evaluation:
         started = time.perf_counter()
@@ -98,6 +106,16 @@ class Runner:
             lock_path(self.temp).unlink(missing_ok=True)
             if self.fresh_cache:
                 shutil.rmtree(cache, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def content_digest(plan, target: str) -> str | None:
