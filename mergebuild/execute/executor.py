@@ -82,7 +82,7 @@ class Executor:
         results = {}
         with ThreadPoolExecutor(2, thread_name_prefix="read") as self.readers, \
                 ThreadPoolExecutor(2, thread_name_prefix="write") as self.writers, \
-                ThreadPoolExecutor(1, thread_name_prefix="sha256") as self.hashers:
+                ThreadPoolExecutor(2, thread_name_prefix="sha256") as self.hashers:
             self._start_source_hashes()
             try:
                 for name in self.plan.order:
@@ -179,12 +179,17 @@ class Executor:
             return 1
         if fetched is None:
             ref = self.plan.ref(*task.inputs[0])
-            future = self.writers.submit(copy_range, ref.file, ref.begin, task.nbytes, *writer.target_of(task.name))
+            future = self.writers.submit(self._copy_into, writer, task, ref)
         else:
             future = self.writers.submit(writer.write, task.name, fetched)
         writes.append((task.nbytes, future))
         self.progress.advance(self._merge_name, 1, task.nbytes)
         return 0
+
+    @staticmethod
+    def _copy_into(writer, task: TensorTask, ref) -> None:
+        copy_range(ref.file, ref.begin, task.nbytes, *writer.target_of(task.name))
+        writer.mark_done(task.name)
 
     @staticmethod
     def _drain(writes: deque, limit: int) -> None:

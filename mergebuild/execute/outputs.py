@@ -37,6 +37,9 @@ class PackedOutput:
             self.locations.append((digest, self.writer.position(name)))
         return True
 
+    def mark_done(self, name: str) -> None:
+        self.writer.mark_done(name)
+
     def data_sha256(self):
         return self.writer.data_sha256()
 

@@ -11,8 +11,10 @@ half-written output under the target's name.
 from __future__ import annotations
 
 import json
+import hashlib
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,14 @@ class SafetensorsWriter:
             self.slots[name] = Slot(dtype, tuple(shape), offset, size)
             offset += size
         self.data_size = offset
+        # the sha256 of the data follows the writes: each completed prefix of tensors is hashed
+        # (from the page cache) while later tensors are still being computed
+        self._order = list(self.slots)
+        self._index = {name: i for i, name in enumerate(self._order)}
+        self._done = bytearray(len(self._order))
+        self._hashed = 0
+        self._hasher = hashlib.sha256()
+        self._hash_lock = threading.Lock()
         draft = len(self._header_bytes(draft_metadata))
         self.header_size = (draft + HEADER_SLACK + 7) // 8 * 8
         self.temp = self.path.parent / f".{self.path.name}{TEMP_MARK}{os.getpid()}"
@@ -54,9 +64,35 @@ class SafetensorsWriter:
         if at + len(view) > slot.nbytes:
             raise ValueError(f"{name}: {at + len(view)} bytes do not fit {slot.nbytes}")
         position = 8 + self.header_size + slot.offset + at
+        complete = at == 0 and len(view) == slot.nbytes
         while view:
             written = os.pwrite(self._fd, view, position)
             view, position = view[written:], position + written
+        if complete:
+            self.mark_done(name)
+
+    def mark_done(self, name: str) -> None:
+        """Tensor `name` is fully written (pwrite or copy_file_range): hash what is now contiguous."""
+        self._done[self._index[name]] = 1
+        self._advance_hash(wait=False)
+
+    def _advance_hash(self, wait: bool) -> None:
+        if not self._hash_lock.acquire(blocking=wait):
+            return  # another thread is hashing; the final data_sha256() catches up
+        try:
+            while self._hashed < len(self._order) and (self._done[self._hashed] or wait):
+                slot = self.slots[self._order[self._hashed]]
+                self._hash_range(self._hasher, 8 + self.header_size + slot.offset, slot.nbytes)
+                self._hashed += 1
+        finally:
+            self._hash_lock.release()
+
+    def _hash_range(self, hasher, position: int, size: int) -> None:
+        end = position + size
+        while position < end:
+            chunk = os.pread(self._fd, min(16 << 20, end - position), position)
+            hasher.update(chunk)
+            position += len(chunk)
 
     def position(self, name: str) -> int:
         """The absolute offset of tensor `name` in the file (for copy_file_range)."""
@@ -67,17 +103,13 @@ class SafetensorsWriter:
         return self._fd, self.position(name)
 
     def data_sha256(self, hasher=None):
-        """sha256 of the tensor data written so far (ModelSpec's hash_sha256, kohya's addnet
-        hash): the bytes after the header, read back (from the page cache, as a rule)."""
-        import hashlib
-
-        h = hasher or hashlib.sha256()
-        position, end = 8 + self.header_size, 8 + self.header_size + self.data_size
-        while position < end:
-            chunk = os.pread(self._fd, min(16 << 20, end - position), position)
-            h.update(chunk)
-            position += len(chunk)
-        return h
+        """sha256 of the tensor data (ModelSpec's hash_sha256, kohya's addnet hash), once every
+        tensor is written. With `hasher`, the data is hashed into it from the start (shards)."""
+        if hasher is not None:
+            self._hash_range(hasher, 8 + self.header_size, self.data_size)
+            return hasher
+        self._advance_hash(wait=True)
+        return self._hasher.copy()
 
     def commit(self, metadata: dict[str, str]) -> None:
         header = self._header_bytes(metadata)
