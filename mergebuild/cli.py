@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _options(args) -> "BuildOptions":
+def _options(args):
     from mergebuild.build import BuildOptions
 
     return BuildOptions(

@@ -6,7 +6,6 @@ resolve as for the Mergefile itself; it and its lock are removed afterwards.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -16,9 +15,10 @@ from pathlib import Path
 
 from mergebuild.build import BuildOptions, build
 from mergebuild.errors import BuildError, MergefileError
+from mergebuild import lockfile
 from mergebuild.lockfile import lock_path
 from mergebuild.spec.mergefile import parse_mergefile
-from mergebuild.store.hashing import text_digest
+from mergebuild.tensors.writer import pid_alive
 from mergebuild.tune.scoring import Score, Scorer
 
 
@@ -60,7 +60,7 @@ class Runner:
         """Hidden Mergefiles (and their locks) left by a killed run, whose process is gone."""
         for path in self.mergefile.parent.glob(f".{self.mergefile.stem}.{tag}-*.*"):
             pid = path.name.rsplit("-", 1)[-1].split(".")[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 path.unlink(missing_ok=True)
 
     def evaluate(self, text: str, target: str, output: Path) -> Evaluation:
@@ -108,25 +108,10 @@ class Runner:
                 shutil.rmtree(cache, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def content_digest(plan, target: str) -> str | None:
-    """A digest of what the target's output holds: its tensors' names, dtypes, shapes and digests
-    (not its metadata, which names the parameters)."""
-    merge = plan.merges.get(target)
-    if merge is None:
+    """A digest of what the target's output holds: its tensors (not its metadata, which names
+    the parameters)."""
+    if target not in plan.merges:
         return None
-    rows = []
-    for task in merge.tasks.values():
-        if task.digest is None:
-            return None
-        rows.append((task.name, task.dtype, list(task.shape), task.digest))
-    return "tensors:" + text_digest(json.dumps(rows))
+    digest = lockfile.content_digest(plan, target)
+    return None if digest is None else "tensors:" + digest

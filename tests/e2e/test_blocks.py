@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from mergebuild.testing.fabricate import fabricate_family, layout_keys, llama_keys, make_base, make_finetune
+from mergebuild.testing.fabricate import fabricate_family, llama_keys, make_base, make_finetune
 from tests.conftest import build_json, load, mergefile, run_cli, write_model
 
 U = "model.diffusion_model."

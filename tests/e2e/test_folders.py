@@ -70,7 +70,7 @@ def test_llm_folders_in_and_out(tmp_path):
 
 def test_a_changed_shard_dirties_only_its_tensors(tmp_path):
     base = make_base(llama_keys(layers=2), seed=0, dtype=torch.float32)
-    a = hf_folder(tmp_path / "a", make_finetune(base, seed=1), shards=2)
+    hf_folder(tmp_path / "a", make_finetune(base, seed=1), shards=2)
     hf_folder(tmp_path / "b", make_finetune(base, seed=2), shards=1)
     mergefile(tmp_path / "mergefile.toml", """
         [models.a]

@@ -29,7 +29,7 @@ def generation(folder, parent: str, other: str, alpha: float, out: str):
 def test_three_generations_built_by_separate_mergefiles(project):
     mergefile(project / "mergefile.toml", chain())
     run_cli(cwd=project, check=True)
-    g2 = generation(project / "g2", "../out/final.safetensors", "../models/base.safetensors", 0.1, "g2.safetensors")
+    generation(project / "g2", "../out/final.safetensors", "../models/base.safetensors", 0.1, "g2.safetensors")
     g3 = generation(project / "g3", "../g2/g2.safetensors", "../models/anime.safetensors", 0.2, "g3.safetensors")
     tree = json.loads(run_cli("lineage", g3, "--json", cwd=project, check=True).stdout)
     step3 = tree["made_by"]
