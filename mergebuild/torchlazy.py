@@ -8,6 +8,7 @@ A small proxy rather than importlib's LazyLoader, which is not thread-safe befor
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 
 
@@ -20,6 +21,10 @@ class _LazyModule:
     def _load(self):
         with self._lock:
             if self._module is None:
+                # OpenMP's worker threads spin between the many small tensor ops of a merge,
+                # burning the cores the reader, writer and hasher threads need (measured: user
+                # time doubled on 2 cores). Passive waiting must be set before torch loads OpenMP.
+                os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
                 self._module = importlib.import_module(self._name)
         return self._module
 

@@ -30,13 +30,16 @@ def make_transfer(name: str, compute_dtype: str):
 
 
 class CpuTransfer:
+    chunks = True  # elementwise methods may run on chunks (see Executor._compute_chunked)
+
     def __init__(self, device, compute_dtype: str):
         self.device = device
         self.compute_dtype = torch_dtype(compute_dtype)
 
-    def upload(self, buffers, refs):
-        """In a reader thread: input tensors in the compute dtype, on the device."""
-        return [from_bytes(b, r.dtype, r.shape).to(self.compute_dtype) for b, r in zip(buffers, refs)]
+    def upload(self, buffers, refs, convert: bool = True):
+        """In a reader thread: input tensors in the compute dtype (or as stored), on the device."""
+        tensors = [from_bytes(b, r.dtype, r.shape) for b, r in zip(buffers, refs)]
+        return [t.to(self.compute_dtype) for t in tensors] if convert else tensors
 
     def ready(self, uploaded):
         """On the main thread: the tensors, once they can be used."""
@@ -52,11 +55,13 @@ class CpuTransfer:
 
 
 class CudaTransfer(CpuTransfer):
+    chunks = False
+
     def __init__(self, device, compute_dtype: str):
         super().__init__(device, compute_dtype)
         self.copy_stream = torch.cuda.Stream(device)
 
-    def upload(self, buffers, refs):
+    def upload(self, buffers, refs, convert: bool = True):
         tensors = []
         with torch.cuda.stream(self.copy_stream):
             for b, r in zip(buffers, refs):

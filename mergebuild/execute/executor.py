@@ -10,6 +10,7 @@ WRITE_BEHIND bytes of results), not by the model size.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -30,7 +31,7 @@ from mergebuild.tensors.writer import remove_stale_temps
 
 READ_AHEAD = 256 << 20
 WRITE_BEHIND = 192 << 20
-RECORD_EVERY = 256
+CHUNK = 1 << 22  # elements per chunk of an elementwise method (16 MB in float32)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Executor:
         self.plan, self.cache, self.build_id, self.force = plan, cache, build_id, force
         self.device_name = device
         self._transfer = None
+        self._scratch_buffers: list = []  # float32 chunks reused by _compute_chunked (main thread)
         self.progress = progress or NullProgress()
         self._records: list[tuple] = []
         self._lock = threading.Lock()
@@ -224,7 +226,12 @@ class Executor:
         return node, task
 
     def _upload(self, task: TensorTask, buffers: list[bytearray]):
-        return self.transfer.upload(buffers, [self.plan.ref(n, t) for n, t in task.inputs])
+        refs = [self.plan.ref(n, t) for n, t in task.inputs]
+        return self.transfer.upload(buffers, refs, convert=not self._chunked(task))
+
+    def _chunked(self, task: TensorTask) -> bool:
+        return (task.method.elementwise and self.transfer.chunks and task.channels is None and not task.clip
+                and bool(task.inputs))
 
     def _compute(self, task: TensorTask, uploaded):
         """On the main thread: run the method; returns the transfer's handle on the result."""
@@ -232,6 +239,8 @@ class Executor:
 
         xs = self.transfer.ready(uploaded)
         kwargs = dict(task.params)
+        if self._chunked(task):
+            return self._compute_chunked(task, xs, kwargs)
         if task.method.takes_key:
             kwargs["key"] = task.name
         try:
@@ -248,6 +257,38 @@ class Executor:
             raise BuildError(f"[merges.{self._merge_name}] {task.method.name} failed on {task.name!r}: {e}") from e
         self._check_finite(task, xs, result)
         return self.transfer.download(result, task.dtype)
+
+    def _compute_chunked(self, task: TensorTask, xs, kwargs):
+        """An elementwise method over chunks of CHUNK elements: inputs stay in their stored dtype,
+        each chunk is converted into reused float32 scratch, computed, and cast into the result.
+        No whole-tensor float32 copies: less memory, fewer page faults, cache-friendly."""
+        from mergebuild.torchlazy import torch, torch_dtype
+
+        out = torch.empty(task.shape, dtype=torch_dtype(task.dtype))
+        flat_out, flat_in = out.reshape(-1), [x.reshape(-1) for x in xs]
+        scratch = self._scratch(len(xs))
+        total = 0.0
+        try:
+            for i in range(0, flat_out.numel(), CHUNK):
+                j = min(i + CHUNK, flat_out.numel())
+                parts = [s[: j - i].copy_(x[i:j]) for s, x in zip(scratch, flat_in)]
+                r = task.method.fn(*parts, **kwargs)
+                total += float(r.sum())
+                flat_out[i:j].copy_(r)
+        except Exception as e:
+            raise BuildError(f"[merges.{self._merge_name}] {task.method.name} failed on {task.name!r}: {e}") from e
+        if not math.isfinite(total):
+            full = [x.to(self.transfer.compute_dtype) for x in xs]
+            self._check_finite(task, full, task.method.fn(*full, **kwargs))
+        return out
+
+    def _scratch(self, n: int) -> list:
+        from mergebuild.torchlazy import torch
+
+        if len(self._scratch_buffers) < n:
+            self._scratch_buffers += [torch.empty(CHUNK, dtype=self.transfer.compute_dtype)
+                                      for _ in range(n - len(self._scratch_buffers))]
+        return self._scratch_buffers[:n]
 
     def _check_finite(self, task: TensorTask, xs, result) -> None:
         """NaN and Inf spread through merges; stop at the first one, naming where it came from.

@@ -26,7 +26,7 @@ def copy(a):
 ALPHA = Param("alpha", float, doc="B's share (weighted_sum) or the difference's multiplier (add_difference)")
 
 METHODS = [
-    Method("weighted_sum", 1, weighted_sum, ("A", "B"), (ALPHA,), weighted_sum.__doc__),
-    Method("add_difference", 1, add_difference, ("A", "B", "C"), (ALPHA,), add_difference.__doc__),
-    Method("copy", 1, copy, ("A",), (), copy.__doc__, merges_tensors=False),
+    Method("weighted_sum", 1, weighted_sum, ("A", "B"), (ALPHA,), weighted_sum.__doc__, elementwise=True),
+    Method("add_difference", 1, add_difference, ("A", "B", "C"), (ALPHA,), add_difference.__doc__, elementwise=True),
+    Method("copy", 1, copy, ("A",), (), copy.__doc__, merges_tensors=False, elementwise=True),
 ]

@@ -19,6 +19,9 @@ NORM_EPS = 1e-8  # a tensor whose norm is at most this counts as zero
 # --- linear mixes and slice swaps (supermerger modes, meh) --------------------------------
 
 
+# methods whose output element i depends on element i of the inputs only
+ELEMENTWISE = {"sum_twice", "triple_sum"}
+
 def sum_twice(a, b, c, *, alpha: float, beta: float):
     """lerp(lerp(A, B, alpha), C, beta): B mixed into A, then C into that (supermerger "Sum Twice")."""
     return torch.lerp(torch.lerp(a, b, alpha), c, beta)
@@ -186,7 +189,7 @@ BETA = Param("beta", float, doc="the second ratio: C's share, or the slice offse
 
 
 def _method(fn, inputs, *params, version=1):
-    return Method(fn.__name__, version, fn, inputs, params, fn.__doc__)
+    return Method(fn.__name__, version, fn, inputs, params, fn.__doc__, elementwise=fn.__name__ in ELEMENTWISE)
 
 
 METHODS = [
