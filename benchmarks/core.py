@@ -2,6 +2,7 @@
 
     python benchmarks/core.py               # full size (three ~2.1 GB fp16 checkpoints, several minutes)
     python benchmarks/core.py --shrink 16   # small, to check the script works
+    python benchmarks/core.py --repeat 1    # one round only (default 3 rounds, medians reported)
 
 Steps (each one a subprocess, timed by wall clock; peak RSS from os.wait4's rusage of that child):
   (a) I/O floor: read both inputs fully, write one output of the same size, fsync
@@ -13,6 +14,8 @@ Steps (each one a subprocess, timed by wall clock; peak RSS from os.wait4's rusa
 The parent process stays small (stdlib only) on purpose: a child's ru_maxrss can inherit the
 parent's high-water mark across fork/exec. The page cache is warm: inputs are read once before the
 first step (caches cannot be dropped here); `sync` runs, untimed, before every step.
+The host's CPU speed varies a lot on shared VMs, so all steps run in R interleaved rounds and the
+table gives the median (targets are judged on it), min and max of each; peak RSS is the max.
 Figures go to benchmarks/results/core-<date>.json. Misses are reported, never fatal.
 """
 
@@ -20,13 +23,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
+import io
 import json
 import os
 import platform
 import selectors
 import shutil
+import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -138,7 +145,7 @@ def run(argv: list[str], label: str, env: dict | None = None) -> dict:
         sys.stderr.write(stderr)
         raise SystemExit(f"step {label} failed (exit {proc.returncode}): {' '.join(argv)}")
     return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024, "stdout": stdout,
-            "user_s": usage.ru_utime, "sys_s": usage.ru_stime}
+            "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "minor_faults": usage.ru_minflt}
 
 
 def child(step: str, *args: str) -> list[str]:
@@ -207,8 +214,94 @@ def warm(paths) -> None:
                 pass
 
 
+def git(*args: str) -> str:
+    """Read-only git calls (rev-parse, status, archive): nothing in the repository changes."""
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def code_digest(package: Path) -> str:
+    """sha256 over the package's .py files: tells whether the code changed during the run."""
+    h = hashlib.sha256()
+    for f in sorted(package.rglob("*.py")):
+        h.update(str(f.relative_to(package)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def pinned_code(rev: str, data: Path) -> Path:
+    """The package as committed at `rev`, extracted once (git archive) into the data folder."""
+    sha = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    if not sha:
+        raise SystemExit(f"--rev {rev}: not a commit here")
+    target = data / f"code-{sha[:12]}"
+    if not (target / "mergebuild" / "__init__.py").exists():
+        archive = subprocess.run(["git", "archive", "--format=tar", sha, "mergebuild"], cwd=ROOT,
+                                 capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(target, filter="data")
+    return target
+
+
 def mb(n: float) -> str:
     return f"{n / MB:,.0f} MB"
+
+
+ROWS = [("(a) I/O floor", "a"), ("(b) plain torch", "b"), ("(c) mergebuild cold", "c"),
+        ("(d) no-op rebuild", "d"), ("(e) chain cold", "e_cold"), ("(e) chain alpha rebuild", "e_rebuild")]
+LABELS = {
+    "a": "I/O floor: read A+B, write one output, fsync",
+    "b": "plain torch: load_file x2, lerp fp32, fp16, save_file, fsync",
+    "c": "mergebuild cold: weighted_sum(A,B) -> fp16",
+    "d": "mergebuild no-op rebuild of (c)",
+    "e_cold": "mergebuild 3-step chain, cold",
+    "e_rebuild": "chain rebuilt after the last step's alpha changed",
+}
+
+
+def one_round(n: int, work: Path, a: Path, b: Path, c: Path, keep: bool, check: bool,
+              env: dict | None = None) -> tuple[dict, dict | None]:
+    """Every step once; {key: measurement}, and the (b) vs (c) check when asked for."""
+    got: dict[str, dict] = {}
+    cmp = None
+
+    def record(key: str, r: dict) -> None:
+        got[key] = {k: r[k] for k in ("seconds", "peak_rss_bytes", "user_s", "sys_s", "minor_faults")}
+        if r["stdout"].startswith("{"):
+            got[key]["report"] = json.loads(r["stdout"])
+        print(f"  round {n} {key:<9} {r['seconds']:8.2f} s  peak RSS {mb(r['peak_rss_bytes']):>9}  "
+              f"(user {r['user_s']:5.1f} s, sys {r['sys_s']:5.1f} s)", flush=True)
+
+    # (a) I/O floor
+    out_a = work / "io-floor.bin"
+    record("a", run(child("io_floor", str(a), str(b), str(out_a)), "a", env))
+    fresh(out_a)
+    # (b) plain torch
+    out_b = work / "torch.safetensors"
+    record("b", run(child("torch", str(a), str(b), str(out_b), "0.5"), "b", env))
+    # (c) mergebuild cold, one step
+    mf_one, out_c, cache_c = work / "one.toml", work / "out" / "one.safetensors", work / "cache-one"
+    fresh(cache_c), fresh(out_c)
+    mergefile_one(mf_one, a, b, out_c)
+    record("c", run(mergebuild(mf_one, cache_c), "c", env))
+    if check:  # same numbers as the plain torch script (not timed)
+        cmp = json.loads(run(child("compare", str(out_b), str(out_c)), "compare", env)["stdout"])
+    fresh(out_b)
+    # (d) no-op rebuild
+    record("d", run(mergebuild(mf_one, cache_c), "d", env))
+    if not keep:
+        fresh(cache_c), fresh(out_c)
+    # (e) chain: cold, then the last alpha changed
+    mf_chain, out_e, cache_e = work / "chain.toml", work / "out" / "chain.safetensors", work / "cache-chain"
+    fresh(cache_e), fresh(out_e)
+    mergefile_chain(mf_chain, a, b, c, out_e, 0.25)
+    record("e_cold", run(mergebuild(mf_chain, cache_e), "e_cold", env))
+    mergefile_chain(mf_chain, a, b, c, out_e, 0.3)
+    record("e_rebuild", run(mergebuild(mf_chain, cache_e), "e_rebuild", env))
+    if not keep:
+        fresh(cache_e), fresh(out_e)
+    return got, cmp
 
 
 def main() -> None:
@@ -217,9 +310,12 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shrink", type=int, default=1, help="divide large dims by this (1 = full size)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds of all steps, interleaved; medians are reported")
     p.add_argument("--data", type=Path, default=HERE / "data")
     p.add_argument("--results", type=Path, default=HERE / "results")
-    p.add_argument("--keep", action="store_true", help="keep outputs and caches in the data folder")
+    p.add_argument("--keep", action="store_true", help="keep the last round's outputs and caches")
+    p.add_argument("--rev", help="benchmark mergebuild as committed at this git revision (default: the "
+                   "working tree); extracted with git archive, put first on PYTHONPATH")
     args = p.parse_args()
 
     data = args.data.resolve()
@@ -238,73 +334,59 @@ def main() -> None:
     print(f"inputs: 3 x {mb(size)} ({a.parent})", flush=True)
     warm(names)
 
-    steps: dict[str, dict] = {}
-
-    def record(key: str, label: str, r: dict, **extra) -> dict:
-        steps[key] = {"label": label, "seconds": r["seconds"], "peak_rss_bytes": r["peak_rss_bytes"],
-                      "user_s": r["user_s"], "sys_s": r["sys_s"], **extra}
-        print(f"  {key}: {r['seconds']:8.2f} s  peak RSS {mb(r['peak_rss_bytes']):>9}  "
-              f"(user {r['user_s']:.1f} s, sys {r['sys_s']:.1f} s)  {label}", flush=True)
-        return steps[key]
-
-    # (a) I/O floor ------------------------------------------------------------------------------
-    out_a = work / "io-floor.bin"
-    record("a", "I/O floor: read A+B, write one output, fsync", run(child("io_floor", str(a), str(b), str(out_a)), "a"))
-    fresh(out_a)
-
-    # (b) plain torch ----------------------------------------------------------------------------
-    out_b = work / "torch.safetensors"
-    record("b", "plain torch: load_file x2, lerp fp32, fp16, save_file, fsync",
-           run(child("torch", str(a), str(b), str(out_b), "0.5"), "b"))
-
-    # (c) mergebuild cold ------------------------------------------------------------------------
-    mf_one = work / "one.toml"
-    out_c = work / "out" / "one.safetensors"
-    cache_c = work / "cache-one"
-    mergefile_one(mf_one, a, b, out_c)
-    r = run(mergebuild(mf_one, cache_c), "c")
-    record("c", "mergebuild cold: weighted_sum(A,B) -> fp16", r, report=json.loads(r["stdout"]))
-
-    # sanity: same numbers as the plain torch script (not timed)
-    cmp = json.loads(run(child("compare", str(out_b), str(out_c)), "compare")["stdout"])
-    fresh(out_b)
-
-    # (d) no-op rebuild --------------------------------------------------------------------------
-    r = run(mergebuild(mf_one, cache_c), "d")
-    record("d", "mergebuild no-op rebuild of (c)", r, report=json.loads(r["stdout"]))
-    if not args.keep:
-        fresh(cache_c), fresh(out_c)
-
-    # (e) chain ----------------------------------------------------------------------------------
-    mf_chain = work / "chain.toml"
-    out_e = work / "out" / "chain.safetensors"
-    cache_e = work / "cache-chain"
-    mergefile_chain(mf_chain, a, b, c, out_e, 0.25)
-    r = run(mergebuild(mf_chain, cache_e), "e_cold")
-    record("e_cold", "mergebuild 3-step chain, cold", r, report=json.loads(r["stdout"]))
-    mergefile_chain(mf_chain, a, b, c, out_e, 0.3)
-    r = run(mergebuild(mf_chain, cache_e), "e_rebuild")
-    record("e_rebuild", "chain rebuilt after the last step's alpha changed", r, report=json.loads(r["stdout"]))
+    # 2. rounds ----------------------------------------------------------------------------------
+    if args.rev:
+        package_root = pinned_code(args.rev, data)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(package_root), os.environ.get("PYTHONPATH")]))}
+        code = {"source": f"git archive {args.rev}", "commit": git("rev-parse", args.rev), "path": str(package_root)}
+    else:
+        package_root, env = ROOT, None
+        code = {"source": "working tree", "commit": git("rev-parse", "HEAD"),
+                "mergebuild_dirty": bool(git("status", "--porcelain", "mergebuild"))}
+    code["digest_before"] = code_digest(package_root / "mergebuild")
+    code["imported_from"] = subprocess.run([PY, "-c", "import mergebuild; print(mergebuild.__file__)"], env=env,
+                                           cwd=HERE, capture_output=True, text=True).stdout.strip()
+    print(f"mergebuild imported from {code['imported_from']}", flush=True)
+    runs: dict[str, list[dict]] = {key: [] for _, key in ROWS}
+    cmp = None
+    for n in range(1, args.repeat + 1):
+        keep = args.keep and n == args.repeat
+        got, check = one_round(n, work, a, b, c, keep, check=n == 1, env=env)
+        cmp = check or cmp
+        for key, m in got.items():
+            runs[key].append(m)
     if not args.keep:
         fresh(work)
+    code["digest_after"] = code_digest(package_root / "mergebuild")
+
+    steps = {}
+    for _, key in ROWS:
+        secs = [m["seconds"] for m in runs[key]]
+        steps[key] = {"label": LABELS[key], "median_s": statistics.median(secs), "min_s": min(secs),
+                      "max_s": max(secs), "peak_rss_bytes": max(m["peak_rss_bytes"] for m in runs[key]),
+                      "runs": runs[key]}
 
     # 3. table and targets -----------------------------------------------------------------------
-    floor = steps["a"]["seconds"]
-    rows = [("(a) I/O floor", "a"), ("(b) plain torch", "b"), ("(c) mergebuild cold", "c"),
-            ("(d) no-op rebuild", "d"), ("(e) chain cold", "e_cold"), ("(e) chain alpha rebuild", "e_rebuild")]
-    lines = []
-    lines.append(f"mergebuild core benchmark, shrink {args.shrink}: inputs 3 x {mb(size)} fp16, "
-                 f"{platform.node()}, {os.cpu_count()} CPUs")
-    lines.append("NOTE: page cache WARM (inputs read before the first step; caches cannot be dropped here); "
-                 "sync before each step")
-    lines.append("")
-    lines.append(f"{'step':<26} {'seconds':>9} {'x (a)':>7} {'peak RSS':>11}")
-    for label, key in rows:
+    floor = steps["a"]["median_s"]
+    lines = [
+        f"mergebuild core benchmark, shrink {args.shrink}: inputs 3 x {mb(size)} fp16, "
+        f"{os.cpu_count()} CPUs, median of {args.repeat} interleaved rounds",
+        f"code: {code['source']} at {code['commit'][:10]}"
+        f"{' + uncommitted changes in mergebuild/' if code.get('mergebuild_dirty') else ''}, digest {code['digest_before']}"
+        + ("" if code["digest_before"] == code["digest_after"] else
+           f"  WARNING: mergebuild/ changed during the run (now {code['digest_after']})"),
+        "NOTE: page cache WARM (inputs read before the first step; caches cannot be dropped here); "
+        "sync before each step, untimed",
+        "",
+        f"{'step':<26} {'median s':>9} {'min s':>8} {'max s':>8} {'x (a)':>7} {'peak RSS':>10}",
+    ]
+    for label, key in ROWS:
         s = steps[key]
-        lines.append(f"{label:<26} {s['seconds']:>9.2f} {s['seconds'] / floor:>7.2f} {mb(s['peak_rss_bytes']):>11}")
+        lines.append(f"{label:<26} {s['median_s']:>9.2f} {s['min_s']:>8.2f} {s['max_s']:>8.2f} "
+                     f"{s['median_s'] / floor:>7.2f} {mb(s['peak_rss_bytes']):>10}")
     lines.append("")
-    c_s, b_s, d_s = steps["c"]["seconds"], steps["b"]["seconds"], steps["d"]["seconds"]
-    e_ratio = steps["e_rebuild"]["seconds"] / steps["e_cold"]["seconds"]
+    c_s, b_s, d_s = steps["c"]["median_s"], steps["b"]["median_s"], steps["d"]["median_s"]
+    e_ratio = steps["e_rebuild"]["median_s"] / steps["e_cold"]["median_s"]
     c_rss = steps["c"]["peak_rss_bytes"]
     targets = [
         ("(c) <= 2x (a)", f"{c_s / floor:.2f}x", c_s <= 2 * floor),
@@ -316,7 +398,8 @@ def main() -> None:
     for name, value, ok in targets:
         lines.append(f"{'PASS' if ok else 'MISS'}  {name:<32} {value}")
     lines.append("")
-    lines.append(f"check: (b) and (c) outputs: {cmp['differ']} of {cmp['tensors']} tensors differ")
+    if cmp is not None:
+        lines.append(f"check: (b) and (c) outputs: {cmp['differ']} of {cmp['tensors']} tensors differ")
     print("\n" + "\n".join(lines))
 
     args.results.mkdir(parents=True, exist_ok=True)
@@ -325,12 +408,13 @@ def main() -> None:
     doc = {
         "date": now.isoformat(timespec="seconds"),
         "shrink": args.shrink,
+        "repeat": args.repeat,
         "input_bytes": size,
-        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "code": code,
         "page_cache": "warm",
         "steps": steps,
-        "ratios_to_io_floor": {k: v["seconds"] / floor for k, v in steps.items()},
+        "ratios_to_io_floor": {k: v["median_s"] / floor for k, v in steps.items()},
         "targets": {name: {"value": value, "pass": ok} for name, value, ok in targets},
         "check_b_vs_c": cmp,
         "table": lines,
