@@ -187,6 +187,11 @@ def _cmd_graph(args) -> int:
     except InputError as e:  # a source is missing: still draw the DAG, without states
         report.err.print(f"note: no tensor states ({e})", markup=False)
         states = {}
+    if args.json:
+        nodes, edges = graphviz.to_nodes(mf, states)
+        report.print_json({"nodes": [{**n, "state": states.get(n["name"], n["state"])} for n in nodes],
+                           "edges": [list(e) for e in edges]})
+        return 0
     if args.format in ("png", "svg"):
         path = args.output or Path(f"graph.{args.format}")
         from mergebuild import plotting

@@ -137,3 +137,11 @@ def test_graph_png(project):
 
     image = imread(project / "g.png")
     assert image.shape[0] > 100 and image.shape[1] > 200
+
+
+def test_graph_json(project):
+    mergefile(project / "mergefile.toml", chain())
+    doc = json.loads(run_cli("graph", "--json", cwd=project, check=True).stdout)
+    assert ["mix1", "mix2"] in doc["edges"] and ["real", "final"] in doc["edges"]
+    states = {n["name"]: n["state"] for n in doc["nodes"]}
+    assert states["real"] == "source" and "dirty" in states["mix1"] and states["final"].startswith("depends")
