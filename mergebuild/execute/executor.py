@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mergebuild.dtypes import itemsize
 from mergebuild.errors import BuildError, InputError
-from mergebuild.execute.tensorio import copy_range, read_ref
+from mergebuild.execute.tensorio import SourceMaps, copy_range, read_ref
 from mergebuild.plan.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import file_sha256, legacy_hash, tensor_data_sha256, tensor_digest
@@ -68,6 +68,7 @@ class Executor:
         self.plan, self.cache, self.build_id, self.force = plan, cache, build_id, force
         self.device_name = device
         self._transfer = None
+        self.maps = SourceMaps()
         self._scratch_buffers: list = []  # float32 chunks reused by _compute_chunked (main thread)
         self.progress = progress or NullProgress()
         self._records: list[tuple] = []
@@ -94,6 +95,7 @@ class Executor:
                 self._flush_records()
             self._save_source_hashes()
             self.output_sha256 = {n: f.result() for n, f in self.output_sha256.items()}
+        self.maps.close()
         return results
 
     @property
@@ -206,7 +208,7 @@ class Executor:
     def _load(self, node: str, tensor: str) -> bytearray:
         """The bytes of a node's tensor; a missing or bad blob is recomputed, never used."""
         ref = self.plan.ref(node, tensor)
-        data = read_ref(ref, self.cache)
+        data = read_ref(ref, self.cache, self.maps)
         if data is not None:
             return data
         merge_name, task = self._producer(node, tensor)
@@ -214,7 +216,7 @@ class Executor:
         self._store(task, self._compute(task, inputs), None)
         with self._lock:
             self._healed += 1
-        return read_ref(self.plan.ref(node, tensor), self.cache)
+        return read_ref(self.plan.ref(node, tensor), self.cache, self.maps)
 
     def _producer(self, node: str, tensor: str) -> tuple[str, TensorTask]:
         if node in self.plan.sources:

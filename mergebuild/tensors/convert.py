@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+
 from mergebuild.torchlazy import dtype_code, torch, torch_dtype
 
 
 def from_bytes(data, dtype: str, shape: tuple[int, ...]):
-    """A tensor viewing `data` (a writable buffer: bytearray or similar)."""
+    """A tensor viewing `data` (a bytearray, or a read-only view of a mapped file: the tensor
+    is then only read, never written; methods are pure)."""
     if len(data) == 0:
         return torch.empty(shape, dtype=torch_dtype(dtype))
-    return torch.frombuffer(data, dtype=torch_dtype(dtype)).reshape(shape)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(data, dtype=torch_dtype(dtype)).reshape(shape)
 
 
 def to_bytes(tensor) -> memoryview:
