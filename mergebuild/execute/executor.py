@@ -69,7 +69,7 @@ class Executor:
         self.device_name = device
         self._transfer = None
         self.maps = SourceMaps()
-        self._scratch_buffers: list = []  # float32 chunks reused by _compute_chunked (main thread)
+        self._scratch_local = threading.local()  # float32 chunks reused by _compute_chunked
         self.progress = progress or NullProgress()
         self._records: list[tuple] = []
         self._lock = threading.Lock()
@@ -285,12 +285,13 @@ class Executor:
         return out
 
     def _scratch(self, n: int) -> list:
+        """This thread's float32 chunks (a reader thread computes too, when it heals a bad blob)."""
         from mergebuild.torchlazy import torch
 
-        if len(self._scratch_buffers) < n:
-            self._scratch_buffers += [torch.empty(CHUNK, dtype=self.transfer.compute_dtype)
-                                      for _ in range(n - len(self._scratch_buffers))]
-        return self._scratch_buffers[:n]
+        buffers = self._scratch_local.__dict__.setdefault("buffers", [])
+        if len(buffers) < n:
+            buffers += [torch.empty(CHUNK, dtype=self.transfer.compute_dtype) for _ in range(n - len(buffers))]
+        return buffers[:n]
 
     def _check_finite(self, task: TensorTask, xs, result) -> None:
         """NaN and Inf spread through merges; stop at the first one, naming where it came from.

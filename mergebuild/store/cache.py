@@ -26,7 +26,8 @@ class Cache:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(self.root)
-        self.index = Index(self.root / "index.sqlite")
+        with _flocked(self.root / "init.lock"):  # switching a new database to WAL is not busy-safe
+            self.index = Index(self.root / "index.sqlite")
         self.packs = self.root / "packs"
         self._locations: dict[str, tuple[str, int]] | None = None
         self._lock = threading.Lock()
@@ -81,16 +82,9 @@ class Cache:
             if self._locations is not None:
                 self._locations.update({d: (pack.name, offset) for d, offset in rows})
 
-    @contextmanager
     def exclusive(self):
         """Held for a whole build or gc: a second process waits, then finds the work done."""
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        return _flocked(self.root / "lock")
 
     def close(self) -> None:
         self.index.close()
@@ -120,6 +114,17 @@ class Cache:
                 self.index.forget_locations(digests)
                 removed += 1
         return removed, freed
+
+
+@contextmanager
+def _flocked(path: Path):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _pread(path: Path, offset: int, size: int) -> bytearray | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -44,7 +45,7 @@ class Index:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=600, isolation_level=None, check_same_thread=False)
+        self.db = _Serialized(sqlite3.connect(self.path, timeout=600, isolation_level=None, check_same_thread=False))
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
@@ -183,13 +184,59 @@ class Index:
         self.db.execute("INSERT OR REPLACE INTO recipes VALUES(?,?,?)", (mergefile, merge, json.dumps(recipe)))
 
 
-class _Transaction:
+class _Rows(list):
+    """A statement's rows, read while the lock was held."""
+
+    lastrowid: int | None = None
+
+    def fetchone(self):
+        return self[0] if self else None
+
+
+class _Serialized:
+    """One SQLite connection shared by the build's threads (a reader thread that heals a bad
+    blob writes to the index too): every statement runs under one lock and its rows are read
+    before the lock is released; a transaction holds the lock throughout."""
+
     def __init__(self, db: sqlite3.Connection):
+        self._db = db
+        self.lock = threading.RLock()
+
+    def execute(self, sql: str, params=()) -> _Rows:
+        with self.lock:
+            cursor = self._db.execute(sql, params)
+            rows = _Rows(cursor.fetchall())
+            rows.lastrowid = cursor.lastrowid
+            return rows
+
+    def executemany(self, sql: str, rows) -> None:
+        with self.lock:
+            self._db.executemany(sql, rows)
+
+    def executescript(self, script: str) -> None:
+        with self.lock:
+            self._db.executescript(script)
+
+    def close(self) -> None:
+        with self.lock:
+            self._db.close()
+
+
+class _Transaction:
+    def __init__(self, db: _Serialized):
         self.db = db
 
     def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
+        self.db.lock.acquire()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.db.lock.release()
+            raise
         return self.db
 
     def __exit__(self, kind, value, tb):
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        try:
+            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        finally:
+            self.db.lock.release()
