@@ -40,7 +40,6 @@ class MergeResult:
     tensors: int
     computed: int
     seconds: float
-    bytes: int
     method_tensors: int
     output: Path | None = None
     written: bool = False
@@ -133,7 +132,7 @@ class Executor:
         self.cache.index.save_recipe(str(self.plan.mergefile.path), name, reason_recipe(self.plan, name))
         return MergeResult(
             name, len(merge.tasks), computed + self._healed, time.perf_counter() - started,
-            sum(t.nbytes for t in merge.tasks.values()), merge.method_tasks, output, writer is not None,
+            merge.method_tasks, output, writer is not None,
             merge.arch.name if merge.arch else "",
         )
 
@@ -363,10 +362,11 @@ class Executor:
         from mergebuild.lineage import build_metadata
         from mergebuild.plan.planner import output_digest
 
-        hashes = {n: self._source_sha256(n) for n in self.plan.sources}
+        sources = self._sources_of(merge.spec.name)
+        hashes = {n: self._source_sha256(n) for n in sources}
         for name, future in self._addnet.items():
             self.plan.sources[name].addnet_hash = future.result()
-        legacy = {n: legacy_hash(s.hash_file) for n, s in self.plan.sources.items()}
+        legacy = {n: legacy_hash(self.plan.sources[n].hash_file) for n in sources}
         self._flush_records()
         data_hash = writer.data_sha256().hexdigest()
         writer.commit(build_metadata(self.plan, merge.spec.name, hashes, legacy, data_hash))
@@ -374,6 +374,13 @@ class Executor:
         marker = output_marker(merge.spec.output)
         self.cache.index.save_output(str(merge.spec.output), os.stat(marker), merge.output_digest)
         self.output_sha256[merge.spec.name] = self.hashers.submit(file_sha256, marker)
+
+    def _sources_of(self, node: str) -> set[str]:
+        """The sources a merge is made from: its lineage names only these (and waits only for
+        their hashes)."""
+        if node in self.plan.sources:
+            return {node}
+        return set().union(*(self._sources_of(i) for i in self.plan.merges[node].spec.inputs))
 
     def _start_source_hashes(self) -> None:
         for name, source in self.plan.sources.items():

@@ -61,8 +61,6 @@ class MergePlan:
     method: Method
     tasks: dict[str, TensorTask]
     output_digest: str | None = None  # what the output file must hold, when fully known
-    output_current: bool = False  # the output file already holds exactly that
-    reasons: list[str] = field(default_factory=list)
     arch: Architecture | None = None
     arch_how: str = ""
     warnings: list[str] = field(default_factory=list)

@@ -63,9 +63,6 @@ class BlobStore:
             return None
         return data
 
-    def verify(self, digest: str, dtype: str, shape, nbytes: int) -> bool:
-        return self.get(digest, dtype, shape, nbytes) is not None
-
     def all_digests(self):
         if not self.objects.exists():
             return
