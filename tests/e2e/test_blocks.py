@@ -195,17 +195,24 @@ def test_include_and_exclude(tmp_path, sd1_models):
             assert torch.equal(out[key], a[key].float() if a[key].is_floating_point() else a[key]), key
 
 
-def test_generic_llama_layer_gradient(tmp_path):
-    keys = llama_keys(layers=4)
-    base = make_base(keys, seed=0, dtype=torch.float32)
+def llama_project(tmp_path, alpha: str, layers: int = 2, nan_at: str | None = None) -> None:
+    """Two Llama-shaped models a and b (b a fine-tune of a) and WS with the given alpha."""
+    base = make_base(llama_keys(layers=layers), seed=0, dtype=torch.float32)
+    tuned = make_finetune(base, seed=1)
+    if nan_at is not None:
+        tuned[nan_at][0, 0] = float("nan")
     write_model(tmp_path / "a.safetensors", base)
-    write_model(tmp_path / "b.safetensors", make_finetune(base, seed=1))
+    write_model(tmp_path / "b.safetensors", tuned)
     mergefile(tmp_path / "mergefile.toml", """
         [models.a]
         path = "a.safetensors"
         [models.b]
         path = "b.safetensors"
-    """ + WS + "        alpha = { gradient = [0.0, 0.6], default = 1.0 }\n")
+    """ + WS + f"        alpha = {alpha}\n")
+
+
+def test_generic_llama_layer_gradient(tmp_path):
+    llama_project(tmp_path, "{ gradient = [0.0, 0.6], default = 1.0 }", layers=4)
     proc = run_cli("-v", cwd=tmp_path, check=True)
     assert "generic" in proc.stderr and "4 layers" in proc.stderr
     for key, share in share_of_b(tmp_path).items():
@@ -214,33 +221,13 @@ def test_generic_llama_layer_gradient(tmp_path):
 
 
 def test_generic_models_reject_block_tables(tmp_path):
-    keys = llama_keys(layers=2)
-    base = make_base(keys, seed=0, dtype=torch.float32)
-    write_model(tmp_path / "a.safetensors", base)
-    write_model(tmp_path / "b.safetensors", make_finetune(base, seed=1))
-    mergefile(tmp_path / "mergefile.toml", """
-        [models.a]
-        path = "a.safetensors"
-        [models.b]
-        path = "b.safetensors"
-    """ + WS + "        alpha = { default = 0.5, IN05 = 0.2 }\n")
+    llama_project(tmp_path, "{ default = 0.5, IN05 = 0.2 }")
     proc = run_cli(cwd=tmp_path)
     assert proc.returncode == 2 and "block IN05 does not exist in generic" in proc.stderr
 
 
 def test_nan_in_an_input_is_a_clear_error(tmp_path):
-    keys = llama_keys(layers=2)
-    base = make_base(keys, seed=0, dtype=torch.float32)
-    bad = make_finetune(base, seed=1)
-    bad["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
-    write_model(tmp_path / "a.safetensors", base)
-    write_model(tmp_path / "b.safetensors", bad)
-    mergefile(tmp_path / "mergefile.toml", """
-        [models.a]
-        path = "a.safetensors"
-        [models.b]
-        path = "b.safetensors"
-    """ + WS + "        alpha = 0.5\n")
+    llama_project(tmp_path, "0.5", nan_at="model.layers.1.mlp.up_proj.weight")
     proc = run_cli(cwd=tmp_path)
     assert proc.returncode == 2
     assert "[models.b]" in proc.stderr and "'model.layers.1.mlp.up_proj.weight' holds NaN or Inf" in proc.stderr
