@@ -20,7 +20,7 @@ NORM_EPS = 1e-8  # a tensor whose norm is at most this counts as zero
 
 
 # methods whose output element i depends on element i of the inputs only
-ELEMENTWISE = {"sum_twice", "triple_sum"}
+ELEMENTWISE = {"sum_twice", "triple_sum", "weighted_subtraction"}
 
 def sum_twice(a, b, c, *, alpha: float, beta: float):
     """lerp(lerp(A, B, alpha), C, beta): B mixed into A, then C into that (supermerger "Sum Twice")."""

@@ -104,8 +104,12 @@ def tail_average(*models, k: int = 0):
 WEIGHTS = Param("weights", list, (), "one weight per model; empty: 1.0 each")
 
 
+ELEMENTWISE = {"soup", "fisher", "ema", "tail_average"}  # geometric_median's distances span the tensor
+
+
 def _method(fn, inputs, *params):
-    return Method(fn.__name__, 1, fn, inputs, params, fn.__doc__, variadic=True)
+    return Method(fn.__name__, 1, fn, inputs, params, fn.__doc__, variadic=True,
+                  elementwise=fn.__name__ in ELEMENTWISE)
 
 
 METHODS = [

@@ -117,8 +117,13 @@ def distribution_crossover(a, b, c, *, alpha: float, beta: float):
     return out.reshape(a.shape)
 
 
+# elementwise, and bit-identical at any offset in a longer tensor (multiply_difference is not:
+# torch's vectorised pow and its scalar tail round differently)
+ELEMENTWISE = {"similarity_add_difference"}
+
+
 def _method(fn, inputs, *params):
-    return Method(fn.__name__, 1, fn, inputs, params, fn.__doc__)
+    return Method(fn.__name__, 1, fn, inputs, params, fn.__doc__, elementwise=fn.__name__ in ELEMENTWISE)
 
 
 ALPHA = Param("alpha", float, doc="B's share")

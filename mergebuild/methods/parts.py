@@ -63,12 +63,14 @@ METHODS = [
     Method("swap", 1, take_b, ("A", "B"), (
         Param("component", str, "", "a component of the detected architecture: text_encoder, unet, vae (SDXL: clip_l, clip_g)"),
         Param("match", str, "", "a regular expression: keys it finds are taken from B"),
-    ), "Take a component (text encoder, UNet, VAE) or the keys matching a pattern from B.", select=_swap_selects),
+    ), "Take a component (text encoder, UNet, VAE) or the keys matching a pattern from B.",
+       select=_swap_selects, elementwise=True),
     Method("attention_swap", 1, take_b, ("A", "B"), (
         Param("blocks", str, "", "MBW blocks, e.g. 'IN04-IN08 M00'; empty: all"),
         Param("parts", str, "attn1 attn2", "which layers: attn1 (self-attention), attn2 (cross-attention), ff"),
-    ), "Take attention (attn1 / attn2) or feed-forward (ff) layers of chosen blocks from B.", select=_attention_selects),
+    ), "Take attention (attn1 / attn2) or feed-forward (ff) layers of chosen blocks from B.",
+       select=_attention_selects, elementwise=True),
     Method("bake_vae", 1, take_b, ("A", "VAE"), (),
            "Replace A's VAE (first_stage_model.*) with a VAE file's; only keys A has are written.",
-           select=_vae_selects, input_names=_vae_names),
+           select=_vae_selects, input_names=_vae_names, elementwise=True),
 ]

@@ -71,8 +71,11 @@ class Method:
     doc: str = ""
     merges_tensors: bool = True  # False: every tensor is taken from the first input (copy)
     takes_key: bool = False  # fn gets key=<tensor name> (for per-tensor random streams)
-    elementwise: bool = False  # each output element depends only on the same element of the inputs:
-    # the CPU executor may then run it on small chunks (no whole-tensor float32 copies)
+    elementwise: bool = False  # each output element depends only on the same element of the inputs,
+    # bit for bit at any offset: the CPU executor may run it on chunks (no whole-tensor float32
+    # copies), and small tensors may share one call (execute/batching.py); tests/methods/
+    # test_elementwise.py holds every such method to it
+
     variadic: bool = False  # takes len(inputs) or more models (soups, TIES over many fine-tunes)
     # select(key, params, arch) -> bool: which keys the method changes (others pass through
     # from the first input); None: every mergeable key (swap and attention_swap select)
