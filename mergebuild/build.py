@@ -93,7 +93,7 @@ def build(opts: BuildOptions, progress=None, on_plan=None) -> tuple[Plan, dict[s
                 on_plan(plan, explain(plan, cache, opts.force))
             build_id = cache.index.start_build(str(mf.path))
             device = opts.device or mf.settings.device
-            executor = Executor(plan, cache, device, build_id, opts.force, progress)
+            executor = Executor(plan, cache, device, build_id, opts.force, progress, mf.settings.staging)
             results = executor.run()
             write_lock(plan, results, executor.output_sha256)
             return plan, results

@@ -4,8 +4,9 @@ CPU: reader threads turn bytes into compute-dtype tensors (the dtype conversion 
 compute on the main thread). CUDA: reader threads stage bytes in pinned host memory and copy
 them on a separate stream; the main thread waits on an event, computes on the default stream,
 and starts the copy back into pinned memory; writer threads wait for it before hashing. So
-reading, both transfers, compute and writing overlap. Importing this module does not import
-torch; calling it does.
+reading, both transfers, compute and writing overlap. A batch of small tensors (batching.py)
+travels as one staging buffer per input: one copy each way for the lot. Importing this module
+does not import torch; calling it does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from mergebuild.errors import UsageError
 from mergebuild.tensors.convert import from_bytes
 from mergebuild.torchlazy import torch, torch_dtype
+
+BIG_PIECE = 1 << 20  # bytes: larger pieces are staged by torch, smaller ones by a plain memory copy
 
 
 def resolve_device(name: str):
@@ -41,6 +44,30 @@ class CpuTransfer:
         tensors = [from_bytes(b, r.dtype, r.shape) for b, r in zip(buffers, refs)]
         return [t.to(self.compute_dtype) for t in tensors] if convert else tensors
 
+    def upload_batch(self, buffers, refs):
+        """In a reader thread: for each input position, the tensors of every task of a batch
+        end to end, as one flat tensor in the compute dtype. buffers[i][j] holds task i's input
+        j; refs the same shape; position j has one dtype in the whole batch."""
+        return [self._column([b[j] for b in buffers], refs[0][j].dtype) for j in range(len(refs[0]))]
+
+    def _column(self, pieces, dtype: str):
+        """The pieces' bytes gathered into one staging buffer, on the device, in the compute dtype."""
+        raw = self._staging(sum(len(p) for p in pieces))
+        view, offset = memoryview(raw.numpy()), 0
+        for piece in pieces:
+            if len(piece) > BIG_PIECE:  # torch copies without holding the GIL
+                raw[offset : offset + len(piece)].copy_(from_bytes(piece, "U8", (len(piece),)))
+            else:
+                view[offset : offset + len(piece)] = piece
+            offset += len(piece)
+        return self._to_device(raw).view(torch_dtype(dtype)).to(self.compute_dtype)
+
+    def _staging(self, size: int):
+        return torch.empty(size, dtype=torch.uint8)
+
+    def _to_device(self, raw):
+        return raw
+
     def ready(self, uploaded):
         """On the main thread: the tensors, once they can be used."""
         return uploaded
@@ -62,17 +89,27 @@ class CudaTransfer(CpuTransfer):
         self.copy_stream = torch.cuda.Stream(device)
 
     def upload(self, buffers, refs, convert: bool = True):
-        tensors = []
         with torch.cuda.stream(self.copy_stream):
-            for b, r in zip(buffers, refs):
-                pinned = torch.empty(len(b), dtype=torch.uint8, pin_memory=True)
-                if len(b):
-                    pinned.copy_(torch.frombuffer(b, dtype=torch.uint8))
-                raw = pinned.to(self.device, non_blocking=True)
-                tensors.append(raw.view(torch_dtype(r.dtype)).reshape(r.shape).to(self.compute_dtype))
-            event = torch.cuda.Event()
-            event.record(self.copy_stream)
-        return tensors, event
+            tensors = [self._column([b], r.dtype).reshape(r.shape) for b, r in zip(buffers, refs)]
+            return tensors, self._recorded(self.copy_stream)
+
+    def upload_batch(self, buffers, refs):
+        with torch.cuda.stream(self.copy_stream):
+            return super().upload_batch(buffers, refs), self._recorded(self.copy_stream)
+
+    def _staging(self, size: int):
+        # pinned, so the copy to the device is asynchronous; the caching host allocator keeps a
+        # block from reuse until the copies recorded on it are done
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+
+    def _to_device(self, raw):
+        return raw.to(self.device, non_blocking=True)
+
+    @staticmethod
+    def _recorded(stream):
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
 
     def ready(self, uploaded):
         tensors, event = uploaded
@@ -86,9 +123,7 @@ class CudaTransfer(CpuTransfer):
         out = result.to(torch_dtype(dtype))
         host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
         host.copy_(out, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
+        return host, self._recorded(torch.cuda.current_stream(self.device))
 
     def fetch(self, handle):
         host, event = handle

@@ -4,8 +4,9 @@ Per merge, tensors flow through three stages that overlap:
   reader threads  -> load the input tensors (file ranges, verified blobs), a bounded window ahead
   main thread     -> run the method on the device, in the compute dtype, cast to the result dtype
   writer threads  -> hash the result, store its blob, write it into the output file
-Memory is bounded by the windows (READ_AHEAD bytes of loaded inputs, in the compute dtype, and
-WRITE_BEHIND bytes of results), not by the model size.
+Memory is bounded by the windows (`staging` bytes of loaded inputs, in the compute dtype and on
+the compute device, and WRITE_BEHIND bytes of results), not by the model size. Small tensors of
+an elementwise method move as Batches (batching.py): one trip through the stages for many.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from mergebuild.dtypes import itemsize
 from mergebuild.errors import BuildError, InputError
+from mergebuild.execute.batching import Batch, group_small
 from mergebuild.execute.tensorio import SourceMaps, copy_range, read_ref
 from mergebuild.plan.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
 from mergebuild.store.cache import Cache
@@ -29,7 +31,7 @@ from mergebuild.tensors.folder import FolderWriter, is_folder_output, output_mar
 from mergebuild.execute.outputs import PackedOutput
 from mergebuild.tensors.writer import remove_stale_temps
 
-READ_AHEAD = 256 << 20
+READ_AHEAD = 256 * 10**6  # bytes: the default staging window ([settings] staging)
 WRITE_BEHIND = 192 << 20
 CHUNK = 1 << 22  # elements per chunk of an elementwise method (16 MB in float32)
 
@@ -63,9 +65,11 @@ class NullProgress:
 
 
 class Executor:
-    def __init__(self, plan: Plan, cache: Cache, device: str, build_id: int, force: bool = False, progress=None):
+    def __init__(self, plan: Plan, cache: Cache, device: str, build_id: int, force: bool = False, progress=None,
+                 staging: int = READ_AHEAD):
         self.plan, self.cache, self.build_id, self.force = plan, cache, build_id, force
         self.device_name = device
+        self.staging = staging
         self._transfer = None
         self.maps = SourceMaps()
         self._scratch_local = threading.local()  # float32 chunks reused by _compute_chunked
@@ -141,10 +145,10 @@ class Executor:
         reads: deque = deque()
         writes: deque = deque()
         read_bytes = computed = 0
-        for task in todo:
+        for task in group_small(todo, self._input_dtypes):
             reads.append((task, self.readers.submit(self._fetch, merge, task, writer)))
             read_bytes += self._footprint(task)
-            while reads and (read_bytes > READ_AHEAD or reads[0][1].done()):
+            while reads and (read_bytes > self.staging or reads[0][1].done()):
                 task_, future = reads.popleft()
                 read_bytes -= self._footprint(task_)
                 computed += self._handle(task_, future.result(), writer, writes)
@@ -156,15 +160,23 @@ class Executor:
         self._drain(writes, 0)
         return computed
 
-    def _footprint(self, task: TensorTask) -> int:
+    def _input_dtypes(self, task: TensorTask) -> list[str]:
+        return [self.plan.ref(n, t).dtype for n, t in task.inputs]
+
+    def _footprint(self, task: TensorTask | Batch) -> int:
         """The memory a fetched task holds until it is computed: its inputs in the compute dtype."""
+        if isinstance(task, Batch):
+            return sum(self._footprint(t) for t in task.tasks)
         if task.state != DIRTY:
             return task.nbytes
         size = itemsize(self.plan.compute_dtype)
-        return sum(size * _numel(self.plan.ref(n, t).shape) for n, t in task.inputs)
+        return sum(size * math.prod(self.plan.ref(n, t).shape) for n, t in task.inputs)
 
-    def _fetch(self, merge: MergePlan, task: TensorTask, writer):
+    def _fetch(self, merge: MergePlan, task: TensorTask | Batch, writer):
         """In a reader thread: what _handle needs for this task."""
+        if isinstance(task, Batch):
+            inputs = [[self._load(node, tensor) for node, tensor in t.inputs] for t in task.tasks]
+            return self.transfer.upload_batch(inputs, [[self.plan.ref(*i) for i in t.inputs] for t in task.tasks])
         if task.state == DIRTY:
             return self._upload(task, [self._load(node, tensor) for node, tensor in task.inputs])
         ref = self.plan.ref(*task.inputs[0]) if task.state == PASSTHROUGH else None
@@ -174,7 +186,12 @@ class Executor:
             return self._load(*task.inputs[0])
         return self._load(merge.spec.name, task.name)
 
-    def _handle(self, task: TensorTask, fetched, writer, writes: deque) -> int:
+    def _handle(self, task: TensorTask | Batch, fetched, writer, writes: deque) -> int:
+        if isinstance(task, Batch):
+            result = self._compute_batch(task, fetched)
+            writes.append((task.nbytes, self.writers.submit(self._store_batch, task, result, writer)))
+            self.progress.advance(self._merge_name, len(task.tasks), task.nbytes)
+            return len(task.tasks)
         if task.state == DIRTY:
             result = self._compute(task, fetched)
             writes.append((task.nbytes, self.writers.submit(self._store, task, result, writer)))
@@ -259,6 +276,23 @@ class Executor:
         self._check_finite(task, xs, result)
         return self.transfer.download(result, task.dtype)
 
+    def _compute_batch(self, batch: Batch, uploaded):
+        """On the main thread: one method call over a batch's concatenated inputs."""
+        xs = self.transfer.ready(uploaded)
+        first = batch.tasks[0]
+        try:
+            result = first.method.fn(*xs, **first.params)
+        except Exception as e:
+            names = ", ".join(repr(t.name) for t in batch.tasks[:3])
+            raise BuildError(f"[merges.{self._merge_name}] {first.method.name} failed on a batch of "
+                             f"{len(batch.tasks)} small tensors ({names}, ...): {e}") from e
+        from mergebuild.torchlazy import torch
+
+        if not bool(torch.isfinite(result.sum())):  # find the tensor, and the input, it came from
+            for task, begin, n in batch.spans():
+                self._check_finite(task, [x[begin : begin + n] for x in xs], result[begin : begin + n])
+        return self.transfer.download(result, first.dtype)
+
     def _compute_chunked(self, task: TensorTask, xs, kwargs):
         """An elementwise method over chunks of CHUNK elements: inputs stay in their stored dtype,
         each chunk is converted into reused float32 scratch, computed, and cast into the result.
@@ -316,7 +350,16 @@ class Executor:
         """In a writer thread: hash the result, keep its blob, write it into the output."""
         from mergebuild.tensors.convert import to_bytes
 
-        data = to_bytes(self.transfer.fetch(handle))
+        self._keep(task, to_bytes(self.transfer.fetch(handle)), writer)
+
+    def _store_batch(self, batch: Batch, handle, writer) -> None:
+        from mergebuild.tensors.convert import to_bytes
+
+        flat = self.transfer.fetch(handle)
+        for task, begin, n in batch.spans():
+            self._keep(task, to_bytes(flat[begin : begin + n]), writer)
+
+    def _keep(self, task: TensorTask, data, writer) -> None:
         digest = tensor_digest(task.dtype, task.shape, data)
         if writer is not None:
             writer.write(task.name, data)
@@ -410,13 +453,6 @@ class Executor:
             source = self.plan.sources[name]
             source.sha256 = future.result()
             self.cache.index.save_sha256(str(source.hash_file), source.stat, source.sha256)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def identity_text(plan: Plan, merge: str) -> str:

@@ -23,7 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TOP_LEVEL = ("settings", "models", "merges", "tune", "soup")
-SETTINGS_FIELDS = ("cache", "device", "compute_dtype", "keep_builds", "time_embed")
+SETTINGS_FIELDS = ("cache", "device", "compute_dtype", "keep_builds", "time_embed", "staging")
 MODEL_FIELDS = ("path",)
 MERGE_FIELDS = ("method", "inputs", "output", "dtype", "discard", "rules", "include", "exclude", "clip_to_inputs",
                 "fix_clip_position_ids", "shard_size")
@@ -104,7 +104,9 @@ def _settings(path, base: Path, table: dict) -> Settings:
     time_embed = table.get("time_embed", "IN00")
     if time_embed not in ("IN00", "BASE"):
         raise MergefileError(path, where, "time_embed", f"expected 'IN00' or 'BASE', got {time_embed!r}")
-    return Settings(cache=base / cache, device=device, compute_dtype=compute, keep_builds=keep, time_embed=time_embed)
+    staging = _size(path, where, "staging", table.get("staging", "256MB"))
+    return Settings(cache=base / cache, device=device, compute_dtype=compute, keep_builds=keep, time_embed=time_embed,
+                    staging=staging)
 
 
 def _model(path, base: Path, name: str, table: dict) -> ModelSpec:

@@ -13,6 +13,7 @@ class Settings:
     compute_dtype: str = "float32"
     keep_builds: int = 3
     time_embed: str = "IN00"  # the MBW block of time_embed / label_emb: "IN00" (supermerger) or "BASE" (sd-mecha)
+    staging: int = 256 * 10**6  # bytes of inputs loaded ahead of compute (device memory on a GPU)
 
 
 @dataclass(frozen=True)

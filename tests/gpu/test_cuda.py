@@ -18,11 +18,20 @@ MERGES = {
 }
 
 
+BIG_KEY = "model.diffusion_model.middle_block.1.proj_out.weight"
+
+
+@pytest.mark.parametrize("staging", ["256MB", "1KB"])
 @pytest.mark.parametrize("name", list(MERGES))
-def test_cuda_matches_cpu(tmp_path, name):
+def test_cuda_matches_cpu(tmp_path, name, staging):
+    """Small tensors go as batches (one staging buffer per input), the big one alone; a 1 KB
+    staging window makes every upload wait for the compute before it."""
     for seed, model in ((1, "a"), (2, "b"), (3, "c")):
-        write_model(tmp_path / f"{model}.safetensors", small_model(seed, dtype=torch.float32))
+        big = {BIG_KEY: torch.randn(300, 300, generator=torch.Generator().manual_seed(seed))}  # not batched
+        write_model(tmp_path / f"{model}.safetensors", small_model(seed, dtype=torch.float32, extra=big))
     mergefile(tmp_path / "mergefile.toml", f"""
+        [settings]
+        staging = "{staging}"
         [models.a]
         path = "a.safetensors"
         [models.b]

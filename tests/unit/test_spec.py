@@ -44,11 +44,18 @@ def test_a_good_mergefile():
     g = build_graph(mf)
     assert build_order(mf, g, ["out"]) == ["base", "other", "mix", "out"]
     assert build_order(mf, g, ["mix"]) == ["base", "other", "mix"]
+    assert mf.settings.staging == 256 * 10**6
+
+
+@pytest.mark.parametrize("value, staging", [('"64MB"', 64 * 10**6), ('"1.5GB"', 15 * 10**8), ("4096", 4096)])
+def test_staging_sizes(value, staging):
+    assert parse(GOOD.replace('device = "cpu"', f"staging = {value}")).settings.staging == staging
 
 
 @pytest.mark.parametrize("edit, table, field, words", [
     (("[settings]", "[setings]"), None, "setings", "did you mean 'settings'"),
     (('device = "cpu"', 'device = "tpu"'), "settings", "device", "not auto, cpu, cuda"),
+    (('device = "cpu"', 'staging = "-1MB"'), "settings", "staging", "a size such as"),
     (('path = "m/base.safetensors"', 'file = "m/base.safetensors"'), "models.base", "file", "unknown field"),
     (('method = "copy"', 'method = 3'), "merges.out", "method", "non-empty string"),
     (('inputs = ["mix"]', 'inputs = "mix"'), "merges.out", "inputs", "list of model or merge names"),
