@@ -18,12 +18,14 @@ from mergebuild.plan.planner import DIRTY, TensorTask
 
 SMALL = 1 << 16  # elements: tensors up to this size may share a batch
 BATCH = 1 << 22  # elements in one batch at most (the size of a compute chunk)
+LAG = 64 << 20  # bytes of other results after which an open batch goes anyway
 
 
 @dataclass
 class Batch:
     tasks: list[TensorTask] = field(default_factory=list)
     numel: int = 0
+    opened_at: int = 0  # bytes of results before its first member
 
     @property
     def nbytes(self) -> int:
@@ -42,23 +44,29 @@ def group_small(tasks: list[TensorTask], input_dtypes) -> list:
     """The tasks in order, with the small batchable ones gathered into Batches.
 
     `input_dtypes(task)` gives the stored dtype of each input. A batch is emitted where it
-    fills up; batches not full by the end follow the other tasks. A batch of one stays a task."""
+    fills up, or once LAG bytes of other tensors have passed since its first member: the output's
+    data hash follows the writes in file order, and a batch held back to the end would stall it
+    until the commit. A batch of one stays a task."""
     units: list = []
     open_batches: dict[tuple, Batch] = {}
+    passed = 0  # bytes of results so far
     for task in tasks:
+        passed += task.nbytes
         signature = _signature(task, input_dtypes) if _batchable(task) else None
         if signature is None:
             units.append(task)
-            continue
-        n = math.prod(task.shape)
-        batch = open_batches.get(signature)
-        if batch is not None and batch.numel + n > BATCH:
+        else:
+            n = math.prod(task.shape)
+            batch = open_batches.get(signature)
+            if batch is not None and batch.numel + n > BATCH:
+                units.append(_unit(open_batches.pop(signature)))
+                batch = None
+            if batch is None:
+                batch = open_batches[signature] = Batch(opened_at=passed)
+            batch.tasks.append(task)
+            batch.numel += n
+        for signature in [s for s, b in open_batches.items() if passed - b.opened_at > LAG]:
             units.append(_unit(open_batches.pop(signature)))
-            batch = None
-        if batch is None:
-            batch = open_batches[signature] = Batch()
-        batch.tasks.append(task)
-        batch.numel += n
     units += [_unit(b) for b in open_batches.values()]
     return units
 

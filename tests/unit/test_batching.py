@@ -64,3 +64,10 @@ def test_spans_follow_the_members():
     batch = Batch([task("a", (2, 3)), task("b", (4,)), task("c", ())], 11)
     assert [(t.name, begin, n) for t, begin, n in batch.spans()] == [("a", 0, 6), ("b", 6, 4), ("c", 10, 1)]
     assert batch.nbytes == 22
+
+
+def test_an_open_batch_goes_once_enough_other_bytes_passed(monkeypatch):
+    """So the output's data hash, which follows the writes in file order, is not held back."""
+    monkeypatch.setattr(batching, "LAG", 1000)
+    tasks = [task("s1"), task("s2"), task("big", (batching.SMALL + 1,)), task("s3"), task("s4")]
+    assert names(group_small(tasks, same_dtypes)) == ["big", ["s1", "s2"], ["s3", "s4"]]
