@@ -8,13 +8,24 @@ DARE (3 models), LoRA extract (rank 64), each built by mergebuild with a fresh c
 device present, plus a plain per-tensor formula script on the CPU for TIES and DARE (the
 baseline the GPU must beat by 10x). Seconds, ratio to the I/O floor, GPU memory peak. The page
 cache is warm (the inputs are read once before timing).
+
+Peer rows: sd-mecha 1.1.8 weighted_sum and TIES (same inputs, alpha 0.5 / k 0.2) on every device
+present, load + merge + save timed inside benchmarks/mecha_driver.py, which runs in sd-mecha's own
+interpreter (sd-mecha is no dependency of mergebuild): --mecha-python, by default
+benchmarks/data/mecha-venv/bin/python if it exists, else this interpreter if it can import
+sd_mecha, else the rows are skipped with a note. Where nothing can be downloaded (a GPU machine):
+    python -m pip install --no-index --find-links .whl sd-mecha
+into the interpreter that already has torch; see mecha_driver.py for how its TIES differs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -98,12 +109,75 @@ def plain_script(paths: dict, method: str, out: Path) -> float:
     return time.perf_counter() - start
 
 
+MECHA_METHODS = {"weighted_sum": ["a", "b"], "ties": ["base", "a", "b"]}  # as mecha_driver.py takes them
+
+
+def find_mecha_python(given: str | None) -> str | None:
+    """The interpreter to run sd-mecha with (see the module docstring), or None to skip its rows."""
+    if given:
+        return given
+    venv = HERE / "data" / "mecha-venv" / "bin" / "python"
+    if venv.exists():
+        return str(venv)
+    if importlib.util.find_spec("sd_mecha") is not None:
+        return sys.executable
+    return None
+
+
+def run_mecha(python: str, paths: dict, method: str, device: str, out: Path) -> tuple[float, int] | None:
+    """One sd-mecha merge in a subprocess; (seconds, GPU peak) as the driver measured them, or
+    None (with a printed note) if it failed."""
+    cmd = [python, str(HERE / "mecha_driver.py"), method, device, str(out), *(str(paths[n]) for n in MECHA_METHODS[method])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    out.unlink(missing_ok=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = "\n    ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        print(f"note: sd-mecha {method} [{device}] failed (exit {proc.returncode}); row left out:\n    {tail}")
+        return None
+    result = json.loads(lines[-1])
+    return result["seconds"], result["peak"]
+
+
+def targets(seconds: dict[str, float], floor: float) -> list[str]:
+    """The issue's targets, judged on the GPU rows present: weighted_sum within 1.3x the floor;
+    TIES and DARE within 2x it, 10x faster than the plain CPU script, 5x faster than sd-mecha."""
+    lines = []
+
+    def judge(name: str, ok: bool, figure: str) -> None:
+        lines.append(f"target {name}: {'PASS' if ok else 'MISS'} ({figure})")
+
+    ws = seconds.get("mergebuild weighted_sum [cuda]")
+    if ws is not None:
+        judge("weighted_sum [cuda] <= 1.3x floor", ws <= 1.3 * floor, f"{ws / floor:.2f}x")
+    for method in ("ties", "dare"):
+        gpu = seconds.get(f"mergebuild {method} [cuda]")
+        if gpu is None:
+            continue
+        judge(f"{method} [cuda] <= 2x floor", gpu <= 2 * floor, f"{gpu / floor:.2f}x")
+        plain = seconds.get(f"plain torch script {method} [cpu]")
+        if plain is not None:
+            judge(f"{method} [cuda] >= 10x the plain CPU script", plain >= 10 * gpu, f"{plain / gpu:.1f}x")
+    for method in MECHA_METHODS:
+        ours, peer = seconds.get(f"mergebuild {method} [cuda]"), seconds.get(f"sd-mecha {method} [cuda]")
+        if ours is not None and peer is not None:
+            judge(f"{method} [cuda] >= 5x sd-mecha [cuda]", peer >= 5 * ours, f"{peer / ours:.1f}x")
+    return lines or ["targets: judged on CUDA rows only; none here"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shrink", type=int, default=1)
     p.add_argument("--data", type=Path, default=HERE / "data")
     p.add_argument("--methods", default=",".join(MERGES))
+    p.add_argument("--json", type=Path, help="also write the rows and verdicts to this file")
+    p.add_argument("--mecha-python", help="Python with sd_mecha installed, for the sd-mecha rows (default: "
+                   "benchmarks/data/mecha-venv/bin/python if present, else this interpreter if it has sd_mecha)")
     args = p.parse_args()
+    mecha_python = find_mecha_python(args.mecha_python)
+    if mecha_python is None:
+        print("note: no sd-mecha found (no benchmarks/data/mecha-venv, none in this interpreter, no --mecha-python): "
+              "sd-mecha rows skipped")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     names = ("base", "a", "b")
     files = fabricate_family(args.data, "sd1-ldm", args.shrink, torch.float16, names=names, prefix=f"gpu-x{args.shrink}-")
@@ -117,6 +191,11 @@ def main() -> None:
             for device in devices:
                 seconds, peak = run_mergebuild(work, paths, method, device)
                 rows.append((f"mergebuild {method} [{device}]", seconds, peak))
+            if mecha_python and method in MECHA_METHODS:
+                for device in devices:
+                    result = run_mecha(mecha_python, paths, method, device, work / "mecha.safetensors")
+                    if result is not None:
+                        rows.append((f"sd-mecha {method} [{device}]", *result))
             if method in ("ties", "dare"):
                 rows.append((f"plain torch script {method} [cpu]", plain_script(paths, method, work / "plain.safetensors"), 0))
         gpu = torch.cuda.get_device_name() if devices[-1] == "cuda" else "none"
@@ -125,6 +204,16 @@ def main() -> None:
         for label, seconds, peak in rows:
             mem = f"{peak / 1e9:.2f} GB" if peak else ""
             print(f"{label:44} {seconds:9.2f} {seconds / floor:8.2f} {mem:>10}")
+        verdicts = targets({label: seconds for label, seconds, _ in rows}, floor)
+        for line in verdicts:
+            print(line)
+        if args.json:
+            args.json.write_text(json.dumps({
+                "shrink": args.shrink, "cpus": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+                "input_bytes": files[0].stat().st_size, "floor": floor,
+                "rows": [{"step": label, "seconds": seconds, "gpu_peak": peak} for label, seconds, peak in rows],
+                "targets": verdicts,
+            }, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

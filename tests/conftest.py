@@ -48,7 +48,8 @@ def mergefile(path: Path, text: str) -> Path:
 
 def run_cli(*args, cwd: Path, env: dict | None = None, check: bool = False, timeout: float = 300):
     full_env = {k: v for k, v in os.environ.items() if k != "MERGEBUILD_CACHE"}
-    full_env.update(NO_COLOR="1", PYTHONPATH=str(ROOT), COLUMNS="200", SOURCE_DATE_EPOCH="1790000000")
+    paths = [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])  # carried packages
+    full_env.update(NO_COLOR="1", PYTHONPATH=os.pathsep.join(paths), COLUMNS="200", SOURCE_DATE_EPOCH="1790000000")
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, "-m", "mergebuild", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
