@@ -28,7 +28,7 @@ SIGNS = ("none", "mass", "count")
 
 def _top_k_mask(magnitude, k: int):
     """True at the k largest magnitudes; among equal ones the lower flat index wins, as in a
-    stable descending sort. Linear time: a k-th value, then a cumulative count of the ties."""
+    stable descending sort. Linear time: a k-th value, then the first of the ties that fit."""
     flat = magnitude.reshape(-1)
     n = flat.numel()
     if k <= 0:
@@ -36,10 +36,10 @@ def _top_k_mask(magnitude, k: int):
     if k >= n:
         return torch.ones_like(magnitude, dtype=torch.bool)
     threshold = torch.kthvalue(flat, n - k + 1).values
-    above = flat > threshold
-    ties = flat == threshold
-    room = k - int(above.sum())
-    return (above | (ties & (torch.cumsum(ties, 0) <= room))).reshape(magnitude.shape)
+    keep = flat > threshold
+    room = k - int(keep.sum())  # >= 1: fewer than k values lie above the k-th largest
+    keep[(flat == threshold).nonzero().squeeze(1)[:room]] = True
+    return keep.reshape(magnitude.shape)
 
 
 def magnitude_sparsify(delta, density: float):
@@ -47,7 +47,7 @@ def magnitude_sparsify(delta, density: float):
     if density >= 1:
         return delta
     k = max(int(density * delta.numel()), 0)
-    return torch.where(_top_k_mask(delta.abs(), k), delta, torch.zeros_like(delta))
+    return torch.where(_top_k_mask(delta.abs(), k), delta, 0.0)
 
 
 def breadcrumbs_sparsify(delta, density: float, gamma: float):
@@ -145,21 +145,21 @@ def generalized_task_arithmetic(base, *models, sparsify: str = "none", sign: str
         elif sparsify == "della":
             delta = della_sparsify(delta, density, epsilon, generator, rescale)
         deltas.append(delta)
-    stacked = torch.stack(deltas)
     w = torch.tensor(ws, dtype=base.dtype, device=base.device).reshape((-1,) + (1,) * base.dim())
-    weighted = stacked * w
+    weighted = torch.stack(deltas).mul_(w)
+    del deltas  # the stack holds them now: a large tensor's working set is a few copies less
     if sign == "none":
         mixed = weighted.sum(dim=0)
         total = sum(ws)
         divisor = total if abs(total) >= 1e-8 else 1.0
     else:
         agree = torch.sign(weighted) == elect_sign(weighted, sign)
-        mixed = torch.where(agree, weighted, torch.zeros_like(weighted)).sum(dim=0)
-        divisor = torch.where(agree, w.expand_as(weighted), torch.zeros_like(weighted)).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        divisor = torch.where(agree, w, 0.0).sum(dim=0)
+        divisor = torch.where(divisor == 0, 1.0, divisor)
+        mixed = weighted.masked_fill_(~agree, 0.0).sum(dim=0)
     if normalize:
-        mixed = mixed / divisor
-    return base + lam * mixed
+        mixed.div_(divisor)
+    return mixed.mul_(lam).add_(base)  # base + lam * mixed, in mixed's own memory
 
 
 def _member(name: str, doc: str, *, sparsify: str, params: tuple, fixed: dict | None = None,
