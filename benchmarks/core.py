@@ -404,7 +404,8 @@ def main() -> None:
 
     args.results.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now()
-    path = args.results / f"core-{now:%Y-%m-%d}{'' if args.shrink == 1 else f'-x{args.shrink}'}.json"
+    stem = f"core-{now:%Y-%m-%d}-{code['commit'][:7]}{'' if args.shrink == 1 else f'-x{args.shrink}'}"
+    path = args.results / f"{stem}.json"  # one file per day and commit: earlier results stay
     doc = {
         "date": now.isoformat(timespec="seconds"),
         "shrink": args.shrink,
