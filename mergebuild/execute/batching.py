@@ -78,11 +78,8 @@ def _batchable(task: TensorTask) -> bool:
             and 0 < math.prod(task.shape) <= SMALL)
 
 
-def _signature(task: TensorTask, input_dtypes) -> tuple | None:
-    try:
-        params = repr(sorted(task.params.items()))
-    except TypeError:  # parameters that do not sort: keep the task alone
-        return None
+def _signature(task: TensorTask, input_dtypes) -> tuple:
+    params = repr(sorted(task.params.items()))  # sorted by name: names are unique
     return task.method.name, params, task.dtype, tuple(input_dtypes(task))
 
 

@@ -25,13 +25,13 @@ from mergebuild.errors import BuildError, InputError
 from mergebuild.execute.batching import Batch, group_small
 from mergebuild.execute.tensorio import SourceMaps, copy_range, read_ref
 from mergebuild.plan.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
+from mergebuild.spec.model import Settings
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import file_sha256, legacy_hash, tensor_data_sha256, tensor_digest
 from mergebuild.tensors.folder import FolderWriter, is_folder_output, output_marker
 from mergebuild.execute.outputs import PackedOutput
 from mergebuild.tensors.writer import remove_stale_temps
 
-READ_AHEAD = 256 * 10**6  # bytes: the default staging window ([settings] staging)
 WRITE_BEHIND = 192 << 20
 CHUNK = 1 << 22  # elements per chunk of an elementwise method (16 MB in float32)
 
@@ -66,7 +66,7 @@ class NullProgress:
 
 class Executor:
     def __init__(self, plan: Plan, cache: Cache, device: str, build_id: int, force: bool = False, progress=None,
-                 staging: int = READ_AHEAD):
+                 staging: int = Settings.staging):
         self.plan, self.cache, self.build_id, self.force = plan, cache, build_id, force
         self.device_name = device
         self.staging = staging

@@ -104,7 +104,7 @@ def _settings(path, base: Path, table: dict) -> Settings:
     time_embed = table.get("time_embed", "IN00")
     if time_embed not in ("IN00", "BASE"):
         raise MergefileError(path, where, "time_embed", f"expected 'IN00' or 'BASE', got {time_embed!r}")
-    staging = _size(path, where, "staging", table.get("staging", "256MB"))
+    staging = _size(path, where, "staging", table.get("staging", Settings.staging))
     return Settings(cache=base / cache, device=device, compute_dtype=compute, keep_builds=keep, time_embed=time_embed,
                     staging=staging)
 
