@@ -6,16 +6,20 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import networkx as nx
-
+from mergebuild.errors import MergefileError, UsageError
+from mergebuild.execute.commit import lora_files, output_date
 from mergebuild.execute.executor import Executor, MergeResult
-from mergebuild.explain import explain
-from mergebuild.lockfile import read_lock, status, write_lock
-from mergebuild.plan.graph import build_graph
-from mergebuild.plan.planner import DIRTY, PENDING, Plan, make_plan, output_digest, output_is_current
+from mergebuild.lineage import SourceHashes, build_metadata, header_budget
+from mergebuild.lockfile import write_lock
+from mergebuild.plan.planner import DIRTY, PENDING, Plan, make_plan
+from mergebuild.plan.state import reasons as merge_reasons
 from mergebuild.spec.mergefile import load_mergefile  # noqa: F401 (part of the facade)
 from mergebuild.spec.model import Mergefile
+from mergebuild.store import eviction
 from mergebuild.store.cache import Cache
+from mergebuild.tensors.folder import remove_output
+from mergebuild.tensors.header import MAX_HEADER
+from mergebuild.tensors.writer import header_bytes, layout
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class BuildOptions:
     force: bool = False
     cache_dir: Path | None = None
     device: str | None = None
+    lock_timeout: float | None = None  # seconds to wait for another build's lock (None: forever)
 
 
 @dataclass
@@ -37,10 +42,13 @@ class MergeStatus:
     pending: int
     output: Path | None
     output_current: bool
+    needed: bool = True
     reasons: list[str] = field(default_factory=list)
 
     @property
     def state(self) -> str:
+        if not self.needed:
+            return "up to date"
         if self.dirty:
             return f"{self.dirty} of {self.tensors} tensors dirty"
         if self.pending:
@@ -50,132 +58,205 @@ class MergeStatus:
         return "up to date"
 
 
-def cache_dir(mf: Mergefile, opts: BuildOptions) -> Path:
+@dataclass
+class BuildReport:
+    """What a build did besides its merges: the cache's size and limit, warnings."""
+
+    cache_bytes: int = 0
+    cache_limit: int = 0
+    warnings: list[str] = field(default_factory=list)  # known before the build starts
+    late_warnings: list[str] = field(default_factory=list)  # found while building
+
+
+def cache_dir(mf: Mergefile | None, opts: BuildOptions) -> Path:
     if opts.cache_dir is not None:
         return Path(opts.cache_dir)
     env = os.environ.get("MERGEBUILD_CACHE")
-    return Path(env) if env else mf.settings.cache
+    if env:
+        return Path(env)
+    if mf is None:
+        raise UsageError("no cache named: give --cache-dir DIR or set MERGEBUILD_CACHE, or run next to a Mergefile")
+    return mf.settings.cache
 
 
-def open_project(opts: BuildOptions) -> tuple[Mergefile, Cache]:
+def open_project(opts: BuildOptions, readonly: bool = False) -> tuple[Mergefile, Cache]:
     mf = load_mergefile(opts.mergefile)
-    return mf, Cache(cache_dir(mf, opts))
+    return mf, Cache(cache_dir(mf, opts), readonly_ok=readonly)
+
+
+def _open_cache(opts: BuildOptions, readonly: bool = False) -> tuple[Mergefile | None, Cache]:
+    """The cache commands need no Mergefile when the cache is named (--cache-dir, MERGEBUILD_CACHE)."""
+    named = opts.cache_dir is not None or os.environ.get("MERGEBUILD_CACHE")
+    mf = load_mergefile(opts.mergefile) if not named or Path(opts.mergefile).is_file() else None
+    return mf, Cache(cache_dir(mf, opts), readonly_ok=readonly)
 
 
 def dry_run(opts: BuildOptions) -> tuple[Plan, list[MergeStatus]]:
-    mf, cache = open_project(opts)
+    mf, cache = open_project(opts, readonly=True)
     try:
         plan = make_plan(mf, cache, list(opts.targets), opts.force)
-        reasons = explain(plan, cache, opts.force)
-        return plan, [_status(plan, cache, name, reasons.get(name, [])) for name in plan.merges]
+        check_headers(plan, cache)
+        why = merge_reasons(plan, cache, opts.force)
+        return plan, [_status(plan, name, why.get(name, [])) for name in plan.merges]
     finally:
         cache.close()
 
 
-def _status(plan: Plan, cache: Cache, name: str, reasons: list[str]) -> MergeStatus:
-    from mergebuild.execute.executor import identity_text
-
+def _status(plan: Plan, name: str, reasons: list[str]) -> MergeStatus:
     merge = plan.merges[name]
-    out = merge.spec.output
-    current = out is not None and output_is_current(cache, out, output_digest(merge, identity_text(plan, name)))
-    if out is not None and not current and not reasons and not merge.count(DIRTY) and not merge.count(PENDING):
-        reasons = ["output missing or changed on disk"]
-    return MergeStatus(name, len(merge.tasks), merge.count(DIRTY), merge.count(PENDING), out, current, reasons)
+    return MergeStatus(name, len(merge.tasks), merge.count(DIRTY), merge.count(PENDING), merge.spec.output,
+                       merge.current, merge.needed, reasons)
 
 
-def build(opts: BuildOptions, progress=None, on_plan=None) -> tuple[Plan, dict[str, MergeResult]]:
+def check_headers(plan: Plan, cache: Cache) -> list[str]:
+    """Every output's header fits safetensors' limit (exit 2 before any compute, naming what
+    made it big); the warnings its lineage gave."""
+    warnings: list[str] = []
+    loras = lora_files(plan)
+    for name, merge in plan.merges.items():
+        if merge.spec.output is None or not merge.needed or merge.current:
+            continue
+        metadata = build_metadata(plan, name, SourceHashes.placeholders(plan, loras), "0" * 64,
+                                  output_date(cache, merge), warnings)
+        slots, _ = layout([(t.name, t.dtype, t.shape) for t in merge.tasks.values()])
+        size = len(header_bytes(slots, metadata))
+        if size > MAX_HEADER:
+            biggest = ", ".join(f"{what} {n / 1e6:.1f} MB" for what, n in header_budget(metadata)[:3])
+            raise MergefileError(plan.mergefile.path, f"merges.{name}", "output",
+                                 f"its header would take {size / 1e6:.1f} MB, over safetensors' limit of "
+                                 f"{MAX_HEADER / 1e6:.0f} MB (largest parts: {biggest}; tensor entries "
+                                 f"{len(header_bytes(slots, {})) / 1e6:.1f} MB)")
+    return list(dict.fromkeys(warnings))
+
+
+def build(opts: BuildOptions, progress=None, on_plan=None, on_wait=None) -> tuple[Plan, dict[str, MergeResult]]:
     """Build the targets; a second build on the same cache waits for the first, then reuses."""
+    plan, results, _ = build_with_report(opts, progress, on_plan, on_wait)
+    return plan, results
+
+
+def build_with_report(opts: BuildOptions, progress=None, on_plan=None, on_wait=None):
     mf, cache = open_project(opts)
     try:
-        with cache.exclusive():
+        with cache.exclusive(opts.lock_timeout, on_wait):
             plan = make_plan(mf, cache, list(opts.targets), opts.force)
+            report = BuildReport(warnings=check_headers(plan, cache))
             if on_plan is not None:
-                on_plan(plan, explain(plan, cache, opts.force))
-            build_id = cache.index.start_build(str(mf.path))
+                on_plan(plan, merge_reasons(plan, cache, opts.force), report.warnings)
+            own = eviction.own_limit(mf.settings.cache_limit)
+            build_id = cache.index.start_build(str(mf.path), mf.settings.cache_limit)
             device = opts.device or mf.settings.device
             executor = Executor(plan, cache, device, build_id, opts.force, progress, mf.settings.staging)
             results = executor.run()
+            report.late_warnings += [w for w in dict.fromkeys(executor.warnings) if w not in report.warnings]
             write_lock(plan, results, executor.output_sha256)
-            return plan, results
+            limit = eviction.effective_limit(cache, str(mf.path), own)
+            kept = eviction.enforce_limit(cache, limit)
+            report.cache_bytes, report.cache_limit = kept.after, limit
+            if kept.over:
+                report.late_warnings.append(
+                    f"the cache holds {kept.after / 1e9:.2f} GB, over its limit of {limit / 1e9:.2f} GB: the current "
+                    f"targets need {kept.needed / 1e9:.2f} GB of it (raise cache_limit or {eviction.ENV_LIMIT})")
+            return plan, results, report
     finally:
         cache.close()
 
 
-def clean(opts: BuildOptions) -> list[Path]:
+def clean(opts: BuildOptions) -> tuple[list[Path], list[str]]:
+    """Remove the declared outputs (only what mergebuild wrote); (removed, kept as not ours)."""
     mf = load_mergefile(opts.mergefile)
     names = list(opts.targets) or mf.targets
-    removed = []
     for name in names:
-        out = mf.merges[name].output if name in mf.merges else None
-        if out is not None and out.exists():
-            out.unlink()
-            removed.append(out)
-    return removed
+        if name not in mf.merges:
+            raise UsageError(f"clean: {name!r} is not a merge of {mf.path.name} (merges: {', '.join(mf.merges)})")
+    removed, kept = [], []
+    for name in names:
+        out = mf.merges[name].output
+        if out is not None:
+            r, k = remove_output(out)
+            removed += r
+            kept += [f"{out}: {n}" for n in k]
+    return removed, kept
 
 
 def collect_garbage(opts: BuildOptions, keep_builds: int | None = None) -> dict:
-    """Drop cache entries no current target needs and not used by the last N builds."""
-    mf, cache = open_project(opts)
+    """Drop cache entries no registered Mergefile needs and not used by the last N builds."""
+    mf, cache = _open_cache(opts)
     try:
-        with cache.exclusive():
-            keep = keep_builds or mf.settings.keep_builds
-            plan = make_plan(mf, cache, list(mf.merges))
-            needed = {t.key for m in plan.merges.values() for t in m.tasks.values() if t.key}
-            recent = cache.index.recent_builds(keep)
-            dropped = cache.index.drop_entries_except(needed, min(recent) if recent else 0)
-            referenced = cache.index.referenced_digests()
-            freed = blobs = 0
-            for digest in list(cache.blobs.all_digests()):
-                if digest not in referenced:
-                    freed += cache.blobs.remove(digest)
-                    blobs += 1
-            packs, pack_bytes = cache.collect_packs(referenced)
-            cache.clear_stale()
-            return {"entries_removed": dropped, "blobs_removed": blobs + packs, "bytes_freed": freed + pack_bytes}
+        with cache.exclusive(opts.lock_timeout):
+            keep = keep_builds if keep_builds is not None else (mf.settings.keep_builds if mf else 3)
+            return eviction.collect(cache, keep)
     finally:
         cache.close()
 
 
 def verify_cache(opts: BuildOptions) -> dict:
-    """Re-hash every blob the index knows; remove bad ones (the next build recomputes them)."""
+    """Re-hash every stored tensor the index knows; remove bad ones (the next build recomputes
+    them). Tensors located in outputs that were moved, edited or deleted are reported as such."""
     from mergebuild.dtypes import nbytes
 
-    mf, cache = open_project(opts)
+    _mf, cache = _open_cache(opts)
     try:
-        with cache.exclusive():
+        with cache.exclusive(opts.lock_timeout):
+            stale_outputs = _drop_stale_files(cache)
             checked = bad = missing = 0
-            for digest, dtype, shape in cache.index.blob_infos():
+            dangling = []
+            for digest, dtype, shape in cache.index.entry_infos():
                 checked += 1
                 if not cache.has(digest):
                     missing += 1
+                    dangling.append(digest)
                 elif cache.get(digest, dtype, shape, nbytes(dtype, shape)) is None:
                     bad += 1
-            return {"checked": checked, "bad_removed": bad, "missing": missing}
+                    dangling.append(digest)
+            cache.index.forget_entries_of(dangling)
+            cache.index.forget_blobs([d for d in dangling if not cache.blobs.has(d)])
+            return {"checked": checked, "bad_removed": bad, "missing": missing - stale_outputs["tensors"],
+                    "outputs_changed": stale_outputs["files"], "output_tensors_dropped": stale_outputs["tensors"]}
     finally:
         cache.close()
 
 
+def _drop_stale_files(cache: Cache) -> dict:
+    """Forget recorded files (outputs, packs) that are gone or changed since mergebuild wrote them."""
+    files = tensors = 0
+    for path in cache.index.files():
+        if not cache._file_valid(path):
+            tensors += len(cache.index.located_digests(path))
+            files += 1
+            cache.forget_file(path)
+    return {"files": files, "tensors": tensors}
+
+
 def cache_stats(opts: BuildOptions) -> dict:
-    mf, cache = open_project(opts)
+    mf, cache = _open_cache(opts, readonly=True)
     try:
-        count, size = cache.size_on_disk()
-        return {"path": str(cache.root), "blobs": count, "bytes": size, **cache.index.counts()}
+        usage = cache.usage()
+        limit = eviction.effective_limit(cache, str(mf.path) if mf else "", eviction.own_limit(
+            mf.settings.cache_limit if mf else None))
+        located = cache.index.location_count()
+        return {"path": str(cache.root), "bytes": sum(usage.values()), "by_kind": usage, "limit": limit,
+                "blobs": len(cache.index.blob_rows()), "output_tensors": located, **cache.index.counts()}
     finally:
         cache.close()
 
 
 def check_status(opts: BuildOptions) -> dict[str, list[str]]:
-    """For every target of the Mergefile (or those asked for), why it is out of date with
-    mergefile.lock and the files on disk; an empty list means up to date."""
-    mf, cache = open_project(opts)
+    """For every target (or those asked for), why a build would change its output; an empty
+    list means up to date: the same predicate the build uses."""
+    mf, cache = open_project(opts, readonly=True)
     try:
         plan = make_plan(mf, cache, list(opts.targets))
-        own = status(plan, cache, read_lock(mf.path))
-        graph = build_graph(mf)
+        why = merge_reasons(plan, cache)
         out = {}
         for target in plan.targets:
-            chain = [n for n in plan.order if n in own and (n == target or n in nx.ancestors(graph, target))]
-            out[target] = [r if n == target else f"{n}: {r}" for n in chain for r in own[n]]
+            merge = plan.merges[target]
+            if merge.spec.output is None:
+                out[target] = why.get(target, [])
+            elif merge.current:
+                out[target] = []
+            else:
+                out[target] = why.get(target) or [merge.stale_why or "never built"]
         return out
     finally:
         cache.close()
@@ -188,12 +269,12 @@ def explain_target(opts: BuildOptions) -> dict:
     for s in statuses:
         merge = plan.merges[s.name]
         by_block: dict[str, int] = {}
-        for task in merge.tasks.values():
+        for task in merge.tasks.values() if s.needed else ():
             if task.state in (DIRTY, PENDING):
                 block = merge.arch.block_of(task.name, plan.mergefile.settings.time_embed == "BASE") if merge.arch else None
                 layer = merge.arch.layer_of(task.name) if merge.arch and block is None else None
                 group = block or (f"layer {layer}" if layer is not None else "other")
                 by_block[group] = by_block.get(group, 0) + 1
-        out[s.name] = {"state": s.state, "tensors": s.tensors, "dirty": s.dirty, "pending": s.pending,
-                       "by_block": by_block, "reasons": s.reasons}
+        out[s.name] = {"state": s.state, "tensors": s.tensors, "dirty": s.dirty if s.needed else 0,
+                       "pending": s.pending if s.needed else 0, "by_block": by_block, "reasons": s.reasons}
     return out

@@ -1,32 +1,51 @@
 """The command line, used like make. A thin layer: parse arguments, call build.py, report.
 
-Exit codes: 0 ok, 1 the build failed, 2 usage or Mergefile error, 130 interrupted.
+Exit codes: 0 ok, 1 the build failed, 2 usage, Mergefile or input error, 130 / 143 / 129
+stopped by SIGINT / SIGTERM / SIGHUP. Every failure is one line on stderr; -v adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from mergebuild import __version__
-from mergebuild.errors import MergebuildError
+from mergebuild.errors import MergebuildError, UsageError
+from mergebuild.failures import Stopped, describe, install_stop_handlers
 
 SUBCOMMANDS = ("build", "status", "explain", "graph", "lineage", "inspect", "diff", "cache", "clean", "methods", "tune")
-TAKES_VALUE = {"-f", "--file", "--cache-dir", "--device", "--format", "--keep", "--trials", "--plot"}
+TAKES_VALUE = {"-f", "--file", "--cache-dir", "--device", "--format", "--keep", "--trials", "--plot", "--lock-timeout",
+               "-o", "--output"}
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+MAX_KEEP = 10**6
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(_with_subcommand(argv))
+    restore = install_stop_handlers()
     try:
         return args.run(args)
-    except MergebuildError as e:
-        _error(str(e))
+    except Stopped as e:
+        _error(f"{e.why}: finished work is kept in the cache; no output was left half-written")
         return e.exit_code
     except KeyboardInterrupt:
-        _error("interrupted; outputs and cache are left as they were before this step")
+        _error("interrupted: finished work is kept in the cache; no output was left half-written")
         return 130
+    except BaseException as e:  # noqa: BLE001 - one line, never a traceback (unless -v)
+        if isinstance(e, SystemExit):
+            raise
+        message, code = describe(e)
+        _error(message)
+        if getattr(args, "verbose", False):
+            import traceback
+
+            traceback.print_exception(e, file=sys.stderr)
+        return code
+    finally:
+        restore()
 
 
 def _with_subcommand(argv: list[str]) -> list[str]:
@@ -50,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", type=Path, help="the cache folder (overrides MERGEBUILD_CACHE and [settings] cache)")
     common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
-    common.add_argument("-v", "--verbose", action="store_true", help="say why merges are rebuilt")
+    common.add_argument("-v", "--verbose", action="store_true", help="say why merges are rebuilt (and show tracebacks)")
+    common.add_argument("--lock-timeout", type=float, metavar="SECONDS",
+                        help="wait at most this long for another build holding the cache (default: as long as it takes)")
 
     p = argparse.ArgumentParser(prog="mergebuild", description="Merge checkpoints as a build, with a per-tensor cache.")
     p.add_argument("--version", action="version", version=f"mergebuild {__version__}")
@@ -95,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cache", parents=[common], help="cache stats | gc | verify")
     c.add_argument("action", choices=("stats", "gc", "verify"))
-    c.add_argument("--keep", type=int, help="gc: keep the entries of the last N builds (default [settings] keep_builds)")
+    c.add_argument("--keep", type=int, help="gc: keep the entries of the last N builds, 0 or more (default [settings] keep_builds)")
     c.set_defaults(run=_cmd_cache)
 
     cl = sub.add_parser("clean", parents=[common], help="remove the declared outputs")
@@ -119,13 +140,26 @@ def _parser() -> argparse.ArgumentParser:
 def _options(args):
     from mergebuild.build import BuildOptions
 
+    device = getattr(args, "device", None)
+    if device is not None and not DEVICE.match(device):
+        raise UsageError(f"--device {device!r}: expected auto, cpu, mps, cuda or cuda:N")
+    timeout = args.lock_timeout
+    if timeout is not None and not 0 <= timeout <= 10**7:
+        raise UsageError(f"--lock-timeout takes seconds, 0 or more, got {timeout:g}")
     return BuildOptions(
         mergefile=args.file,
         targets=tuple(getattr(args, "targets", ()) or ()),
         force=getattr(args, "force", False),
         cache_dir=args.cache_dir,
-        device=getattr(args, "device", None),
+        device=device,
+        lock_timeout=timeout,
     )
+
+
+def _waiting(holder: str) -> None:
+    from mergebuild import report
+
+    report.err.print(f"waiting for {holder or 'another build'} to release the cache...", markup=False, highlight=False)
 
 
 def _cmd_build(args) -> int:
@@ -140,16 +174,19 @@ def _cmd_build(args) -> int:
             report.print_dry_run(statuses, args.verbose)
         return 0
 
-    def on_plan(plan, reasons):
+    def on_plan(plan, reasons, warnings):
         if not args.quiet:
-            report.print_plan(plan, reasons, args.verbose)
+            report.print_plan(plan, reasons, args.verbose, warnings)
 
     with report.RichProgress(enabled=not args.quiet) as progress:
-        _plan, results = build.build(opts, progress, on_plan)
+        _plan, results, built = build.build_with_report(opts, progress, on_plan, None if args.quiet else _waiting)
     if not args.quiet:
+        for warning in built.late_warnings:
+            report.err.print(f"[yellow]warning:[/] {report.escape(warning)}")
         report.err.print(report.summary_table(results))
+        report.err.print(report.cache_line(built.cache_bytes, built.cache_limit), markup=False)
     if args.json:
-        report.print_json(report.build_json(results))
+        report.print_json(report.build_json(results, built))
     return 0
 
 
@@ -257,15 +294,17 @@ def _cmd_cache(args) -> int:
     from mergebuild import build, report
 
     opts = _options(args)
+    if args.keep is not None and (args.action != "gc" or not 0 <= args.keep <= MAX_KEEP):
+        raise UsageError(f"--keep takes a number of builds from 0 to {MAX_KEEP:,} (with cache gc), got {args.keep}")
     if args.action == "stats":
         doc = build.cache_stats(opts)
-        text = f"{doc['path']}: {doc['blobs']} blobs, {report.human_bytes(doc['bytes'])}, {doc['entries']} entries, {doc['builds']} builds"
+        text = report.cache_stats_text(doc)
     elif args.action == "gc":
         doc = build.collect_garbage(opts, args.keep)
         text = f"removed {doc['entries_removed']} entries and {doc['blobs_removed']} blobs, freed {report.human_bytes(doc['bytes_freed'])}"
     else:
         doc = build.verify_cache(opts)
-        text = f"checked {doc['checked']} blobs: {doc['bad_removed']} bad (removed, will be recomputed), {doc['missing']} missing"
+        text = report.verify_text(doc)
     if args.json:
         report.print_json(doc)
     elif not args.quiet:
@@ -276,12 +315,14 @@ def _cmd_cache(args) -> int:
 def _cmd_clean(args) -> int:
     from mergebuild import build, report
 
-    removed = build.clean(_options(args))
+    removed, kept = build.clean(_options(args))
     if args.json:
-        report.print_json({"removed": [str(p) for p in removed]})
+        report.print_json({"removed": [str(p) for p in removed], "kept": kept})
     elif not args.quiet:
         for p in removed:
-            report.out.print(f"removed {p}")
+            report.out.print(f"removed {p}", markup=False)
+        for k in kept:
+            report.out.print(f"kept {k}: not written by mergebuild", markup=False)
     return 0
 
 

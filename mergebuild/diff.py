@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from mergebuild.dtypes import is_float, itemsize
-from mergebuild.execute.tensorio import read_range
+from mergebuild.portable import RandomAccess
 from mergebuild.inspection import component_of, component_order, group_of, group_order, grouping
 from mergebuild.layouts.blocks import detect
 from mergebuild.tensors.convert import from_bytes
@@ -146,4 +146,6 @@ def tensor_sums(path_a: Path, ea, path_b: Path, eb, chunk: int | None = None) ->
 
 
 def _slice(path: Path, begin: int, size: int, dtype: str, count: int):
-    return from_bytes(read_range(path, begin, size), dtype, (count,)).to(torch.float64)
+    with RandomAccess(path) as f:
+        data = f.read(size, begin)
+    return from_bytes(data, dtype, (count,)).to(torch.float64)

@@ -53,22 +53,29 @@ def to_mermaid(mf: Mergefile, states: dict[str, str] | None = None) -> str:
 
 
 def to_text(mf: Mergefile, states: dict[str, str] | None = None) -> str:
+    """Each target as an indented tree of what it is made from; a merge already shown is named
+    again with "(see above)" instead of repeated (a shared input would otherwise repeat itself
+    once per path). No recursion: chains can be long."""
+    states = states or {}
     lines: list[str] = []
+    shown: set[str] = set()
     for target in mf.targets or list(mf.merges)[-1:]:
-        _text(mf, target, "", lines, states or {})
+        stack = [(target, "")]
+        while stack:
+            name, indent = stack.pop()
+            if name in mf.models:
+                lines.append(f"{indent}{name} <- {mf.models[name].path.name}")
+                continue
+            merge = mf.merges[name]
+            if name in shown:
+                lines.append(f"{indent}{name} (see above)")
+                continue
+            shown.add(name)
+            out = f" -> {merge.output.name}" if merge.output else ""
+            state = f"  [{states[name]}]" if name in states else ""
+            lines.append(f"{indent}{name} = {merge.method}{_params(merge)}{out}{state}")
+            stack.extend((i, indent + "  ") for i in reversed(merge.inputs))
     return "\n".join(lines) + "\n"
-
-
-def _text(mf: Mergefile, name: str, indent: str, lines: list[str], states: dict[str, str]) -> None:
-    if name in mf.models:
-        lines.append(f"{indent}{name} <- {mf.models[name].path.name}")
-        return
-    merge = mf.merges[name]
-    out = f" -> {merge.output.name}" if merge.output else ""
-    state = f"  [{states[name]}]" if name in states else ""
-    lines.append(f"{indent}{name} = {merge.method}{_params(merge)}{out}{state}")
-    for i in merge.inputs:
-        _text(mf, i, indent + "  ", lines, states)
 
 
 def _params(merge) -> str:
@@ -92,24 +99,30 @@ def lineage_to_mermaid(tree: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _walk(node: dict, lines: list[str], counter: list[int], dot: bool) -> str:
-    counter[0] += 1
-    me = f"n{counter[0]}"
-    if node.get("kind") == "model":
-        label = node.get("file") or node.get("name") or "?"
-        if node.get("autov2"):
-            label += f" {node['autov2']}"
-        lines.append(f'  {me} [shape=box, label="{_quote(label)}"];' if dot else f'  {me}["{_quote(label)}"]')
-        children = [node["made_by"]] if node.get("made_by") else []
-    else:
-        params = ", ".join(f"{k}={v}" for k, v in (node.get("params") or {}).items())
-        label = f"{node.get('name') or ''}: {node.get('method')}({params})".lstrip(": ")
-        lines.append(f'  {me} [label="{_quote(label)}"];' if dot else f'  {me}(("{_quote(label)}"))')
-        children = node.get("inputs", [])
-    for child in children:
-        other = _walk(child, lines, counter, dot)
-        lines.append(f"  {other} -> {me};" if dot else f"  {other} --> {me}")
-    return me
+def _walk(root: dict, lines: list[str], counter: list[int], dot: bool) -> str:
+    """Emit a lineage tree's nodes and edges (children point at their parent); no recursion."""
+    top = None
+    stack = [(root, None)]
+    while stack:
+        node, parent = stack.pop()
+        counter[0] += 1
+        me = f"n{counter[0]}"
+        top = top or me
+        if node.get("kind") == "model":
+            label = node.get("file") or node.get("name") or "?"
+            if node.get("autov2"):
+                label += f" {node['autov2']}"
+            lines.append(f'  {me} [shape=box, label="{_quote(label)}"];' if dot else f'  {me}["{_quote(label)}"]')
+            children = [node["made_by"]] if node.get("made_by") else []
+        else:
+            params = ", ".join(f"{k}={v}" for k, v in (node.get("params") or {}).items())
+            label = f"{node.get('name') or ''}: {node.get('method')}({params})".lstrip(": ")
+            lines.append(f'  {me} [label="{_quote(label)}"];' if dot else f'  {me}(("{_quote(label)}"))')
+            children = node.get("inputs", [])
+        if parent is not None:
+            lines.append(f"  {me} -> {parent};" if dot else f"  {me} --> {parent}")
+        stack.extend((child, me) for child in reversed(children))
+    return top
 
 
 def _quote(text: str) -> str:

@@ -1,138 +1,110 @@
 """Lineage: the recipe written into every output's metadata, and reading it back from a file.
 
 Written keys (safetensors __metadata__ values are strings; JSON is stored as a string):
-- mergebuild.recipe: the sub-DAG that made the file: methods, versions, parameters, input files
-  with sha256 and AutoV2 hashes; an input that carries its own lineage nests it ("made_by"),
-  so lineage spans generations of files;
-- mergebuild.version;
-- sd_merge_recipe / sd_merge_models: A1111's keys, so A1111-family UIs show the lineage.
+- mergebuild.recipe: {"format": 2, "target", "nodes": {id: node}}: the recipe nodes
+  (plan/recipe.py) of the output and everything it is made from, each once, inputs by id, with
+  each source file's sha256 and AutoV2. A source that carries its own lineage brings its nodes
+  along under ids prefixed with its name ("real/mix1"), its node pointing at their root through
+  "made_by"; so lineage spans generations and stays linear in the size of the DAG;
+- mergebuild.identity: what the output holds (status compares it); mergebuild.version;
+- sd_merge_recipe / sd_merge_models: A1111's keys, so A1111-family UIs show the lineage;
+- ModelSpec 1.0.1 keys.
+
+Lineage found in a source is untrusted: what does not fit the expected shape is dropped, with
+a warning, never a crash.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergebuild import __version__
-from mergebuild.explain import selection
 from mergebuild.plan.planner import Plan
+from mergebuild.plan.recipe import FORMAT, IDENTITY_KEY, RECIPE_KEY
 from mergebuild.store.hashing import autov2
+from mergebuild.tensors.folder import read_manifest
 from mergebuild.tensors.header import read_header
 
 A1111_NAMES = {"weighted_sum": "Weighted sum", "add_difference": "Add difference", "copy": "No interpolation"}
-RECIPE_KEY = "mergebuild.recipe"
+MAX_DEPTH = 10_000  # generations followed in a foreign nested recipe
+NODE_FIELDS = {"kind": str, "name": str, "file": str, "tool": str, "method": str, "version": int, "params": dict,
+               "dtype": str, "discard": str, "sha256": str, "autov2": str, "addnet_hash": str, "content": str,
+               "made_by": str, "inputs": list, "rules": list, "include": list, "exclude": list,
+               "clip_to_inputs": bool, "fix_clip_position_ids": bool, "settings": dict, "output": dict}
 
 
-def recipe(plan: Plan, node: str, hashes: dict[str, str] | None) -> dict:
-    """The recipe tree of `node`. With hashes None, sources are identified by stat instead of
-    sha256 (cheap, for deciding whether an output must be rewritten)."""
-    if node in plan.sources:
-        return _model_node(plan, node, hashes)
-    spec = plan.mergefile.merges[node]
-    method = plan.merges[node].method
-    return {
-        "kind": "merge",
-        "name": node,
-        "tool": "mergebuild",
-        "method": spec.method,
-        "version": method.version,
-        "params": spec.params,
-        "dtype": spec.dtype,
-        "discard": spec.discard,
-        **{k: v for k, v in selection(spec).items() if v},
-        "inputs": [recipe(plan, i, hashes) for i in spec.inputs],
-    }
+@dataclass
+class SourceHashes:
+    """What a build learns about each source file while it runs."""
+
+    sha256: dict[str, str] = field(default_factory=dict)
+    legacy: dict[str, str] = field(default_factory=dict)  # A1111's old 8-hex hash
+    addnet: dict[str, str] = field(default_factory=dict)  # kohya's hash of a LoRA's tensor data
+
+    @staticmethod
+    def placeholders(plan: Plan, lora_files: set[str]) -> "SourceHashes":
+        """Stand-ins exactly as long as the real hashes, and distinct (hashes are keys of A1111's
+        sd_merge_models): the header's size is known up front, at most what it will be."""
+        names = sorted(plan.sources)
+        return SourceHashes({n: f"{i:064x}" for i, n in enumerate(names)}, {n: "0" * 8 for n in names},
+                            {n: "0" * 64 for n in lora_files})
 
 
-def _model_node(plan: Plan, node: str, hashes: dict[str, str] | None) -> dict:
-    source = plan.sources[node]
-    out = {"kind": "model", "name": node, "file": source.path.name}
-    if hashes is None:
-        out["stat"] = source.stats()
-    else:
-        out["sha256"] = hashes[node]
-        out["autov2"] = autov2(hashes[node])
-        if source.addnet_hash:
-            out["addnet_hash"] = source.addnet_hash
-    made_by = made_by_from_metadata(source.metadata)
-    if made_by is not None:
-        out["made_by"] = made_by
-    return out
+@dataclass
+class Imported:
+    nodes: dict[str, dict] = field(default_factory=dict)
+    root: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
-def made_by_from_metadata(metadata: dict[str, str]) -> dict | None:
-    """The recipe tree a file's metadata records: mergebuild's own, or A1111's / supermerger's."""
-    if RECIPE_KEY in metadata:
-        try:
-            return json.loads(metadata[RECIPE_KEY])
-        except json.JSONDecodeError:
-            return None
-    if "sd_merge_recipe" in metadata:
-        return _from_a1111(metadata)
-    if metadata.get("modelspec.merged_from"):
-        names = [n.strip() for n in metadata["modelspec.merged_from"].split(",") if n.strip()]
-        return {"kind": "merge", "name": metadata.get("modelspec.title", ""), "tool": "modelspec", "method": "merge",
-                "params": {}, "inputs": [{"kind": "model", "name": n, "file": n} for n in names]}
-    return None
+# --- writing ---------------------------------------------------------------------------------
+def recipe_doc(plan: Plan, target: str, hashes: SourceHashes, warnings: list[str] | None = None) -> dict:
+    nodes: dict[str, dict] = {}
+    for name in plan.recipe.closure(target):
+        node = dict(plan.recipe.nodes[name])
+        if name in plan.sources:
+            sha = hashes.sha256[name]
+            node.update(sha256=sha, autov2=autov2(sha))
+            if name in hashes.addnet:
+                node["addnet_hash"] = hashes.addnet[name]
+            imported = import_lineage(plan.sources[name].metadata, name)
+            if warnings is not None:
+                warnings += imported.warnings
+            if imported.root is not None:
+                nodes.update(imported.nodes)
+                node["made_by"] = imported.root
+        nodes[name] = node
+    return {"format": FORMAT, "target": target, "nodes": nodes}
 
 
-def _from_a1111(metadata: dict[str, str]) -> dict | None:
-    try:
-        root = json.loads(metadata["sd_merge_recipe"])
-        models = json.loads(metadata.get("sd_merge_models") or "{}")
-    except json.JSONDecodeError:
-        return None
-    return _a1111_node(root, models, depth=0) if isinstance(root, dict) else None
-
-
-def _a1111_node(r: dict, models: dict, depth: int) -> dict:
-    inputs = []
-    # A1111 writes primary/secondary/tertiary_model_hash; supermerger writes model_a/b/c
-    for role, alias in (("primary", "model_a"), ("secondary", "model_b"), ("tertiary", "model_c")):
-        h = r.get(f"{role}_model_hash") or r.get(alias)
-        if not h:
-            continue
-        entry = models.get(h, {}) if isinstance(models, dict) else {}
-        child = {"kind": "model", "name": entry.get("name", h[:10]), "sha256": h, "autov2": h[:10]}
-        inner = entry.get("sd_merge_recipe")
-        if isinstance(inner, str):
-            try:
-                inner = json.loads(inner)
-            except json.JSONDecodeError:
-                inner = None
-        if isinstance(inner, dict) and depth < 64:
-            child["made_by"] = _a1111_node(inner, models, depth + 1)
-        inputs.append(child)
-    params = {"multiplier": r.get("multiplier")} if r.get("multiplier") is not None else {}
-    return {
-        "kind": "merge",
-        "name": r.get("custom_name") or "",
-        "tool": r.get("type", "webui"),
-        "method": r.get("interp_method") or r.get("mode") or "?",
-        "params": params,
-        "inputs": inputs,
-    }
-
-
-def virtual_hash(tree: dict) -> str:
-    """A stand-in sha256 for a merge that has no file (an intermediate kept only in the cache)."""
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
-
-
-def build_metadata(plan: Plan, merge: str, hashes: dict[str, str], legacy: dict[str, str],
-                   data_sha256: str) -> dict[str, str]:
-    tree = recipe(plan, merge, hashes)
-    sd_recipe, sd_models = _a1111(plan, merge, tree, hashes, legacy)
+def build_metadata(plan: Plan, merge: str, hashes: SourceHashes, data_sha256: str, date: str,
+                   warnings: list[str] | None = None) -> dict[str, str]:
+    doc = recipe_doc(plan, merge, hashes, warnings)
+    sd_recipe, sd_models = _a1111(plan, merge, hashes)
     return {
         **plan.merges[merge].output_metadata,
         "format": "pt",
         "mergebuild.version": __version__,
-        RECIPE_KEY: json.dumps(tree, separators=(",", ":")),
-        "sd_merge_recipe": json.dumps(sd_recipe),
-        "sd_merge_models": json.dumps(sd_models),
-        **modelspec(plan, merge, tree, data_sha256),
+        IDENTITY_KEY: plan.merges[merge].identity,
+        RECIPE_KEY: json.dumps(doc, separators=(",", ":"), allow_nan=False),
+        "sd_merge_recipe": json.dumps(sd_recipe, allow_nan=False),
+        "sd_merge_models": json.dumps(sd_models, allow_nan=False),
+        **modelspec(plan, merge, data_sha256, date),
     }
+
+
+def header_budget(metadata: dict[str, str]) -> list[tuple[str, int]]:
+    """The metadata's parts by size, largest first (to say what made a header too big)."""
+    parts = [(k, len(k) + len(v)) for k, v in metadata.items()]
+    try:
+        nodes = json.loads(metadata.get(RECIPE_KEY, "{}")).get("nodes", {})
+        parts += [(f"{RECIPE_KEY} node {n!r}", len(json.dumps(v))) for n, v in nodes.items()]
+    except ValueError:
+        pass
+    return sorted(parts, key=lambda p: -p[1])
 
 
 # ModelSpec 1.0.1 (Stability AI): architecture and implementation ids by detected layout
@@ -143,46 +115,80 @@ MODELSPEC_ARCH = {
 }
 
 
-def modelspec(plan: Plan, merge: str, tree: dict, data_sha256: str) -> dict[str, str]:
+def modelspec(plan: Plan, merge: str, data_sha256: str, date: str) -> dict[str, str]:
     arch = plan.merges[merge].arch
     architecture, implementation = MODELSPEC_ARCH.get(arch.name if arch else "", ("unknown", "unknown"))
     spec = plan.mergefile.merges[merge]
     title = spec.output.stem if spec.output is not None else merge
-    merged_from = ", ".join(child.get("file") or child["name"] for child in tree["inputs"])
+    merged_from = ", ".join(plan.sources[i].path.name if i in plan.sources else i for i in spec.inputs)
     return {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": architecture,
         "modelspec.implementation": implementation,
         "modelspec.title": title,
-        "modelspec.date": build_date(),
+        "modelspec.date": date,
         "modelspec.merged_from": merged_from,
         "modelspec.hash_sha256": "0x" + data_sha256,
     }
 
 
-def build_date() -> str:
+def today() -> str:
     """Today (UTC), or the day SOURCE_DATE_EPOCH names: reproducible builds get equal bytes."""
     import datetime
     import os
 
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    moment = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch else \
-        datetime.datetime.now(datetime.timezone.utc)
+    try:
+        moment = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch else None
+    except (ValueError, OverflowError, OSError):
+        moment = None
+    moment = moment or datetime.datetime.now(datetime.timezone.utc)
     return moment.date().isoformat()
 
 
-def _a1111(plan: Plan, merge: str, tree: dict, hashes: dict, legacy: dict) -> tuple[dict, dict]:
-    spec = plan.mergefile.merges[merge]
-    child_hashes = [_node_hash(child) for child in tree["inputs"]]
+def virtual_hash(identity: str) -> str:
+    """A stand-in sha256 for a merge that has no file (an intermediate kept only in the cache)."""
+    return hashlib.sha256(f"mergebuild:{identity}".encode()).hexdigest()
+
+
+def _a1111(plan: Plan, target: str, hashes: SourceHashes) -> tuple[dict, dict]:
+    """A1111's sd_merge_recipe of the target, and sd_merge_models: every model and intermediate
+    by hash, each once (A1111 nests each model's own recipe as a JSON string)."""
+    closure = [n for n in plan.recipe.closure(target) if n in plan.merges]
+
+    def hash_of(name: str) -> str:
+        return hashes.sha256[name] if name in plan.sources else virtual_hash(plan.merges[name].identity)
+
+    models: dict = {}
+    recipes = {}
+    for name in closure:  # inputs first: an intermediate's recipe is ready before its readers
+        recipes[name] = _a1111_recipe(plan, name, hash_of)
+        for i in plan.mergefile.merges[name].inputs:
+            h = hash_of(i)
+            if i in plan.sources:
+                own = plan.sources[i].metadata
+                inner = own.get("sd_merge_recipe")
+                models[h] = {"name": plan.sources[i].path.name, "legacy_hash": hashes.legacy.get(i),
+                             "sd_merge_recipe": inner if isinstance(inner, str) else None}
+                models.update(_foreign_models(own))
+            else:
+                models[h] = {"name": f"{i} (intermediate)", "legacy_hash": None,
+                             "sd_merge_recipe": json.dumps(recipes[i])}
+    return recipes[target], models
+
+
+def _a1111_recipe(plan: Plan, name: str, hash_of) -> dict:
+    spec = plan.mergefile.merges[name]
     roles = ["primary_model_hash", "secondary_model_hash", "tertiary_model_hash"]
-    sd_recipe = {"type": "mergebuild"}
+    recipe = {"type": "mergebuild"}
     for i, role in enumerate(roles):
-        sd_recipe[role] = child_hashes[i] if i < len(child_hashes) else None
-    sd_recipe.update(
+        recipe[role] = hash_of(spec.inputs[i]) if i < len(spec.inputs) else None
+    alpha = spec.params.get("alpha")
+    recipe.update(
         interp_method=A1111_NAMES.get(spec.method, spec.method),
-        multiplier=spec.params.get("alpha"),
+        multiplier=alpha if isinstance(alpha, (int, float)) else None,
         save_as_half=spec.dtype == "float16",
-        custom_name=merge,
+        custom_name=name,
         config_source=0,
         bake_in_vae="None",
         discard_weights=spec.discard or "",
@@ -190,39 +196,217 @@ def _a1111(plan: Plan, merge: str, tree: dict, hashes: dict, legacy: dict) -> tu
         is_instruct_pix2pix=False,
         mergebuild_params=spec.params,
     )
-    models: dict = {}
-    for child, h, name in zip(tree["inputs"], child_hashes, spec.inputs):
-        if name in plan.sources:
-            own = plan.sources[name].metadata
-            inner = own.get("sd_merge_recipe")
-            models[h] = {"name": child["file"], "legacy_hash": legacy.get(name), "sd_merge_recipe": inner}
-            try:
-                models.update(json.loads(own.get("sd_merge_models") or "{}"))
-            except json.JSONDecodeError:
-                pass
+    return recipe
+
+
+def _foreign_models(metadata: dict) -> dict:
+    try:
+        models = json.loads(metadata.get("sd_merge_models") or "{}")
+    except (ValueError, TypeError):
+        return {}
+    if not isinstance(models, dict):
+        return {}
+    return {k: v for k, v in models.items() if isinstance(k, str) and isinstance(v, dict)}
+
+
+# --- reading (untrusted) ---------------------------------------------------------------------
+def import_lineage(metadata: dict[str, str], prefix: str) -> Imported:
+    """The recipe a file's metadata records, as nodes under ids `prefix/...`: mergebuild's own
+    (flat or the older nested form), A1111's / supermerger's, or ModelSpec's merged_from."""
+    out = Imported()
+    try:
+        if RECIPE_KEY in metadata:
+            doc = json.loads(metadata[RECIPE_KEY])
+            if isinstance(doc, dict) and doc.get("format") == FORMAT:
+                _import_flat(doc, prefix, out)
+            elif isinstance(doc, dict):
+                out.root = _import_tree(doc, prefix, out)
+            else:
+                out.warnings.append(f"{prefix}: its {RECIPE_KEY} is not a recipe; its lineage is left out")
+        elif "sd_merge_recipe" in metadata:
+            out.root = _import_a1111(metadata, prefix, out)
+        elif metadata.get("modelspec.merged_from"):
+            names = [n.strip() for n in str(metadata["modelspec.merged_from"]).split(",") if n.strip()]
+            ids = []
+            for i, n in enumerate(names):
+                ids.append(f"{prefix}/{i}:{n}")
+                out.nodes[ids[-1]] = {"kind": "model", "name": n, "file": n}
+            out.root = f"{prefix}/{metadata.get('modelspec.title') or 'merge'}"
+            out.nodes[out.root] = {"kind": "merge", "name": str(metadata.get("modelspec.title", "")),
+                                   "tool": "modelspec", "method": "merge", "params": {}, "inputs": ids}
+    except (ValueError, TypeError, RecursionError) as e:
+        out.nodes, out.root = {}, None
+        out.warnings.append(f"{prefix}: its lineage metadata is malformed ({type(e).__name__}); left out")
+    return out
+
+
+def _clean(node, prefix: str, out: Imported) -> dict | None:
+    """A foreign node with only the fields mergebuild knows, of the types it expects."""
+    if not isinstance(node, dict):
+        return None
+    clean = {}
+    for k, v in node.items():
+        kind = NODE_FIELDS.get(k)
+        if kind is not None and isinstance(v, kind) and not (kind is int and isinstance(v, bool)):
+            clean[k] = v
+        elif kind is not None:
+            out.warnings.append(f"{prefix}: lineage field {k!r} of the wrong type dropped")
+    if clean.get("kind") not in ("model", "merge"):
+        return None
+    return clean
+
+
+def _import_flat(doc: dict, prefix: str, out: Imported) -> None:
+    nodes = doc.get("nodes")
+    if not isinstance(nodes, dict) or not isinstance(doc.get("target"), str):
+        raise ValueError("no nodes")
+    for nid, node in nodes.items():
+        node = _clean(node, prefix, out)
+        if node is None:
+            out.warnings.append(f"{prefix}: lineage node {str(nid)[:40]!r} dropped (not a model or merge)")
+            continue
+        node["inputs"] = [f"{prefix}/{i}" for i in node.get("inputs", []) if isinstance(i, str) and i in nodes]
+        if "made_by" in node:
+            node["made_by"] = f"{prefix}/{node['made_by']}"
+        node.setdefault("name", str(nid).rsplit("/", 1)[-1])
+        out.nodes[f"{prefix}/{nid}"] = node
+    root = f"{prefix}/{doc['target']}"
+    for node in out.nodes.values():  # references to dropped nodes go too
+        node["inputs"] = [i for i in node["inputs"] if i in out.nodes]
+        if node.get("made_by") not in out.nodes:
+            node.pop("made_by", None)
+    out.root = root if root in out.nodes else None
+
+
+def _import_tree(tree: dict, prefix: str, out: Imported) -> str | None:
+    """mergebuild's older nested recipe: flattened without recursion."""
+    root_id = None
+    stack = [(tree, None, "inputs", 0)]
+    while stack:
+        raw, parent, slot, depth = stack.pop()
+        node = _clean(raw, prefix, out)
+        if node is None or depth > MAX_DEPTH:
+            continue
+        nid = f"{prefix}/{len(out.nodes)}:{node.get('name', '')}"
+        children = raw.get("inputs", []) if node["kind"] == "merge" else []
+        made_by = raw.get("made_by")
+        node["inputs"] = []
+        node.pop("made_by", None)
+        out.nodes[nid] = node
+        if parent is None:
+            root_id = nid
+        elif slot == "made_by":
+            out.nodes[parent]["made_by"] = nid
         else:
-            inner_recipe, inner_models = _a1111(plan, name, child, hashes, legacy)
-            models[h] = {"name": f"{name} (intermediate)", "legacy_hash": None,
-                         "sd_merge_recipe": json.dumps(inner_recipe)}
-            models.update(inner_models)
-    return sd_recipe, models
+            out.nodes[parent]["inputs"].append(nid)
+        for child in reversed(children if isinstance(children, list) else []):
+            stack.append((child, nid, "inputs", depth + 1))
+        if isinstance(made_by, dict):
+            stack.append((made_by, nid, "made_by", depth + 1))
+    return root_id
 
 
-def _node_hash(node: dict) -> str:
-    return node["sha256"] if node["kind"] == "model" else virtual_hash(node)
+def _import_a1111(metadata: dict, prefix: str, out: Imported) -> str | None:
+    root = json.loads(metadata["sd_merge_recipe"])
+    models = _foreign_models(metadata)
+    if not isinstance(root, dict):
+        out.warnings.append(f"{prefix}: its sd_merge_recipe is not an object; its lineage is left out")
+        return None
+    root_id = f"{prefix}/{root.get('custom_name') or 'merge'}"
+    stack = [(root, root_id, 0)]
+    seen: set[str] = set()
+    while stack:
+        r, nid, depth = stack.pop()
+        params = {"multiplier": r["multiplier"]} if isinstance(r.get("multiplier"), (int, float)) else {}
+        node = {"kind": "merge", "name": str(r.get("custom_name") or ""), "tool": str(r.get("type", "webui")),
+                "method": str(r.get("interp_method") or r.get("mode") or "?"), "params": params, "inputs": []}
+        out.nodes[nid] = node
+        # A1111 writes primary/secondary/tertiary_model_hash; supermerger writes model_a/b/c
+        for role, alias in (("primary", "model_a"), ("secondary", "model_b"), ("tertiary", "model_c")):
+            h = r.get(f"{role}_model_hash") or r.get(alias)
+            if not isinstance(h, str) or not h:
+                continue
+            mid = f"{prefix}/{h[:16]}"
+            node["inputs"].append(mid)
+            if mid in seen:
+                continue
+            seen.add(mid)
+            entry = models.get(h, {})
+            name = entry.get("name") if isinstance(entry.get("name"), str) else h[:10]
+            out.nodes[mid] = {"kind": "model", "name": name, "file": name, "sha256": h, "autov2": h[:10]}
+            inner = entry.get("sd_merge_recipe")
+            if isinstance(inner, str):
+                try:
+                    inner = json.loads(inner)
+                except ValueError:
+                    inner = None
+            if isinstance(inner, dict) and depth < MAX_DEPTH:
+                out.nodes[mid]["made_by"] = f"{mid}/recipe"
+                stack.append((inner, f"{mid}/recipe", depth + 1))
+    return root_id
 
 
+# --- a file's lineage, for display -----------------------------------------------------------
 def read_lineage(path: Path) -> dict:
-    """The lineage tree of a file (or model folder), from its header alone: {"file", "made_by"}."""
+    """The lineage tree of a file (or model folder), from its header alone: {"file", "made_by"}.
+    A node reached again through another path is shown once; later it is {"same_as": id}."""
     path = Path(path)
     header = read_header(_first_shard(path) if path.is_dir() else path)
-    return {"kind": "model", "name": Path(path).name, "file": Path(path).name,
-            "made_by": made_by_from_metadata(header.metadata)}
+    imported = import_lineage(header.metadata, path.name)
+    made_by = as_tree(imported.nodes, imported.root) if imported.root else None
+    return {"kind": "model", "name": path.name, "file": path.name, "made_by": made_by,
+            "warnings": imported.warnings}
+
+
+def made_by_from_metadata(metadata: dict[str, str]) -> dict | None:
+    imported = import_lineage(metadata, "file")
+    return as_tree(imported.nodes, imported.root) if imported.root else None
+
+
+def as_tree(nodes: dict[str, dict], root: str) -> dict:
+    """Nested nodes ("inputs" lists, "made_by"), each shared node expanded once (no recursion)."""
+    expanded: set[str] = set()
+    top = _display(nodes[root], root)
+    stack = [(root, top)]
+    expanded.add(root)
+    while stack:
+        nid, shown = stack.pop()
+        node = nodes[nid]
+        children = []
+        for cid in node.get("inputs", []):
+            children.append((cid, _display(nodes[cid], cid)))
+        if node.get("kind") == "merge":
+            shown["inputs"] = [c for _, c in children]
+        if node.get("made_by") in nodes:
+            children.append((node["made_by"], _display(nodes[node["made_by"]], node["made_by"])))
+            shown["made_by"] = children[-1][1]
+        for cid, child in children:
+            if cid in expanded:
+                child["same_as"] = cid
+                child.pop("inputs", None)
+                child.pop("made_by", None)
+            else:
+                expanded.add(cid)
+                stack.append((cid, child))
+    return top
+
+
+def _display(node: dict, nid: str) -> dict:
+    name = node.get("name") or nid.rsplit("/", 1)[-1]
+    shown = {k: v for k, v in node.items() if k not in ("inputs", "made_by")}
+    shown["name"] = name
+    return shown
 
 
 def _first_shard(folder: Path) -> Path:
+    listed = sorted(n for n in (read_manifest(folder) or {}) if n.endswith(".safetensors"))
+    if listed:
+        return folder / listed[0]
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        return folder / sorted(set(json.loads(index.read_text())["weight_map"].values()))[0]
+        try:
+            return folder / sorted(set(json.loads(index.read_text())["weight_map"].values()))[0]
+        except (ValueError, KeyError, TypeError, IndexError):
+            pass
     shards = sorted(folder.glob("*.safetensors"))
     return shards[0] if shards else folder / "model.safetensors"

@@ -59,9 +59,30 @@ def summary_table(results) -> Table:
         table.add_column(col, justify="right" if col in ("tensors", "computed", "reused", "seconds") else "left")
     for r in results.values():
         output = "" if r.output is None else _shown_path(r.output) + ("" if r.written else " (up to date)")
-        table.add_row(escape(r.name), r.architecture, r.status, str(r.tensors), str(r.computed), str(r.reused),
+        status = r.status if r.ran else "up to date"
+        table.add_row(escape(r.name), r.architecture, status, str(r.tensors), str(r.computed), str(r.reused),
                       f"{r.seconds:.2f}", escape(output))
     return table
+
+
+def cache_line(size: int, limit: int) -> str:
+    return f"cache: {human_bytes(size)} of {human_bytes(limit)}"
+
+
+def cache_stats_text(doc: dict) -> str:
+    kinds = ", ".join(f"{k} {human_bytes(v)}" for k, v in doc["by_kind"].items() if v)
+    return (f"{doc['path']}: {human_bytes(doc['bytes'])} on disk of a {human_bytes(doc['limit'])} limit"
+            f" ({kinds or 'empty'}); {doc['blobs']} blobs, {doc['entries']} entries, {doc['output_tensors']} "
+            f"tensors located in outputs (not counted), {doc['builds']} builds, {doc['mergefiles']} Mergefiles")
+
+
+def verify_text(doc: dict) -> str:
+    text = (f"checked {doc['checked']} tensors: {doc['bad_removed']} bad (removed, will be recomputed), "
+            f"{doc['missing']} missing")
+    if doc.get("outputs_changed"):
+        text += (f"; {doc['outputs_changed']} outputs were moved, edited or deleted since they were written "
+                 f"(their {doc['output_tensors_dropped']} tensors are recomputed when needed)")
+    return text
 
 
 def _shown_path(path) -> str:
@@ -75,15 +96,20 @@ def _shown_path(path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
-def build_json(results) -> dict:
-    return {
+def build_json(results, built=None) -> dict:
+    doc = {
         "merges": {
             r.name: {"status": r.status, "tensors": r.tensors, "computed": r.computed,
-                     "reused": r.reused, "seconds": round(r.seconds, 3), "architecture": r.architecture}
+                     "reused": r.reused, "seconds": round(r.seconds, 3), "architecture": r.architecture,
+                     "ran": r.ran, "written": r.written}
             for r in results.values()
         },
         "outputs": {r.name: str(r.output) for r in results.values() if r.output is not None},
     }
+    if built is not None:
+        doc["cache"] = {"bytes": built.cache_bytes, "limit": built.cache_limit}
+        doc["warnings"] = built.warnings + built.late_warnings
+    return doc
 
 
 def print_dry_run(statuses, verbose: bool) -> None:
@@ -104,8 +130,10 @@ def dry_run_json(statuses) -> dict:
     }
 
 
-def print_plan(plan, reasons: dict[str, list[str]], verbose: bool) -> None:
+def print_plan(plan, reasons: dict[str, list[str]], verbose: bool, warnings: list[str] = ()) -> None:
     """Before a build: warnings always; with -v the detected architectures and why merges rebuild."""
+    for warning in warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
     for name, merge in plan.merges.items():
         for warning in merge.warnings:
             err.print(f"[yellow]warning:[/] {escape(name)}: {escape(warning)}")
@@ -119,25 +147,27 @@ def print_plan(plan, reasons: dict[str, list[str]], verbose: bool) -> None:
 
 
 def lineage_tree(node: dict) -> Tree:
+    """A lineage tree (lineage.as_tree) for rich, built without recursion (chains can be long)."""
     tree = Tree(_label(node))
-    _add_children(tree, node)
+    stack = [(tree, node)]
+    while stack:
+        branch, at = stack.pop()
+        children = []
+        if at.get("kind") == "model" and at.get("made_by"):
+            children.append(at["made_by"])
+        children += at.get("inputs", [])
+        for child in children:
+            stack.append((branch.add(_label(child)), child))
     return tree
 
 
-def _add_children(tree: Tree, node: dict) -> None:
-    made_by = node.get("made_by")
-    if node.get("kind") == "model" and made_by:
-        branch = tree.add(_label(made_by))
-        _add_children(branch, made_by)
-    for child in node.get("inputs", []):
-        branch = tree.add(_label(child))
-        _add_children(branch, child)
-
-
 def _label(node: dict) -> str:
+    again = " [dim](shown above)[/]" if node.get("same_as") else ""
     if node.get("kind") == "model":
-        h = f" [dim]{node['autov2']}[/]" if node.get("autov2") else ""
-        return f"[bold cyan]{escape(str(node.get('file') or node.get('name')))}[/]{h}"
+        h = f" [dim]{escape(str(node['autov2']))}[/]" if node.get("autov2") else ""
+        return f"[bold cyan]{escape(str(node.get('file') or node.get('name')))}[/]{h}{again}"
+    if again:
+        return f"{escape(str(node.get('name')))}: [green]{escape(str(node.get('method')))}[/]{again}"
     params = escape(", ".join(f"{k}={_compact(v)}" for k, v in (node.get("params") or {}).items()))
     tool = escape(str(node.get("tool", "")))
     name = f"{escape(str(node.get('name')))}: " if node.get("name") else ""

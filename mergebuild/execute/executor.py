@@ -1,18 +1,20 @@
 """Run a plan: stream every tensor through its method, into the cache and the outputs.
 
 Per merge, tensors flow through three stages that overlap:
-  reader threads  -> load the input tensors (file ranges, verified blobs), a bounded window ahead
+  reader threads  -> load the input tensors (file ranges, verified cached tensors), a bounded window ahead
   main thread     -> run the method on the device, in the compute dtype, cast to the result dtype
-  writer threads  -> hash the result, store its blob, write it into the output file
+  writer threads  -> hash the result, store it (a blob, or its place in the output file)
 Memory is bounded by the windows (`staging` bytes of loaded inputs, in the compute dtype and on
 the compute device, and WRITE_BEHIND bytes of results), not by the model size. Small tensors of
 an elementwise method move as Batches (batching.py): one trip through the stages for many.
+
+Nothing is recorded in the index before its bytes are stored and every source it was computed
+from has been re-checked (records.py); an interrupt keeps the finished tensors.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -23,13 +25,13 @@ from pathlib import Path
 from mergebuild.dtypes import itemsize
 from mergebuild.errors import BuildError, InputError
 from mergebuild.execute.batching import Batch, group_small
-from mergebuild.execute.tensorio import SourceMaps, copy_range, read_ref
+from mergebuild.execute.outputs import OutputSink
+from mergebuild.execute.records import Records
+from mergebuild.execute.tensorio import OpenFiles, read_ref
 from mergebuild.plan.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
 from mergebuild.spec.model import Settings
 from mergebuild.store.cache import Cache
-from mergebuild.store.hashing import file_sha256, legacy_hash, tensor_data_sha256, tensor_digest
-from mergebuild.tensors.folder import FolderWriter, is_folder_output, output_marker
-from mergebuild.execute.outputs import PackedOutput
+from mergebuild.store.hashing import tensor_digest
 from mergebuild.tensors.writer import remove_stale_temps
 
 WRITE_BEHIND = 192 << 20
@@ -46,6 +48,7 @@ class MergeResult:
     output: Path | None = None
     written: bool = False
     architecture: str = ""
+    ran: bool = True  # False: nothing the build makes needed it (its output was current)
 
     @property
     def reused(self) -> int:
@@ -71,34 +74,37 @@ class Executor:
         self.device_name = device
         self.staging = staging
         self._transfer = None
-        self.maps = SourceMaps()
+        self.files = OpenFiles()
         self._scratch_local = threading.local()  # float32 chunks reused by _compute_chunked
         self.progress = progress or NullProgress()
-        self._records: list[tuple] = []
+        self.records = Records(plan, cache, build_id)
         self._lock = threading.Lock()
-        self._sha256: dict[str, Future] = {}
-        self._addnet: dict[str, Future] = {}
         self._merge_name = ""
         self._healed = 0  # cached tensors found bad on read and recomputed
         self.output_sha256: dict[str, Future] = {}  # outputs written by this build
+        self.warnings: list[str] = []
 
     # public -------------------------------------------------------------------------------
     def run(self) -> dict[str, MergeResult]:
+        from mergebuild.execute.commit import Committer
+
+        self.cache.alive()
         self.cache.clear_stale()
         results = {}
         with ThreadPoolExecutor(2, thread_name_prefix="read") as self.readers, \
                 ThreadPoolExecutor(2, thread_name_prefix="write") as self.writers, \
                 ThreadPoolExecutor(2, thread_name_prefix="sha256") as self.hashers:
-            self._start_source_hashes()
+            self.committer = Committer(self.plan, self.cache, self.hashers, self.warnings, self.build_id)
             try:
                 for name in self.plan.order:
                     if name in self.plan.merges:
                         results[name] = self._run_merge(self.plan.merges[name])
+                self.committer.save_source_hashes()
+                self.output_sha256 = {n: f.result() for n, f in self.committer.output_sha256.items()}
             finally:
-                self._flush_records()
-            self._save_source_hashes()
-            self.output_sha256 = {n: f.result() for n, f in self.output_sha256.items()}
-        self.maps.close()
+                self.committer.cancel()
+        self.files.close()
+        self.records.save_state([n for n, r in results.items() if r.ran])
         return results
 
     @property
@@ -115,49 +121,68 @@ class Executor:
     # one merge ----------------------------------------------------------------------------
     def _run_merge(self, merge: MergePlan) -> MergeResult:
         started = time.perf_counter()
-        resolve_keys(self.plan, merge, self.cache, self.force)
         name = self._merge_name = merge.spec.name
-        output = merge.spec.output
-        writer = self._open_output(merge) if output is not None and not self._output_current(merge) else None
-        todo = [t for t in merge.tasks.values() if t.state == DIRTY or writer is not None]
+        arch = merge.arch.name if merge.arch else ""
+        if not merge.needed:  # its output is current and nothing that runs reads it
+            return MergeResult(name, len(merge.tasks), 0, 0.0, merge.method_tasks, merge.spec.output, False, arch, False)
+        resolve_keys(self.plan, merge, self.cache, self.force)
+        sink = self._open_output(merge) if merge.spec.output is not None and not merge.current else None
+        todo = [t for t in merge.tasks.values() if t.state == DIRTY or sink is not None]
         self.progress.start(name, len(todo), sum(t.nbytes for t in todo))
         computed, self._healed = 0, 0
         try:
-            computed = self._stream(merge, todo, writer)
-            if writer is not None:
-                self._commit_output(merge, writer)
-        except BaseException:
-            if writer is not None:
-                writer.abort()
+            computed = self._stream(merge, todo, sink)
+            self.records.verify_sources()
+            if sink is not None:
+                self.committer.commit(merge, sink)
+                self.records.committed(name, sink)
+            self.records.flush()
+        except BaseException as e:
+            self._keep_finished(merge, sink, e)
             raise
         finally:
             self.progress.finish(name)
-        self.cache.index.touch([t.key for t in merge.tasks.values() if t.key], self.build_id)
-        self.cache.index.save_recipe(str(self.plan.mergefile.path), name, reason_recipe(self.plan, name))
-        return MergeResult(
-            name, len(merge.tasks), computed + self._healed, time.perf_counter() - started,
-            merge.method_tasks, output, writer is not None,
-            merge.arch.name if merge.arch else "",
-        )
+        self.records.used(merge)
+        return MergeResult(name, len(merge.tasks), computed + self._healed, time.perf_counter() - started,
+                           merge.method_tasks, merge.spec.output, sink is not None, arch)
 
-    def _stream(self, merge: MergePlan, todo: list[TensorTask], writer) -> int:
+    def _keep_finished(self, merge: MergePlan, sink: OutputSink | None, error: BaseException) -> None:
+        """A build stopped (interrupt, failure): record what was finished, if it can be trusted."""
+        if self.records.sources_changed():
+            if sink is not None:
+                sink.abort()
+            return  # computed from a file that changed: nothing of it may be recorded
+        if sink is not None:
+            try:
+                kept = sink.salvage()
+            except BaseException:
+                sink.abort()
+                kept = {}
+            self.records.salvaged(merge, kept)
+        self.records.flush()
+
+    def _stream(self, merge: MergePlan, todo: list[TensorTask], sink) -> int:
         """Read ahead, compute in order, write behind; returns how many tensors were computed."""
         reads: deque = deque()
         writes: deque = deque()
         read_bytes = computed = 0
-        for task in group_small(todo, self._input_dtypes):
-            reads.append((task, self.readers.submit(self._fetch, merge, task, writer)))
-            read_bytes += self._footprint(task)
-            while reads and (read_bytes > self.staging or reads[0][1].done()):
+        try:
+            for task in group_small(todo, self._input_dtypes):
+                reads.append((task, self.readers.submit(self._fetch, merge, task, sink)))
+                read_bytes += self._footprint(task)
+                while reads and (read_bytes > self.staging or reads[0][1].done()):
+                    task_, future = reads.popleft()
+                    read_bytes -= self._footprint(task_)
+                    computed += self._handle(task_, future.result(), sink, writes)
+                    self._drain(writes, WRITE_BEHIND)
+            while reads:
                 task_, future = reads.popleft()
-                read_bytes -= self._footprint(task_)
-                computed += self._handle(task_, future.result(), writer, writes)
+                computed += self._handle(task_, future.result(), sink, writes)
                 self._drain(writes, WRITE_BEHIND)
-        while reads:
-            task_, future = reads.popleft()
-            computed += self._handle(task_, future.result(), writer, writes)
-            self._drain(writes, WRITE_BEHIND)
-        self._drain(writes, 0)
+            self._drain(writes, 0)
+        except BaseException:
+            _settle(reads, writes)
+            raise
         return computed
 
     def _input_dtypes(self, task: TensorTask) -> list[str]:
@@ -172,44 +197,54 @@ class Executor:
         size = itemsize(self.plan.compute_dtype)
         return sum(size * math.prod(self.plan.ref(n, t).shape) for n, t in task.inputs)
 
-    def _fetch(self, merge: MergePlan, task: TensorTask | Batch, writer):
+    def _fetch(self, merge: MergePlan, task: TensorTask | Batch, sink):
         """In a reader thread: what _handle needs for this task."""
         if isinstance(task, Batch):
             inputs = [[self._load(node, tensor) for node, tensor in t.inputs] for t in task.tasks]
             return self.transfer.upload_batch(inputs, [[self.plan.ref(*i) for i in t.inputs] for t in task.tasks])
         if task.state == DIRTY:
             return self._upload(task, [self._load(node, tensor) for node, tensor in task.inputs])
-        ref = self.plan.ref(*task.inputs[0]) if task.state == PASSTHROUGH else None
-        if ref is not None and ref.file is not None:
+        ref = self.plan.ref(*task.inputs[0]) if task.state == PASSTHROUGH else self.plan.ref(merge.spec.name, task.name)
+        if ref.file is not None or self.cache.locate(ref.digest) is not None:
             return None  # copied file to file by the writer, never through memory
-        if task.state == PASSTHROUGH:
-            return self._load(*task.inputs[0])
-        return self._load(merge.spec.name, task.name)
+        return self._load(*task.inputs[0]) if task.state == PASSTHROUGH else self._load(merge.spec.name, task.name)
 
-    def _handle(self, task: TensorTask | Batch, fetched, writer, writes: deque) -> int:
+    def _handle(self, task: TensorTask | Batch, fetched, sink, writes: deque) -> int:
         if isinstance(task, Batch):
             result = self._compute_batch(task, fetched)
-            writes.append((task.nbytes, self.writers.submit(self._store_batch, task, result, writer)))
+            writes.append((task.nbytes, self.writers.submit(self._store_batch, task, result, sink)))
             self.progress.advance(self._merge_name, len(task.tasks), task.nbytes)
             return len(task.tasks)
         if task.state == DIRTY:
             result = self._compute(task, fetched)
-            writes.append((task.nbytes, self.writers.submit(self._store, task, result, writer)))
+            writes.append((task.nbytes, self.writers.submit(self._store, task, result, sink)))
             self.progress.advance(self._merge_name, 1, task.nbytes)
             return 1
         if fetched is None:
-            ref = self.plan.ref(*task.inputs[0])
-            future = self.writers.submit(self._copy_into, writer, task, ref)
+            future = self.writers.submit(self._copy_into, sink, task)
         else:
-            future = self.writers.submit(writer.write, task.name, fetched)
+            future = self.writers.submit(self._write_cached, sink, task, fetched)
         writes.append((task.nbytes, future))
         self.progress.advance(self._merge_name, 1, task.nbytes)
         return 0
 
+    def _copy_into(self, sink: OutputSink, task: TensorTask) -> None:
+        """A tensor that did not change, copied into the output from where it is stored."""
+        ref = self.plan.ref(*task.inputs[0]) if task.state == PASSTHROUGH else self.plan.ref(self._merge_name, task.name)
+        if ref.file is not None:
+            path, offset = ref.file, ref.begin
+        else:
+            path, offset = self.cache.locate(ref.digest)
+            self.records.read_from(Path(path))
+        source = self.files.acquire(Path(path))
+        try:
+            sink.copy_into(task.name, ref.digest, source, offset)
+        finally:
+            self.files.release(Path(path))
+
     @staticmethod
-    def _copy_into(writer, task: TensorTask, ref) -> None:
-        copy_range(ref.file, ref.begin, task.nbytes, *writer.target_of(task.name))
-        writer.mark_done(task.name)
+    def _write_cached(sink: OutputSink, task: TensorTask, data) -> None:
+        sink.write(task.name, task.digest, data)
 
     @staticmethod
     def _drain(writes: deque, limit: int) -> None:
@@ -221,10 +256,10 @@ class Executor:
             pending -= n
 
     # tensors ------------------------------------------------------------------------------
-    def _load(self, node: str, tensor: str) -> bytearray:
-        """The bytes of a node's tensor; a missing or bad blob is recomputed, never used."""
+    def _load(self, node: str, tensor: str):
+        """The bytes of a node's tensor; a missing or bad cached one is recomputed, never used."""
         ref = self.plan.ref(node, tensor)
-        data = read_ref(ref, self.cache, self.maps)
+        data = read_ref(ref, self.cache, self.files)
         if data is not None:
             return data
         merge_name, task = self._producer(node, tensor)
@@ -232,18 +267,19 @@ class Executor:
         self._store(task, self._compute(task, inputs), None)
         with self._lock:
             self._healed += 1
-        return read_ref(self.plan.ref(node, tensor), self.cache, self.maps)
+        return read_ref(self.plan.ref(node, tensor), self.cache, self.files)
 
     def _producer(self, node: str, tensor: str) -> tuple[str, TensorTask]:
-        if node in self.plan.sources:
-            raise BuildError(f"{self.plan.sources[node].path}: tensor {tensor!r} is missing from the cache "
-                             "(legacy checkpoint import was removed); run the build again")
-        task = self.plan.merges[node].tasks[tensor]
-        if task.method is None:
-            return self._producer(*task.inputs[0])
-        return node, task
+        while True:
+            if node in self.plan.sources:
+                raise BuildError(f"{self.plan.sources[node].path}: tensor {tensor!r} is missing from the cache "
+                                 "(legacy checkpoint import was removed); run the build again")
+            task = self.plan.merges[node].tasks[tensor]
+            if task.method is not None:
+                return node, task
+            node, tensor = task.inputs[0]
 
-    def _upload(self, task: TensorTask, buffers: list[bytearray]):
+    def _upload(self, task: TensorTask, buffers: list):
         refs = [self.plan.ref(n, t) for n, t in task.inputs]
         return self.transfer.upload(buffers, refs, convert=not self._chunked(task))
 
@@ -346,52 +382,35 @@ class Executor:
             return f"[models.{node}] {self.plan.sources[node].path}"
         return f"[merges.{node}]"
 
-    def _store(self, task: TensorTask, handle, writer) -> None:
-        """In a writer thread: hash the result, keep its blob, write it into the output."""
+    def _store(self, task: TensorTask, handle, sink) -> None:
+        """In a writer thread: hash the result, keep it (in the output, or as a blob)."""
         from mergebuild.tensors.convert import to_bytes
 
-        self._keep(task, to_bytes(self.transfer.fetch(handle)), writer)
+        self._keep(task, to_bytes(self.transfer.fetch(handle)), sink)
 
-    def _store_batch(self, batch: Batch, handle, writer) -> None:
+    def _store_batch(self, batch: Batch, handle, sink) -> None:
         from mergebuild.tensors.convert import to_bytes
 
         flat = self.transfer.fetch(handle)
         for task, begin, n in batch.spans():
-            self._keep(task, to_bytes(flat[begin : begin + n]), writer)
+            self._keep(task, to_bytes(flat[begin : begin + n]), sink)
 
-    def _keep(self, task: TensorTask, data, writer) -> None:
+    def _keep(self, task: TensorTask, data, sink) -> None:
         digest = tensor_digest(task.dtype, task.shape, data)
-        if writer is not None:
-            writer.write(task.name, data)
-        if writer is None or not writer.stored(task.name, digest):
-            self.cache.blobs.put(digest, data)
+        if sink is not None:
+            sink.write(task.name, digest, data)  # recorded once the output is committed
+            self.records.in_output(self._merge_name, task, digest)
+        else:
+            self.records.stored(task, digest, self.cache.blobs.put(digest, data))
         task.digest, task.state = digest, CACHED
-        with self._lock:
-            self._records.append((task.key, digest, task.dtype, task.shape))
-
-    def _flush_records(self) -> None:
-        with self._lock:
-            rows, self._records = self._records, []
-        if rows:
-            self.cache.index.record(rows, self.build_id)
 
     # outputs ------------------------------------------------------------------------------
-    def _output_current(self, merge: MergePlan) -> bool:
-        from mergebuild.plan.planner import output_digest, output_is_current
-
-        merge.output_digest = output_digest(merge, identity_text(self.plan, merge.spec.name))
-        return output_is_current(self.cache, merge.spec.output, merge.output_digest)
-
-    def _open_output(self, merge: MergePlan):
-        from mergebuild.lineage import build_metadata
-
+    def _open_output(self, merge: MergePlan) -> OutputSink:
         remove_stale_temps(merge.spec.output)
-        placeholder = {n: "0" * 64 for n in self.plan.sources}
-        draft = build_metadata(self.plan, merge.spec.name, placeholder, {n: "0" * 8 for n in self.plan.sources}, "0" * 64)
         tensors = [(t.name, t.dtype, t.shape) for t in merge.tasks.values()]
-        if is_folder_output(merge.spec.output):
-            return FolderWriter(merge.spec.output, tensors, draft, merge.spec.shard_size, self._config_folder(merge))
-        return PackedOutput(self.cache, merge.spec.output, tensors, draft)
+        draft = self.committer.draft_metadata(merge)
+        return OutputSink(self.cache, merge.spec.output, tensors, draft, merge.spec.shard_size,
+                          self._config_folder(merge))
 
     def _config_folder(self, merge: MergePlan) -> Path | None:
         """The model folder whose config files the output copies: the first input's, up the chain."""
@@ -401,70 +420,15 @@ class Executor:
         path = self.plan.sources[node].path
         return path if path.is_dir() else None
 
-    def _commit_output(self, merge: MergePlan, writer) -> None:
-        from mergebuild.lineage import build_metadata
-        from mergebuild.plan.planner import output_digest
 
-        sources = self._sources_of(merge.spec.name)
-        hashes = {n: self._source_sha256(n) for n in sources}
-        for name, future in self._addnet.items():
-            self.plan.sources[name].addnet_hash = future.result()
-        legacy = {n: legacy_hash(self.plan.sources[n].hash_file) for n in sources}
-        self._flush_records()
-        data_hash = writer.data_sha256().hexdigest()
-        writer.commit(build_metadata(self.plan, merge.spec.name, hashes, legacy, data_hash))
-        merge.output_digest = output_digest(merge, identity_text(self.plan, merge.spec.name))
-        marker = output_marker(merge.spec.output)
-        self.cache.index.save_output(str(merge.spec.output), os.stat(marker), merge.output_digest)
-        self.output_sha256[merge.spec.name] = self.hashers.submit(file_sha256, marker)
-
-    def _sources_of(self, node: str) -> set[str]:
-        """The sources a merge is made from: its lineage names only these (and waits only for
-        their hashes)."""
-        if node in self.plan.sources:
-            return {node}
-        return set().union(*(self._sources_of(i) for i in self.plan.merges[node].spec.inputs))
-
-    def _start_source_hashes(self) -> None:
-        for name, source in self.plan.sources.items():
-            if source.sha256 is None:
-                self._sha256[name] = self.hashers.submit(file_sha256, source.hash_file)
-        for name in self._lora_files():
-            self._addnet[name] = self.hashers.submit(tensor_data_sha256, self.plan.sources[name].path)
-
-    def _lora_files(self) -> set[str]:
-        """Sources read as LoRA files (by a lora method, after its first input): their lineage
-        carries kohya's hash of the tensor data too."""
-        out = set()
-        for merge in self.plan.merges.values():
-            if merge.spec.method.startswith("lora"):
-                first = 0 if merge.spec.method != "lora" else 1
-                out |= {n for n in merge.spec.inputs[first:] if n in self.plan.sources and self.plan.sources[n].path.is_file()}
-        return out
-
-    def _source_sha256(self, name: str) -> str:
-        source = self.plan.sources[name]
-        if source.sha256 is None:
-            source.sha256 = self._sha256[name].result()
-        return source.sha256
-
-    def _save_source_hashes(self) -> None:
-        for name, future in self._sha256.items():
-            source = self.plan.sources[name]
-            source.sha256 = future.result()
-            self.cache.index.save_sha256(str(source.hash_file), source.stat, source.sha256)
-
-
-def identity_text(plan: Plan, merge: str) -> str:
-    import json
-
-    from mergebuild.lineage import recipe
-
-    return json.dumps(recipe(plan, merge, None), sort_keys=True, default=str)
-
-
-def reason_recipe(plan: Plan, merge: str) -> dict:
-    """What -v compares between builds to say why a merge is dirty."""
-    from mergebuild.explain import merge_fingerprint
-
-    return merge_fingerprint(plan, merge)
+def _settle(reads: deque, writes: deque) -> None:
+    """After a failure or an interrupt: drop the reads not started, let the running ones and
+    every queued write finish (a write half done must not be recorded as whole)."""
+    for _, future in reads:
+        future.cancel()
+    for _, future in list(reads) + list(writes):
+        if not future.cancelled():
+            try:
+                future.result()
+            except BaseException:  # noqa: BLE001 - the first error is the one reported
+                pass

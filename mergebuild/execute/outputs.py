@@ -1,66 +1,96 @@
-"""A single-file output is written once, into the cache as a pack, and hard-linked to its target.
+"""An output being written: the one copy of a target's tensors.
 
-The pack's tensors are the cache entries of the target's merge (the index locates them in it),
-so a target's bytes are written once instead of twice (blob + output). Where a hard link is not
-possible (cache on another filesystem), the pack is copied. Either way the target appears
-atomically: linked or copied to a temp name beside it, then renamed.
+A target's tensors are written once, into the output itself (a temp file beside it, renamed at
+commit); the index then locates each tensor in the committed file, and the next rebuild copies
+the unchanged ones from it, kernel-side, instead of keeping a second copy in the cache. So a
+one-block tweak adds to the cache only what changed upstream. If the build is interrupted, the
+tensors already written are moved into the cache (a pack) and recorded there, so the next
+build computes only the rest.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 from pathlib import Path
 
+from mergebuild.portable import RandomAccess, same_device
 from mergebuild.store.cache import Cache
-from mergebuild.tensors.writer import TEMP_MARK, SafetensorsWriter, fsync_dir
+from mergebuild.tensors.folder import FolderWriter, is_folder_output, output_marker
+from mergebuild.tensors.writer import SafetensorsWriter
 
 
-class PackedOutput:
-    def __init__(self, cache: Cache, target: Path, tensors: list, draft_metadata: dict):
+class OutputSink:
+    def __init__(self, cache: Cache, target: Path, tensors: list, draft_metadata: dict, shard_size: int,
+                 config_folder: Path | None):
         self.cache, self.target = cache, Path(target)
-        self.pack = cache.new_pack()
-        self.writer = SafetensorsWriter(self.pack, tensors, draft_metadata)
-        self.locations: list[tuple[str, int]] = []  # (digest, offset) of tensors computed into it
-        self._lock = threading.Lock()  # writer threads report what they stored
+        self.folder = is_folder_output(self.target)
+        if self.folder:
+            self.writer = FolderWriter(self.target, tensors, draft_metadata, shard_size, config_folder, cache.token)
+        else:
+            self.writer = SafetensorsWriter(self.target, tensors, draft_metadata, cache.token)
+        self.digests: dict[str, str] = {}  # tensor name -> digest, as each is written
+        self._lock = threading.Lock()
 
-    def write(self, name: str, data, at: int = 0) -> None:
-        self.writer.write(name, data, at)
+    def write(self, name: str, digest: str, data) -> None:
+        self.writer.write(name, data)
+        self._written(name, digest)
 
-    def target_of(self, name: str) -> tuple[int, int]:
-        return self.writer.target(name)
+    def copy_into(self, name: str, digest: str, source: RandomAccess, offset: int) -> None:
+        self.writer.copy_into(name, source, offset)
+        self._written(name, digest)
 
-    def stored(self, name: str, digest: str) -> bool:
-        """A computed tensor lives in this pack (no blob of its own)."""
+    def _written(self, name: str, digest: str) -> None:
         with self._lock:
-            self.locations.append((digest, self.writer.position(name)))
-        return True
+            self.digests[name] = digest
 
-    def mark_done(self, name: str) -> None:
-        self.writer.mark_done(name)
-
-    def data_sha256(self):
-        return self.writer.data_sha256()
+    def data_sha256(self) -> str:
+        return self.writer.data_sha256().hexdigest()
 
     def commit(self, metadata: dict[str, str]) -> None:
-        self.writer.commit(metadata)
-        self.cache.add_locations(self.pack, self.locations)
-        publish(self.pack, self.target)
+        """Put the output in place and record where each of its tensors is."""
+        if self.folder:
+            shards = self.writer.commit(metadata)
+            for w, final in zip(self.writer.writers, shards):
+                self._record(final, [(self.digests[n], w.position(n)) for n in w.slots if n in self.digests])
+            self._record(output_marker(self.target), [])
+        else:
+            self.writer.commit(metadata)
+            w = self.writer
+            self._record(self.target, [(self.digests[n], w.position(n)) for n in w.slots if n in self.digests])
+
+    def _record(self, path: Path, rows: list[tuple[str, int]]) -> None:
+        self.cache.save_file(path, "output", str(self.target), rows)
+
+    def salvage(self) -> dict[str, str]:
+        """On interrupt: keep the tensors already written, in the cache; {name: digest} kept."""
+        kept: dict[str, str] = {}
+        writers = self.writer.writers if self.folder else [self.writer]
+        for w in writers:
+            done = [n for n in w.done_names() if n in self.digests]
+            if not done:
+                w.abort()
+                continue
+            pack = self.cache.new_pack()
+            moved = w.salvage(pack) if same_device(w.temp, pack.parent) else None
+            if moved is not None:
+                self.cache.save_file(pack, "pack", str(self.target), [(self.digests[n], o) for n, o in moved
+                                                                      if n in self.digests])
+                kept.update({n: self.digests[n] for n, _ in moved if n in self.digests})
+            else:  # another file system: copy the finished tensors into blobs
+                kept.update(self._to_blobs(w, done))
+                w.abort()
+        if self.folder:
+            self.writer.abort()
+        return kept
+
+    def _to_blobs(self, w: SafetensorsWriter, names: list[str]) -> dict[str, str]:
+        kept, rows = {}, []
+        for n in names:
+            data = w.file.read(w.slots[n].nbytes, w.position(n))
+            rows.append((self.digests[n], self.cache.blobs.put(self.digests[n], data), "salvage"))
+            kept[n] = self.digests[n]
+        self.cache.index.save_blobs([r for r in rows if r[1]], 0)
+        return kept
 
     def abort(self) -> None:
         self.writer.abort()
-
-
-def publish(pack: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.parent / f".{target.name}{TEMP_MARK}{os.getpid()}"
-    temp.unlink(missing_ok=True)
-    try:
-        os.link(pack, temp)
-    except OSError:
-        shutil.copyfile(pack, temp)
-        with open(temp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(temp, target)
-    fsync_dir(target.parent)

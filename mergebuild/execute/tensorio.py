@@ -1,87 +1,79 @@
-"""Moving tensor bytes: read a TensorRef (file range or verified blob), copy a file range."""
+"""Moving tensor bytes: read a TensorRef (a source's byte range or a verified cached tensor).
+
+Source files are read with positional reads into buffers through a bounded set of open files:
+a file truncated under a build gives a clean error instead of SIGBUS, and the number of
+descriptors stays small whatever the number of sources or tensors.
+"""
 
 from __future__ import annotations
 
-import mmap
-import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from mergebuild.dtypes import nbytes
+from mergebuild.errors import BuildError
 from mergebuild.plan.sources import TensorRef
+from mergebuild.portable import RandomAccess, ShortRead
 from mergebuild.store.cache import Cache
 
-CHUNK = 64 << 20
+MAX_OPEN = 64  # source and output files open at once (each read by many threads through one descriptor)
 
 
-def read_range(path: Path, begin: int, size: int) -> bytearray:
-    buf = bytearray(size)
-    view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < size:
-            n = os.preadv(fd, [view[done : done + CHUNK]], begin + done)
-            if n == 0:
-                raise OSError(f"{path}: unexpected end of file")
-            done += n
-    finally:
-        os.close(fd)
-    return buf
+class OpenFiles:
+    """Files open for positional reads, least recently used closed first beyond MAX_OPEN."""
 
-
-class SourceMaps:
-    """Read source tensors as read-only mappings of their byte range: a view of the page cache,
-    with no copy and no fresh memory to fault in (measured: fresh buffers for every read cost
-    more kernel time than the reads themselves here). Each tensor gets its own small mapping,
-    unmapped when its last view goes, so the process's resident memory stays bounded."""
-
-    def __init__(self):
-        self._fds: dict[Path, int] = {}
+    def __init__(self, limit: int = MAX_OPEN):
+        self.limit = limit
+        self._files: OrderedDict[str, RandomAccess] = OrderedDict()
+        self._users: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def view(self, path: Path, begin: int, size: int) -> memoryview:
+    def acquire(self, path: Path) -> RandomAccess:
+        key = str(path)
         with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        start = begin - begin % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(fd, size + begin - start, access=mmap.ACCESS_READ, offset=start)
-        return memoryview(mapped)[begin - start :]
+            f = self._files.get(key)
+            if f is None:
+                f = self._files[key] = RandomAccess(Path(path))
+                self._close_unused()
+            self._files.move_to_end(key)
+            self._users[key] = self._users.get(key, 0) + 1
+            return f
+
+    def release(self, path: Path) -> None:
+        with self._lock:
+            key = str(path)
+            self._users[key] -= 1
+            self._close_unused()
+
+    def _close_unused(self) -> None:
+        while len(self._files) > self.limit:
+            idle = next((k for k in self._files if not self._users.get(k)), None)
+            if idle is None:
+                return  # every open file is being read right now
+            self._files.pop(idle).close()
+
+    def read(self, path: Path, offset: int, size: int) -> bytearray:
+        f = self.acquire(path)
+        try:
+            return f.read(size, offset)
+        finally:
+            self.release(path)
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
 
 
-def read_ref(ref: TensorRef, cache: Cache, maps: SourceMaps | None = None):
-    """The bytes of a tensor (a bytearray, or a read-only view of a mapped source); None when it
-    lives in the cache and is missing or bad there."""
+def read_ref(ref: TensorRef, cache: Cache, files: OpenFiles):
+    """The bytes of a tensor; None when it lives in the cache and is missing or bad there."""
     size = nbytes(ref.dtype, ref.shape)
-    if ref.file is not None:
-        if maps is not None and size:
-            return maps.view(ref.file, ref.begin, size)
-        return read_range(ref.file, ref.begin, size)
-    return cache.get(ref.digest, ref.dtype, ref.shape, size)
-
-
-def copy_range(src: Path, begin: int, size: int, dst_fd: int, dst_offset: int) -> None:
-    """Copy bytes between files inside the kernel where it can (copy_file_range)."""
-    fd = os.open(src, os.O_RDONLY)
+    if ref.file is None:
+        return cache.get(ref.digest, ref.dtype, ref.shape, size)
     try:
-        done = 0
-        while done < size:
-            try:
-                n = os.copy_file_range(fd, dst_fd, size - done, begin + done, dst_offset + done)
-            except OSError:
-                n = 0
-            if n == 0:  # not supported here (or a short copy): fall back to read + write
-                chunk = os.pread(fd, min(CHUNK, size - done), begin + done)
-                if not chunk:
-                    raise OSError(f"{src}: unexpected end of file")
-                n = os.pwrite(dst_fd, chunk, dst_offset + done)
-            done += n
-    finally:
-        os.close(fd)
+        return files.read(ref.file, ref.begin, size)
+    except ShortRead as e:
+        raise BuildError(f"{ref.file}: {e.strerror}; the source changed during the build, nothing from it "
+                         "was recorded") from None

@@ -11,9 +11,10 @@ from mergebuild.torchlazy import torch
 VAE_PREFIX = "first_stage_model."
 
 
-def take_b(a, b, **_params):
-    """B's tensor, for the keys the method selects (A's everywhere else)."""
-    return b.clone()
+def take_b(*tensors, **_params):
+    """B's tensor, for the keys the method selects (A's everywhere else). Called with B alone
+    (the method reads only B), or with A and B where A is needed (inpainting channels, clip)."""
+    return tensors[-1].clone()
 
 
 def _swap_selects(key: str, params: dict, arch, block) -> bool:
@@ -64,13 +65,13 @@ METHODS = [
         Param("component", str, "", "a component of the detected architecture: text_encoder, unet, vae (SDXL: clip_l, clip_g)"),
         Param("match", str, "", "a regular expression: keys it finds are taken from B"),
     ), "Take a component (text encoder, UNet, VAE) or the keys matching a pattern from B.",
-       select=_swap_selects, elementwise=True),
+       select=_swap_selects, elementwise=True, reads=(1,)),
     Method("attention_swap", 1, take_b, ("A", "B"), (
         Param("blocks", str, "", "MBW blocks, e.g. 'IN04-IN08 M00'; empty: all"),
         Param("parts", str, "attn1 attn2", "which layers: attn1 (self-attention), attn2 (cross-attention), ff"),
     ), "Take attention (attn1 / attn2) or feed-forward (ff) layers of chosen blocks from B.",
-       select=_attention_selects, elementwise=True),
+       select=_attention_selects, elementwise=True, reads=(1,)),
     Method("bake_vae", 1, take_b, ("A", "VAE"), (),
            "Replace A's VAE (first_stage_model.*) with a VAE file's; only keys A has are written.",
-           select=_vae_selects, input_names=_vae_names, elementwise=True),
+           select=_vae_selects, input_names=_vae_names, elementwise=True, reads=(1,)),
 ]

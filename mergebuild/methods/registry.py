@@ -87,6 +87,9 @@ class Method:
     # (LoRA bake-in reads several tensors per key; lora_merge and lora_extract write LoRA keys).
     # `context` is a plan.planner.MergeContext. None: one task per key of the first input.
     plan_tasks: Callable | None = None
+    # the inputs fn reads, by position, when only some: fn then receives those alone, and a
+    # tensor's cache key hashes only them (a swap that takes B does not depend on A)
+    reads: tuple[int, ...] | None = None
     extra: dict = field(default_factory=dict)
 
     def arity_ok(self, n: int) -> bool:

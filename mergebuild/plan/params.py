@@ -50,6 +50,12 @@ class ParamResolver:
         self.include = [re.compile(p) for p in merge.include]
         self.exclude = [re.compile(p) for p in merge.exclude]
         self.defaults = method.defaults()
+        # whether any value depends on the block of a key: then the block map (and its
+        # [settings] time_embed) reaches the tensors
+        self.block_sensitive = bool(
+            any(param_varies_by_block(method, n, v) for n, v in merge.params.items())
+            or any(r.blocks for r in merge.rules)
+            or merge.params.get("blocks") or merge.params.get("block_weights"))
 
     def block_of(self, key: str) -> str | None:
         return self.arch.block_of(key, self.time_embed_in_base)
@@ -129,3 +135,10 @@ class ParamResolver:
 
     def _fail(self, field: str, message: str):
         raise MergefileError(self.mf.path, f"merges.{self.merge.name}", field, message)
+
+
+def param_varies_by_block(method: Method, name: str, value) -> bool:
+    param = method.param(name)
+    if param is None or not param.numeric:
+        return False
+    return isinstance(value, (str, list)) or (isinstance(value, dict) and "gradient" not in value)

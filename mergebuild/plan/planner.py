@@ -20,12 +20,14 @@ from mergebuild.methods.parts import POSITION_IDS
 from mergebuild.methods.registry import Method, get_method
 from mergebuild.plan.graph import build_graph, build_order
 from mergebuild.layouts.blocks import Architecture, detect
+from mergebuild.plan.outputs import check_outputs
 from mergebuild.plan.params import ParamResolver
+from mergebuild.plan.recipe import Recipe, merge_node, model_node
 from mergebuild.plan.sources import Source, TensorRef, load_source
 from mergebuild.spec.model import Mergefile, MergeSpec
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import text_digest
-from mergebuild.tensors.folder import output_marker
+from mergebuild.tensors.folder import is_folder_output
 
 # A1111 never merges these; they are copied from the first input
 SKIP_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
@@ -60,12 +62,16 @@ class MergePlan:
     spec: MergeSpec
     method: Method
     tasks: dict[str, TensorTask]
-    output_digest: str | None = None  # what the output file must hold, when fully known
     arch: Architecture | None = None
     arch_how: str = ""
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     output_metadata: dict[str, str] = field(default_factory=dict)
+    block_sensitive: bool = False  # a value depends on the block (so [settings] time_embed reaches it)
+    identity: str = ""  # of its recipe node and everything upstream (plan/recipe.py)
+    current: bool = False  # a target whose output a build would leave byte for byte as it is
+    needed: bool = True  # the build runs it: its output is stale, or a merge that runs reads it
+    stale_why: str = ""  # why its output is not current ("missing", "changed on disk", ...)
 
     def count(self, state: str) -> int:
         return sum(1 for t in self.tasks.values() if t.state == state)
@@ -83,15 +89,18 @@ class Plan:
     sources: dict[str, Source]
     merges: dict[str, MergePlan]
     compute_dtype: str
+    recipe: Recipe = field(default_factory=Recipe)
+    cache_root: Path | None = None
 
     def ref(self, node: str, tensor: str) -> TensorRef:
-        """Where the bytes of a node's tensor are, as far as known now."""
-        if node in self.sources:
-            return self.sources[node].tensors[tensor]
-        task = self.merges[node].tasks[tensor]
-        if task.method is None:
-            return self.ref(*task.inputs[0])
-        return TensorRef(task.dtype, task.shape, task.digest)
+        """Where the bytes of a node's tensor are, as far as known now (a tensor passed through
+        unchanged is its input's: followed without recursion, chains can be long)."""
+        while node not in self.sources:
+            task = self.merges[node].tasks[tensor]
+            if task.method is not None:
+                return TensorRef(task.dtype, task.shape, task.digest)
+            node, tensor = task.inputs[0]
+        return self.sources[node].tensors[tensor]
 
     def tensor_names(self, node: str) -> list[str]:
         if node in self.sources:
@@ -100,17 +109,38 @@ class Plan:
 
 
 def make_plan(mf: Mergefile, cache: Cache, targets: list[str] | None = None, force: bool = False) -> Plan:
+    from mergebuild.plan.state import decide_outputs
+
     graph = build_graph(mf)
     targets = list(targets) if targets else mf.targets
     order = build_order(mf, graph, targets)
+    check_outputs(mf, cache.root, order)
     sources = {n: load_source(mf.models[n], cache, f"models.{n}") for n in order if n in mf.models}
-    plan = Plan(mf, order, targets, sources, {}, USER_DTYPES[mf.settings.compute_dtype])
+    plan = Plan(mf, order, targets, sources, {}, USER_DTYPES[mf.settings.compute_dtype], cache_root=cache.root)
     for name in order:
-        if name in mf.merges:
+        if name in mf.models:
+            plan.recipe.add(name, model_node(sources[name].path.name, sources[name].content))
+        else:
             merge_plan = _plan_merge(plan, mf.merges[name])
             plan.merges[name] = merge_plan
+            merge_plan.identity = plan.recipe.add(name, _node(plan, merge_plan))
             resolve_keys(plan, merge_plan, cache, force)
+    decide_outputs(plan, cache, graph, force)
     return plan
+
+
+def _node(plan: Plan, merge: MergePlan) -> dict:
+    """The merge's recipe node: the Mergefile's fields and the settings that reach its tensors."""
+    spec = merge.spec
+    settings = {"compute_dtype": plan.mergefile.settings.compute_dtype}
+    if merge.block_sensitive and merge.arch is not None and merge.arch.blocks:
+        settings["time_embed"] = plan.mergefile.settings.time_embed
+    output = None
+    if spec.output is not None:
+        output = {"name": spec.output.name}
+        if is_folder_output(spec.output):
+            output["shard_size"] = spec.shard_size
+    return merge_node(spec, merge.method.version, settings, output)
 
 
 @dataclass
@@ -164,7 +194,7 @@ def _plan_merge(plan: Plan, spec: MergeSpec) -> MergePlan:
     if discard:
         tasks = {n: t for n, t in tasks.items() if not discard.search(n)}
     merge = MergePlan(spec, method, tasks, arch=arch, arch_how=how, warnings=ctx.warnings, notes=ctx.notes,
-                      output_metadata=ctx.output_metadata)
+                      output_metadata=ctx.output_metadata, block_sensitive=resolver.block_sensitive)
     if method.merges_tensors and not any(t.method is method for t in tasks.values()):
         merge.warnings.append(f"{spec.method} changed no tensor: no key of {', '.join(spec.inputs[1:])} matched")
     return merge
@@ -225,6 +255,8 @@ def _task(plan: Plan, spec: MergeSpec, method: Method, name: str, sd_checkpoint:
     if mergeable:
         channels = _check_shapes(plan, spec, name, refs)
         inputs = ((spec.inputs[0], name),) + tuple(zip(spec.inputs[1:], other_names))
+        if method.reads is not None and channels is None and not spec.clip_to_inputs:
+            inputs = tuple(inputs[i] for i in method.reads)  # its key depends on these alone
         return TensorTask(name, out_dtype, a.shape, inputs, method, params, channels, spec.clip_to_inputs)
     if out_dtype == a.dtype:
         return TensorTask(name, a.dtype, a.shape, ((spec.inputs[0], name),), None, state=PASSTHROUGH)
@@ -263,13 +295,17 @@ def _check_shapes(plan: Plan, spec: MergeSpec, name: str, refs: list[TensorRef])
     return channels
 
 
-def task_key(plan: Plan, task: TensorTask, digests: list[str]) -> str:
+def task_key(plan: Plan, merge: str, task: TensorTask, digests: list[str]) -> str:
+    """A tensor's cache key: its merge's method, version and compute dtype (from the recipe
+    node), the parameters resolved for this tensor and the digests of the inputs it reads."""
     method = task.method
+    node = plan.recipe.nodes[merge]
+    own = node["method"] == method.name  # else a helper (a dtype cast, position ids) made it
     doc = [
         method.name,
-        method.version,
+        node["version"] if own else method.version,
         sorted(task.params.items()),
-        plan.compute_dtype,
+        USER_DTYPES[node["settings"]["compute_dtype"]],
         task.dtype,
         task.channels,
         task.clip,
@@ -282,41 +318,25 @@ def task_key(plan: Plan, task: TensorTask, digests: list[str]) -> str:
 def resolve_keys(plan: Plan, merge: MergePlan, cache: Cache, force: bool = False) -> None:
     """Fill in keys, digests and states of the tasks whose inputs are known."""
     keyed = []
+    name = merge.spec.name
     for task in merge.tasks.values():
         if task.method is None:
             task.state = PASSTHROUGH
             task.digest = plan.ref(*task.inputs[0]).digest
             continue
+        if task.state == CACHED and task.key is not None:
+            continue  # computed earlier in this build
         digests = [plan.ref(*i).digest for i in task.inputs]
         if None in digests:
             task.key, task.digest, task.state = None, None, PENDING
             continue
-        task.key = task_key(plan, task, digests)
+        task.key = task_key(plan, name, task, digests)
         keyed.append(task)
     found = {} if force else cache.index.lookup([t.key for t in keyed])
+    stored = cache.has_many(sorted(set(found.values())))
     for task in keyed:
         digest = found.get(task.key)
-        if digest is not None and cache.has(digest):
+        if digest is not None and digest in stored:
             task.digest, task.state = digest, CACHED
         else:
             task.digest, task.state = None, DIRTY
-
-
-def output_digest(merge: MergePlan, lineage_text: str) -> str | None:
-    """What the output file must hold: every tensor's digest and the lineage. None if unknown."""
-    rows = []
-    for task in merge.tasks.values():
-        if task.digest is None:
-            return None
-        rows.append((task.name, task.dtype, task.shape, task.digest))
-    return text_digest(json.dumps([rows, lineage_text], default=str))
-
-
-def output_is_current(cache: Cache, path: Path, digest: str | None) -> bool:
-    if digest is None:
-        return False
-    try:
-        stat = output_marker(path).stat()
-    except FileNotFoundError:
-        return False
-    return cache.index.output_digest(str(path), stat) == digest

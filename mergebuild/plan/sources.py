@@ -1,8 +1,10 @@
-"""Source models: their tensors' dtypes, shapes, locations and digests, fingerprinted by stat.
+"""Source models: their tensors' dtypes, shapes, locations and digests, fingerprinted by stamp.
 
-A safetensors source is hashed once, straight from its byte ranges, and remembered under
-(path, size, mtime_ns, inode). A legacy pickled checkpoint is loaded once with weights_only=True
-and its tensors are imported into the cache as blobs, so from then on it streams like the rest.
+A safetensors source is hashed once, straight from its byte ranges, and remembered under its
+stamp (size, mtime_ns, ctime_ns, inode). A legacy pickled checkpoint is loaded once with
+weights_only=True and its tensors are imported into the cache as blobs, so from then on it
+streams like the rest. Sources are verified, not trusted: `changed_parts` re-checks every file
+before anything computed from it is recorded.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergebuild.errors import InputError
+from mergebuild.portable import is_regular_file, stamp
 from mergebuild.spec.model import ModelSpec
 from mergebuild.store.cache import Cache
-from mergebuild.store.hashing import digest_safetensors
+from mergebuild.store.hashing import digest_safetensors, text_digest
 from mergebuild.tensors.header import read_header
 from mergebuild.tensors.legacy import LEGACY_SUFFIXES
 
@@ -38,95 +41,136 @@ class Source:
     spec: ModelSpec
     tensors: dict[str, TensorRef]
     metadata: dict[str, str]
-    stat: os.stat_result  # of hash_file
+    stamp: tuple  # of hash_file
     sha256: str | None  # of hash_file; known when fingerprinted before, else computed during the build
     hash_file: Path  # the file that identifies the source: itself, or a folder's index / only shard
-    parts: list[tuple[Path, os.stat_result]] = field(default_factory=list)  # every file read
+    content: str  # identity of what the source holds: every tensor's digest and the metadata
+    parts: list[tuple[Path, tuple]] = field(default_factory=list)  # every file read, with its stamp
     addnet_hash: str | None = None  # sha256 of the tensor data (kohya's hash), for LoRA inputs
 
     @property
     def path(self) -> Path:
         return self.spec.path
 
-    def stats(self) -> list:
-        """(path, size, mtime_ns) of every file: what explain compares between builds."""
-        return [[str(p), st.st_size, st.st_mtime_ns] for p, st in self.parts]
+    def size(self) -> int:
+        return sum(s[0] for _, s in self.parts)
+
+    def changed_parts(self) -> list[Path]:
+        """The files of this source that are no longer as they were when planned."""
+        out = []
+        for path, before in self.parts:
+            try:
+                now = stamp(os.stat(path))
+            except OSError:
+                now = None
+            if now != before:
+                out.append(path)
+        return out
 
 
 def load_source(spec: ModelSpec, cache: Cache, table: str) -> Source:
     if spec.path.is_dir():
         return _folder_source(spec, cache, table)
-    stat = _stat(spec.path, table)
+    st = _stat(spec.path, table)
     if spec.path.suffix.lower() in LEGACY_SUFFIXES:
-        return _legacy_source(spec, cache, stat)
-    tensors, metadata, sha256 = _safetensors(spec.path, stat, cache)
-    return Source(spec, tensors, metadata, stat, sha256, spec.path, [(spec.path, stat)])
+        return _legacy_source(spec, cache, st)
+    tensors, metadata, sha256, content = _safetensors(spec.path, st, cache)
+    return Source(spec, tensors, metadata, st, sha256, spec.path, content, [(spec.path, st)])
 
 
-def _stat(path: Path, table: str) -> os.stat_result:
+def _stat(path: Path, table: str) -> tuple:
     try:
-        return os.stat(path)
+        st = os.stat(path)
     except FileNotFoundError:
         raise InputError(f"[{table}] path: file not found: {path}") from None
     except OSError as e:
         raise InputError(f"[{table}] path: cannot read {path}: {e.strerror}") from None
+    if not is_regular_file(st):
+        raise InputError(f"[{table}] path: {path} is not a regular file (a pipe, device or socket cannot be "
+                         "a model: reading it could hang or never end)")
+    return stamp(st)
 
 
-def _safetensors(path: Path, stat, cache: Cache) -> tuple[dict[str, TensorRef], dict, str | None]:
+def _safetensors(path: Path, st: tuple, cache: Cache) -> tuple[dict[str, TensorRef], dict, str | None, str]:
     header = read_header(path)
-    known = cache.index.fingerprint(str(path), stat)
+    known = cache.index.fingerprint(str(path), st)
     if known is None:
         digests = digest_safetensors(path, header.tensors)
+        if _stat(path, "models") != st:  # rewritten while it was being hashed
+            raise InputError(f"{path}: the file changed while it was being read; run the build again "
+                             "once nothing writes to it")
         table = {n: (e.dtype, list(e.shape), digests[n]) for n, e in header.tensors.items()}
-        cache.index.save_fingerprint(str(path), stat, table, None)
+        content = _content(table, header.metadata)
+        cache.index.save_fingerprint(str(path), st, table, content, None)
         sha256 = None
     else:
-        table, sha256 = known
+        table, content, sha256 = known
     tensors = {n: TensorRef(e.dtype, e.shape, table[n][2], path, e.begin) for n, e in header.tensors.items()}
-    return tensors, header.metadata, sha256
+    return tensors, header.metadata, sha256, content
+
+
+def _content(table: dict, metadata: dict) -> str:
+    return text_digest(json.dumps([sorted(table.items()), sorted(metadata.items())], separators=(",", ":")))
 
 
 def _folder_source(spec: ModelSpec, cache: Cache, table: str) -> Source:
     """A Hugging Face model folder: one safetensors file, or shards listed by an index."""
     folder = spec.path
     index = folder / INDEX_NAME
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{index}: not a valid safetensors index ({e})") from None
-        shards = sorted(set(weight_map.values()))
-    else:
-        shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    shards = _index_shards(index, folder) if index.exists() else sorted(p.name for p in folder.glob("*.safetensors"))
     if not shards:
         raise InputError(f"[{table}] path: {folder} holds no .safetensors files")
     tensors: dict[str, TensorRef] = {}
     metadata: dict = {}
-    parts = []
+    parts, contents = [], []
     for shard in shards:
         path = folder / shard
-        stat = _stat(path, table)
-        found, meta, _ = _safetensors(path, stat, cache)
+        st = _stat(path, table)
+        found, meta, _, content = _safetensors(path, st, cache)
         for name in found.keys() & tensors.keys():
             raise InputError(f"{folder}: tensor {name!r} is in two shards")
         tensors.update(found)
         metadata = metadata or meta
-        parts.append((path, stat))
+        parts.append((path, st))
+        contents.append(content)
     hash_file = index if index.exists() else folder / shards[0]
-    stat = os.stat(hash_file)
-    known = cache.index.fingerprint(str(hash_file), stat)
-    return Source(spec, tensors, metadata, stat, known[1] if known else None, hash_file, parts)
+    st = _stat(hash_file, table)
+    if hash_file == index:
+        parts.append((index, st))
+    known = cache.index.fingerprint(str(hash_file), st)
+    content = text_digest(json.dumps(contents))
+    return Source(spec, tensors, metadata, st, known[2] if known else None, hash_file, content, parts)
 
 
-def _legacy_source(spec: ModelSpec, cache: Cache, stat) -> Source:
-    known = cache.index.fingerprint(str(spec.path), stat)
+def _index_shards(index: Path, folder: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map is not an object of file names")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{index}: not a valid safetensors index ({e})") from None
+    shards = sorted(set(weight_map.values()))
+    root = folder.resolve()
+    for shard in shards:
+        where = (folder / shard).resolve()
+        if where.parent != root or not shard.endswith(".safetensors"):
+            raise InputError(f"{index}: the index names {shard!r}, which is not a .safetensors file in {folder} "
+                             "(an index may only point at shards beside it)")
+    return shards
+
+
+def _legacy_source(spec: ModelSpec, cache: Cache, st: tuple) -> Source:
+    known = cache.index.fingerprint(str(spec.path), st)
     if known is not None and all(cache.blobs.has(t[2]) for t in known[0].values()):
-        table, sha256 = known
+        table, content, sha256 = known
     else:
         table, sha256 = _import_legacy(spec.path, cache), None
-        cache.index.save_fingerprint(str(spec.path), stat, table, None)
+        if _stat(spec.path, "models") != st:
+            raise InputError(f"{spec.path}: the file changed while it was being read; run the build again")
+        content = _content(table, {})
+        cache.index.save_fingerprint(str(spec.path), st, table, content, None)
     tensors = {n: TensorRef(dt, tuple(shape), d) for n, (dt, shape, d) in table.items()}
-    return Source(spec, tensors, {}, stat, sha256, spec.path, [(spec.path, stat)])
+    return Source(spec, tensors, {}, st, sha256, spec.path, content, [(spec.path, st)])
 
 
 def _import_legacy(path: Path, cache: Cache) -> dict:
@@ -134,7 +178,8 @@ def _import_legacy(path: Path, cache: Cache) -> dict:
     from mergebuild.tensors.convert import code_of, to_bytes
     from mergebuild.tensors.legacy import load_legacy
 
-    table = {}
+    table, stored = {}, []
+    cache.alive()
     for name, tensor in load_legacy(path).items():
         try:
             dtype = code_of(tensor)
@@ -142,6 +187,7 @@ def _import_legacy(path: Path, cache: Cache) -> dict:
             raise InputError(f"{path}: tensor {name!r} has unsupported dtype {tensor.dtype}") from None
         data = to_bytes(tensor)
         digest = tensor_digest(dtype, tuple(tensor.shape), data)
-        cache.blobs.put(digest, data)
+        stored.append((digest, cache.blobs.put(digest, data), "import"))
         table[name] = (dtype, list(tensor.shape), digest)
+    cache.index.save_blobs([r for r in stored if r[1]], 0)
     return table

@@ -6,6 +6,7 @@ The schema is the contract users' files rely on; docs/mergefile.md documents it.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from mergebuild.dtypes import OUTPUT_DTYPES, USER_DTYPES
 from mergebuild.errors import MergefileError
 from mergebuild.methods.registry import get_method, suggest
 from mergebuild.layouts.blocks import PRESETS, is_block_name
-from mergebuild.spec.model import Mergefile, MergeSpec, ModelSpec, Rule, Settings
+from mergebuild.spec.model import MODEL_SUFFIXES, Mergefile, MergeSpec, ModelSpec, Rule, Settings
 from mergebuild.spec.search import check_range, is_range
 
 if sys.version_info >= (3, 11):
@@ -23,7 +24,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TOP_LEVEL = ("settings", "models", "merges", "tune", "soup")
-SETTINGS_FIELDS = ("cache", "device", "compute_dtype", "keep_builds", "time_embed", "staging")
+SETTINGS_FIELDS = ("cache", "device", "compute_dtype", "keep_builds", "time_embed", "staging", "cache_limit")
 MODEL_FIELDS = ("path",)
 MERGE_FIELDS = ("method", "inputs", "output", "dtype", "discard", "rules", "include", "exclude", "clip_to_inputs",
                 "fix_clip_position_ids", "shard_size")
@@ -31,7 +32,10 @@ SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)\s*$", re.IGNORECASE)
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 RULE_FIELDS = ("blocks", "match", "regex", "not")
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+MAX_COUNT = 10**6  # keep_builds and the like: more is a typo, not a wish
+MAX_SIZE = 2**62  # bytes: sizes must fit the index's integers
+MAX_PATH = 4096
 
 
 def load_mergefile(path: Path, allow_search: bool = False) -> Mergefile:
@@ -53,10 +57,13 @@ def parse_mergefile(text: str, path: Path, allow_search: bool = False) -> Mergef
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise MergefileError(path, None, None, f"invalid TOML: {e}") from None
+    except RecursionError:
+        raise MergefileError(path, None, None, "invalid TOML: nested too deeply") from None
     for key in doc:
         if key not in TOP_LEVEL:
             raise MergefileError(path, None, key, f"unknown table or key{_hint(key, TOP_LEVEL)}")
     base = path.parent
+    _check_finite(path, "settings", _table(path, doc, "settings"))
     settings = _settings(path, base, _table(path, doc, "settings"))
     models = {n: _model(path, base, n, t) for n, t in _named_tables(path, doc, "models").items()}
     merges = {n: _merge(path, base, n, t, allow_search) for n, t in _named_tables(path, doc, "merges").items()}
@@ -94,19 +101,21 @@ def _settings(path, base: Path, table: dict) -> Settings:
     cache = _string(path, where, "cache", table.get("cache", "cache"))
     device = _string(path, where, "device", table.get("device", "auto"))
     if not DEVICE.match(device):
-        raise MergefileError(path, where, "device", f"{device!r} is not auto, cpu, cuda or cuda:N")
+        raise MergefileError(path, where, "device", f"{device!r} is not auto, cpu, mps, cuda or cuda:N")
     compute = _string(path, where, "compute_dtype", table.get("compute_dtype", "float32"))
     if compute not in USER_DTYPES:
         raise MergefileError(path, where, "compute_dtype", f"{compute!r} is not one of {', '.join(USER_DTYPES)}")
     keep = table.get("keep_builds", 3)
-    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
-        raise MergefileError(path, where, "keep_builds", f"expected a whole number >= 1, got {keep!r}")
+    if not isinstance(keep, int) or isinstance(keep, bool) or not 0 <= keep <= MAX_COUNT:
+        raise MergefileError(path, where, "keep_builds", f"expected a whole number from 0 to {MAX_COUNT}, got {keep!r}")
     time_embed = table.get("time_embed", "IN00")
     if time_embed not in ("IN00", "BASE"):
         raise MergefileError(path, where, "time_embed", f"expected 'IN00' or 'BASE', got {time_embed!r}")
     staging = _size(path, where, "staging", table.get("staging", Settings.staging))
-    return Settings(cache=base / cache, device=device, compute_dtype=compute, keep_builds=keep, time_embed=time_embed,
-                    staging=staging)
+    limit = table.get("cache_limit")
+    limit = _size(path, where, "cache_limit", limit) if limit is not None else None
+    return Settings(cache=base / _path(path, where, "cache", cache), device=device, compute_dtype=compute,
+                    keep_builds=keep, time_embed=time_embed, staging=staging, cache_limit=limit)
 
 
 def _model(path, base: Path, name: str, table: dict) -> ModelSpec:
@@ -116,13 +125,14 @@ def _model(path, base: Path, name: str, table: dict) -> ModelSpec:
             raise MergefileError(path, where, key, f"unknown field{_hint(key, MODEL_FIELDS)}")
     if "path" not in table:
         raise MergefileError(path, where, "path", "missing: a model needs the path of its file")
-    return ModelSpec(name, base / _string(path, where, "path", table["path"]))
+    return ModelSpec(name, base / _path(path, where, "path", _string(path, where, "path", table["path"])))
 
 
 def _merge(path, base: Path, name: str, table: dict, allow_search: bool = False) -> MergeSpec:
     where = f"merges.{name}"
     if "method" not in table:
         raise MergefileError(path, where, "method", "missing: which merge method to use")
+    _check_finite(path, where, table)
     method_name = _string(path, where, "method", table["method"])
     method = get_method(method_name)
     if method is None:
@@ -133,7 +143,7 @@ def _merge(path, base: Path, name: str, table: dict, allow_search: bool = False)
     if not method.arity_ok(len(inputs)):
         raise MergefileError(path, where, "inputs", f"{method_name} takes {method.arity_text()}, got {len(inputs)}")
     output = table.get("output")
-    output = base / _string(path, where, "output", output) if output is not None else None
+    output = base / _output(path, where, _string(path, where, "output", output)) if output is not None else None
     dtype = table.get("dtype")
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise MergefileError(path, where, "dtype", f"{dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
@@ -153,12 +163,44 @@ def _merge(path, base: Path, name: str, table: dict, allow_search: bool = False)
 
 
 def _size(path, where, field, value) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIZE:
         return value
     m = SIZE.match(value) if isinstance(value, str) else None
-    if not m:
-        raise MergefileError(path, where, field, f"expected bytes or a size such as \"2GB\", got {value!r}")
-    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+    size = int(float(m.group(1)) * UNITS[m.group(2).upper()]) if m else 0
+    if not 0 < size <= MAX_SIZE:
+        raise MergefileError(path, where, field, f"expected bytes or a size such as \"2GB\" (more than 0, at most "
+                             f"{MAX_SIZE // 10**12:,} TB), got {value!r}")
+    return size
+
+
+def _path(path, where, field, value: str) -> str:
+    """A file or folder name as written: no NUL characters, not absurdly long (the OS would
+    refuse them with errors that name nothing)."""
+    if "\x00" in value:
+        raise MergefileError(path, where, field, "a path cannot contain a NUL character")
+    if len(value) > MAX_PATH or any(len(part) > 255 for part in Path(value).parts):
+        raise MergefileError(path, where, field, f"the path is too long ({len(value)} characters)")
+    return value
+
+
+def _output(path, where, value: str) -> str:
+    value = _path(path, where, "output", value)
+    suffix = Path(value).suffix.lower()
+    if suffix in MODEL_SUFFIXES:
+        raise MergefileError(path, where, "output", f"{value!r}: mergebuild writes safetensors; name the output "
+                             f"{Path(value).stem}.safetensors (a name without a model-file suffix is a folder)")
+    return value
+
+
+def _check_finite(path, where: str, value, field: str = "") -> None:
+    """NaN and infinity parse as TOML floats but are no parameter's value: refuse them here,
+    before any compute, and before they can reach the metadata as non-JSON tokens."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MergefileError(path, where, field or None, f"{value} is not a finite number")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _check_finite(path, where, item, f"{field}[{key}]" if isinstance(key, int) else
+                      (f"{field}.{key}" if field else str(key)))
 
 
 def _flag(path, where, table: dict, field: str) -> bool:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+FILE_SUFFIX = ".safetensors"  # an output with this suffix is one file; any other name is a model folder
+# model files mergebuild does not write: an output named so is a mistake, not a folder
+MODEL_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -14,6 +18,7 @@ class Settings:
     keep_builds: int = 3
     time_embed: str = "IN00"  # the MBW block of time_embed / label_emb: "IN00" (supermerger) or "BASE" (sd-mecha)
     staging: int = 256 * 10**6  # bytes of inputs loaded ahead of compute (device memory on a GPU)
+    cache_limit: int | None = None  # bytes the cache may keep outside the outputs (None: the default)
 
 
 @dataclass(frozen=True)

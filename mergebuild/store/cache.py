@@ -1,135 +1,233 @@
-"""The cache folder: blobs + packs + index + a lock, as one object.
+"""The cache folder: blobs + index + a lock, as one object.
 
-Layout: objects/ab/<digest> (one tensor's bytes), packs/<id>.safetensors (an output written into
-the cache, its tensors located by the index; the target is a hard link to it, so a target's
-tensors are written once), index.sqlite (+ WAL), tmp/ (writes in progress), lock.
+Layout: objects/ab/<digest> (one tensor's bytes), index.sqlite (+ WAL), tmp/ (writes in
+progress, and one locked <token>.alive file per live process), packs/ (tensors salvaged from an
+interrupted build's output), lock (held by the build that runs), lock.info (who holds it).
+
+A target's own tensors are not kept here: they live in the output file, which the index
+locates them in (a location is used only while the file keeps the stamp recorded at commit).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
+import shutil
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from mergebuild.store.hashing import tensor_digest
-from mergebuild.tensors.writer import TEMP_MARK, pid_alive
-
+from mergebuild.errors import BuildError, MergebuildError
+from mergebuild.portable import FileLock, RandomAccess, disk_usage, is_locked, stamp
 from mergebuild.store.blobs import BlobStore
+from mergebuild.store.hashing import tensor_digest
 from mergebuild.store.index import Index
+
+STALE_ALIVE_SECONDS = 60  # a liveness file younger than this may be about to be locked
 
 
 class Cache:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, readonly_ok: bool = False):
+        """readonly_ok: a command that only reads (-n, status, cache stats) opens a cache it
+        cannot write read-only instead of failing."""
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.blobs = BlobStore(self.root)
-        with _flocked(self.root / "init.lock"):  # switching a new database to WAL is not busy-safe
-            self.index = Index(self.root / "index.sqlite")
+        self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.readonly = readonly_ok and self.root.is_dir() and not _writable(self.root)
+        if not self.readonly:
+            _make_folder(self.root)
+        self.blobs = BlobStore(self.root, self.token)
+        if self.readonly:
+            self.index = _open_readonly(self.root)
+        else:
+            with self._init_lock():  # switching a new database to WAL is not busy-safe
+                self.index = Index(self.root / "index.sqlite")
+            if self.index.reset_from_old:
+                shutil.rmtree(self.root / "packs", ignore_errors=True)  # the old layout's packs
         self.packs = self.root / "packs"
-        self._locations: dict[str, tuple[str, int]] | None = None
+        self._valid: dict[str, bool] = {}  # file path -> its stamp is still the recorded one
         self._lock = threading.Lock()
+        self._alive: FileLock | None = None
 
-    # tensors by digest: a blob of its own, or a range of a pack --------------------------
+    @contextmanager
+    def _init_lock(self):
+        lock = FileLock(self.root / "init.lock")
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # tensors by digest: a blob of its own, or a range of a recorded file -----------------
     def has(self, digest: str) -> bool:
-        if self.blobs.has(digest):
-            return True
-        where = self.locations().get(digest)
-        return where is not None and (self.packs / where[0]).exists()
+        return self.blobs.has(digest) or self.locate(digest) is not None
 
-    def get(self, digest: str, dtype: str, shape, nbytes: int) -> bytearray | None:
-        """The verified bytes of a tensor, or None when missing or bad (bad ones are forgotten)."""
+    def has_many(self, digests: list[str]) -> set[str]:
+        """Which of these digests have stored bytes (one index query for the lot)."""
+        located = self.index.locations_of([d for d in digests if not self.blobs.has(d)])
+        return {d for d in digests if self.blobs.has(d) or any(self._file_valid(p) for p, _ in located.get(d, ()))}
+
+    def locate(self, digest: str) -> tuple[str, int] | None:
+        """(file, offset) of a tensor inside a recorded file that is unchanged since."""
+        for path, offset in self.index.locations_of([digest]).get(digest, ()):
+            if self._file_valid(path):
+                return path, offset
+        return None
+
+    def get(self, digest: str, dtype: str, shape, nbytes: int):
+        """The verified bytes of a tensor, or None when missing or bad."""
         data = self.blobs.get(digest, dtype, shape, nbytes)
         if data is not None:
             return data
-        where = self.locations().get(digest)
+        where = self.locate(digest)
         if where is None:
             return None
         try:
-            data = _pread(self.packs / where[0], where[1], nbytes)
+            with RandomAccess(Path(where[0])) as f:
+                data = f.read(nbytes, where[1])
         except OSError:
             data = None
         if data is None or tensor_digest(dtype, shape, data) != digest:
-            with self._lock:
-                self._locations.pop(digest, None)
-            self.index.forget_locations([digest])
+            self.forget_file(where[0])  # the file changed in a way its stamp did not show
             return None
         return data
 
-    def locations(self) -> dict[str, tuple[str, int]]:
+    def _file_valid(self, path: str) -> bool:
         with self._lock:
-            if self._locations is None:
-                self._locations = self.index.locations()
-            return self._locations
+            known = self._valid.get(path)
+        if known is None:
+            recorded = self.index.files().get(path)
+            try:
+                known = recorded is not None and stamp(os.stat(path)) == tuple(recorded[0])
+            except OSError:
+                known = False
+            with self._lock:
+                self._valid[path] = known
+        return known
+
+    def save_file(self, path: Path, kind: str, owner: str | None, rows: list[tuple[str, int]]) -> None:
+        """Record a committed file that holds tensors: (digest, offset) of each."""
+        self.index.save_file(str(path), stamp(os.stat(path)), kind, owner, rows)
+        with self._lock:
+            self._valid.pop(str(path), None)
+
+    def forget_file(self, path: str) -> None:
+        self.index.forget_file(path)
+        with self._lock:
+            self._valid[path] = False
+
+    # temp files and liveness --------------------------------------------------------------
+    def alive(self) -> None:
+        """Before this process writes temps: hold tmp/<token>.alive, so other processes know its
+        temps are in use (a PID alone can be reused)."""
+        if self._alive is None:
+            _make_folder(self.blobs.tmp)
+            self._alive = FileLock(self.blobs.tmp / f"{self.token}.alive")
+            self._alive.acquire()
 
     def clear_stale(self) -> None:
-        """Remove what killed processes left half-written: blob temps and pack temps."""
+        """Remove what killed processes left half-written (run under the exclusive lock)."""
+        tmp = self.blobs.tmp
+        if tmp.is_dir():
+            now = time.time()
+            for f in tmp.glob("*.alive"):
+                try:
+                    young = now - f.stat().st_mtime < STALE_ALIVE_SECONDS
+                except FileNotFoundError:
+                    continue
+                if f.stem != self.token and not young and not is_locked(f):
+                    f.unlink(missing_ok=True)
         self.blobs.clear_stale_tmp()
-        for temp in self.packs.glob(f".*{TEMP_MARK}*") if self.packs.exists() else ():
-            pid = temp.name.rsplit(TEMP_MARK, 1)[1]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                temp.unlink(missing_ok=True)
 
     def new_pack(self) -> Path:
-        self.packs.mkdir(parents=True, exist_ok=True)
-        return self.packs / f"{uuid.uuid4().hex}.safetensors"
+        _make_folder(self.packs)
+        return self.packs / f"salvage-{uuid.uuid4().hex}.safetensors"
 
-    def add_locations(self, pack: Path, rows: list[tuple[str, int]]) -> None:
-        self.index.save_locations([(d, pack.name, offset) for d, offset in rows])
-        with self._lock:
-            if self._locations is not None:
-                self._locations.update({d: (pack.name, offset) for d, offset in rows})
+    # the build lock ---------------------------------------------------------------------
+    @contextmanager
+    def exclusive(self, timeout: float | None = None, on_wait=None):
+        """Held for a whole build or gc: a second process waits (saying for whom, through
+        on_wait), then finds the work done. timeout: seconds to wait at most (None: forever)."""
+        lock = FileLock(self.root / "lock")
+        if not lock.acquire(blocking=False):
+            if on_wait is not None:
+                on_wait(self._holder())
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not lock.acquire(blocking=False):  # polling keeps Ctrl-C and SIGTERM working
+                if deadline is not None and time.monotonic() >= deadline:
+                    lock.release()
+                    raise BuildError(f"{self.root}: another build still holds the cache after {timeout:g} s "
+                                     f"({self._holder() or 'unknown process'}); try again later")
+                time.sleep(0.2)
+        try:
+            self._write_holder()
+            yield
+        finally:
+            lock.release()
 
-    def exclusive(self):
-        """Held for a whole build or gc: a second process waits, then finds the work done."""
-        return _flocked(self.root / "lock")
+    def _write_holder(self) -> None:
+        info = self.root / "lock.info"
+        try:
+            info.write_text(f"{os.getpid()} {time.time():.0f}\n")
+        except OSError:
+            pass  # only a courtesy for waiting builds
+
+    def _holder(self) -> str:
+        try:
+            pid, started = (self.root / "lock.info").read_text().split()[:2]
+            return f"build PID {pid} (started {time.strftime('%H:%M', time.localtime(float(started)))})"
+        except (OSError, ValueError):
+            return ""
 
     def close(self) -> None:
         self.index.close()
+        if self._alive is not None:
+            self._alive.release()
+            (self.blobs.tmp / f"{self.token}.alive").unlink(missing_ok=True)
+            self._alive = None
 
-    def size_on_disk(self) -> tuple[int, int]:
-        """(number of blobs and packs, bytes) in objects/ and packs/."""
-        count = total = 0
-        for digest in self.blobs.all_digests():
-            count += 1
-            total += self.blobs.path(digest).stat().st_size
-        for pack in self.packs.glob("*.safetensors") if self.packs.exists() else ():
-            count += 1
-            total += pack.stat().st_size
-        return count, total
+    # sizes --------------------------------------------------------------------------------
+    def pack_files(self) -> list[Path]:
+        return sorted(self.packs.glob("*.safetensors")) if self.packs.is_dir() else []
 
-    def collect_packs(self, referenced: set[str]) -> tuple[int, int]:
-        """Delete packs none of whose tensors is referenced; (packs removed, bytes freed)."""
-        by_pack: dict[str, list[str]] = {}
-        for digest, (pack, _) in self.locations().items():
-            by_pack.setdefault(pack, []).append(digest)
-        removed = freed = 0
-        for path in self.packs.glob("*.safetensors") if self.packs.exists() else ():
-            digests = by_pack.get(path.name, [])
-            if not any(d in referenced for d in digests):
-                freed += path.stat().st_size
-                path.unlink()
-                self.index.forget_locations(digests)
-                removed += 1
-        return removed, freed
+    def usage(self) -> dict[str, int]:
+        """Bytes on disk of everything the cache keeps, by kind (what `du` counts)."""
+        kinds = {"intermediates": 0, "earlier output tensors": 0, "imported sources": 0, "salvaged": 0}
+        names = {"merge": "intermediates", "replaced": "earlier output tensors", "import": "imported sources",
+                 "salvage": "salvaged"}
+        for kind, total in self.index.blob_bytes().items():
+            kinds[names.get(kind, kind)] = kinds.get(names.get(kind, kind), 0) + (total or 0)
+        kinds["salvaged"] += sum(_disk(p) for p in self.pack_files())
+        kinds["index"] = sum(_disk(p) for p in self.root.glob("index.sqlite*"))
+        tmp = self.blobs.tmp
+        kinds["in progress"] = sum(_disk(p) for p in tmp.iterdir()) if tmp.is_dir() else 0
+        tune = self.root / "tune"
+        kinds["tune studies"] = sum(_disk(p) for p in tune.rglob("*") if p.is_file()) if tune.is_dir() else 0
+        return kinds
 
 
-@contextmanager
-def _flocked(path: Path):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def _writable(root: Path) -> bool:
+    index = root / "index.sqlite"
+    return os.access(root, os.W_OK) and (not index.exists() or os.access(index, os.W_OK))
+
+
+def _disk(path: Path) -> int:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        return disk_usage(path.stat())
+    except OSError:
+        return 0
 
 
-def _pread(path: Path, offset: int, size: int) -> bytearray | None:
-    buf = bytearray(size)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        got = f.readinto(buf)
-    return buf if got == size else None
+def _make_folder(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise MergebuildError(f"{path}: the cache expects a folder here, but it is a file; "
+                              "move it away or name another cache (--cache-dir)")
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _open_readonly(root: Path) -> Index:
+    index = root / "index.sqlite"
+    if not index.exists():
+        raise MergebuildError(f"{root}: the cache is read-only and has no index yet; "
+                              "name a writable cache (--cache-dir)")
+    return Index(index, readonly=True)

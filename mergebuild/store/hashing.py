@@ -12,6 +12,8 @@ from pathlib import Path
 
 import xxhash
 
+from mergebuild.portable import RandomAccess
+
 CHUNK = 16 << 20
 HASH_THREADS = max(2, min(8, os.cpu_count() or 2))
 
@@ -27,30 +29,27 @@ def text_digest(text: str) -> str:
     return xxhash.xxh3_128(text.encode()).hexdigest()
 
 
-def range_digest(fd: int, dtype: str, shape, begin: int, end: int) -> str:
+def range_digest(f: RandomAccess, dtype: str, shape, begin: int, end: int) -> str:
     """The digest of a tensor stored at bytes [begin, end) of an open file (xxhash frees the GIL)."""
     h = xxhash.xxh3_128()
     h.update(f"{dtype}{list(shape)}".encode())
+    buf = bytearray(min(CHUNK, end - begin))
     position = begin
     while position < end:
-        chunk = os.pread(fd, min(CHUNK, end - position), position)
-        if not chunk:
-            raise OSError(f"unexpected end of file at byte {position}")
-        h.update(chunk)
-        position += len(chunk)
+        view = memoryview(buf)[: min(CHUNK, end - position)]
+        f.read_into(view, position)
+        h.update(view)
+        position += len(view)
     return h.hexdigest()
 
 
 def digest_safetensors(path: Path, entries: dict) -> dict[str, str]:
     """Digest every tensor of a safetensors file in parallel, straight from its byte ranges."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with ThreadPoolExecutor(HASH_THREADS) as pool:
-            names = list(entries)
-            digests = pool.map(lambda n: range_digest(fd, entries[n].dtype, entries[n].shape, entries[n].begin, entries[n].end), names)
-            return dict(zip(names, digests))
-    finally:
-        os.close(fd)
+    with RandomAccess(path) as f, ThreadPoolExecutor(HASH_THREADS) as pool:
+        names = list(entries)
+        digests = pool.map(lambda n: range_digest(f, entries[n].dtype, entries[n].shape, entries[n].begin,
+                                                  entries[n].end), names)
+        return dict(zip(names, digests))
 
 
 def file_sha256(path: Path) -> str:

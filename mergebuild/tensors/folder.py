@@ -1,5 +1,9 @@
 """Write a Hugging Face model folder: safetensors shards, their index, and the first input's
-config files. Shards are written into a temp folder beside the target, then swapped into place.
+config files, into a temp folder beside the target, then swapped into place.
+
+Every folder mergebuild writes carries a manifest (.mergebuild-manifest.json) listing each file
+it wrote with its size and hash. An existing folder is replaced, and `clean` removes files,
+only where the manifest accounts for them: a folder that holds anything else is the user's.
 """
 
 from __future__ import annotations
@@ -9,52 +13,127 @@ import os
 import shutil
 from pathlib import Path
 
+import xxhash
+
 from mergebuild.dtypes import nbytes
-from mergebuild.tensors.writer import TEMP_MARK, SafetensorsWriter
+from mergebuild.errors import BuildError
+from mergebuild.portable import FileLock, fsync_dir
+from mergebuild.spec.model import FILE_SUFFIX
+from mergebuild.tensors.header import read_header
+from mergebuild.tensors.writer import FOLDER_LOCK, TEMP_MARK, SafetensorsWriter
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+MANIFEST = ".mergebuild-manifest.json"
 # copied from the first input's folder when present: a merged LLM is usable as it is
 CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
 def is_folder_output(path: Path) -> bool:
-    return Path(path).suffix.lower() != ".safetensors"
+    return Path(path).suffix.lower() != FILE_SUFFIX
 
 
 def output_marker(path: Path) -> Path:
-    """The file whose stat stands for an output: the file itself, or a folder's index or shard."""
+    """The file whose stamp stands for an output: the file itself, or a folder's manifest."""
     path = Path(path)
-    if not is_folder_output(path):
-        return path
-    index = path / INDEX_NAME
-    return index if index.exists() else path / SINGLE_NAME
+    return path / MANIFEST if is_folder_output(path) else path
+
+
+def written_by_mergebuild(path: Path) -> bool:
+    """Whether a safetensors file carries mergebuild's metadata (it wrote the file)."""
+    try:
+        return "mergebuild.version" in read_header(path).metadata
+    except Exception:  # not a readable safetensors file: not ours
+        return False
+
+
+def file_hash(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The files of an existing folder that mergebuild did not write (relative names); [] when
+    the folder may be replaced. Its manifest says what mergebuild wrote; a folder from before
+    manifests is accepted when it holds only mergebuild's shards, their index and configs."""
+    folder = Path(folder)
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+    dirs = sorted(str(p.relative_to(folder)) + "/" for p in folder.rglob("*") if p.is_dir())
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return dirs + [n for n in names if not _legacy_ours(folder, n)]
+    return dirs + [n for n in names if n != MANIFEST and not _matches(folder / n, manifest.get(n))]
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        doc = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+        files = doc["files"]
+        if isinstance(files, dict) and all(isinstance(v, dict) for v in files.values()):
+            return files
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _matches(path: Path, entry: dict | None) -> bool:
+    if entry is None or path.is_symlink():
+        return False
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if st.st_size != entry.get("size"):
+        return False
+    return st.st_mtime_ns == entry.get("mtime_ns") or file_hash(path) == entry.get("xxh3")
+
+
+def _legacy_ours(folder: Path, name: str) -> bool:
+    if "/" in name or os.sep in name:
+        return False
+    if name.endswith(FILE_SUFFIX):
+        return written_by_mergebuild(folder / name)
+    return name == INDEX_NAME or name in CONFIG_FILES
 
 
 class FolderWriter:
     def __init__(self, folder: Path, tensors: list[tuple[str, str, tuple[int, ...]]], draft_metadata: dict,
-                 shard_size: int, copy_from: Path | None):
+                 shard_size: int, copy_from: Path | None, token: str):
         self.folder = Path(folder)
         self.copy_from = copy_from
-        self.temp = self.folder.parent / f".{self.folder.name}{TEMP_MARK}{os.getpid()}"
+        self.token = token
+        self.temp = self.folder.parent / f".{self.folder.name}{TEMP_MARK}{token}"
         shutil.rmtree(self.temp, ignore_errors=True)
         self.temp.mkdir(parents=True)
-        shards = _split(tensors, shard_size)
-        self.names = [SINGLE_NAME] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        self.writers = [SafetensorsWriter(self.temp / n, shard, draft_metadata) for n, shard in zip(self.names, shards)]
+        self._lock = FileLock(self.temp / FOLDER_LOCK)
+        self._lock.acquire()
+        self.writers: list[SafetensorsWriter] = []
+        try:
+            shards = _split(tensors, shard_size)
+            self.names = [SINGLE_NAME] if len(shards) == 1 else [
+                f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            for n, shard in zip(self.names, shards):
+                self.writers.append(SafetensorsWriter(self.temp / n, shard, draft_metadata, token))
+        except BaseException:
+            self.abort()
+            raise
         self.where = {t[0]: w for w, shard in zip(self.writers, shards) for t in shard}
         self.total = sum(nbytes(dt, shape) for _, dt, shape in tensors)
 
     def write(self, name: str, data, at: int = 0) -> None:
         self.where[name].write(name, data, at)
 
-    def target_of(self, name: str) -> tuple[int, int]:
-        return self.where[name].target(name)
+    def copy_into(self, name: str, source, offset: int) -> None:
+        self.where[name].copy_into(name, source, offset)
 
-    def stored(self, name: str, digest: str) -> bool:
-        return False  # folder outputs keep their tensors as blobs
+    def placement(self, name: str) -> tuple[Path, int]:
+        """The final file tensor `name` lands in, and its offset there."""
+        w = self.where[name]
+        return self.folder / w.path.name, w.position(name)
 
     def mark_done(self, name: str) -> None:
         self.where[name].mark_done(name)
@@ -65,30 +144,106 @@ class FolderWriter:
             h = w.data_sha256(h)
         return h
 
-    def commit(self, metadata: dict[str, str]) -> None:
+    def commit(self, metadata: dict[str, str]) -> list[Path]:
+        """Finish every file and swap the folder into place; the final paths of the shards."""
         for w in self.writers:
             w.commit(metadata)
         if len(self.writers) > 1:
-            weight_map = {t: self.names[self.writers.index(w)] for t, w in self.where.items()}
+            weight_map = {t: w.path.name for t, w in self.where.items()}
             index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.temp / INDEX_NAME).write_text(json.dumps(index, indent=2))
         if self.copy_from is not None:
             for name in CONFIG_FILES:
-                if (self.copy_from / name).exists():
+                if (self.copy_from / name).is_file():
                     shutil.copy2(self.copy_from / name, self.temp / name)
+        self._write_manifest()
         self._swap_in()
+        return [self.folder / w.path.name for w in self.writers]
+
+    def _write_manifest(self) -> None:
+        files = {}
+        for p in sorted(self.temp.iterdir()):
+            if p.name in (FOLDER_LOCK, MANIFEST) or p.name.startswith("."):
+                continue
+            st = p.stat()
+            files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3": file_hash(p)}
+        doc = {"written_by": "mergebuild", "files": files}
+        (self.temp / MANIFEST).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+    def _swap_in(self) -> None:
+        """Replace the old folder (checked once more: only files mergebuild wrote) by the new."""
+        old = None
+        if self.folder.exists():
+            foreign = foreign_files(self.folder)
+            if foreign:
+                raise BuildError(f"{self.folder}: files appeared during the build that mergebuild did not write "
+                                 f"({', '.join(foreign[:3])}); the folder was left as it was")
+            old = self.folder.parent / f".{self.folder.name}.mergebuild-old-{self.token}"
+            os.rename(self.folder, old)
+        (self.temp / FOLDER_LOCK).unlink(missing_ok=True)
+        self._lock.release()
+        os.rename(self.temp, self.folder)
+        fsync_dir(self.folder.parent)
+        if old is not None:
+            _remove_written(old)
+
+    def salvage(self, packs) -> list[tuple[str, Path, int]]:
+        """Move each shard's finished tensors into the cache: (name, pack, offset)."""
+        out = []
+        for w in self.writers:
+            pack = packs()
+            rows = w.salvage(pack)
+            out += [(n, pack, o) for n, o in rows or []]
+        return out
 
     def abort(self) -> None:
         for w in self.writers:
             w.abort()
+        self._lock.release()
         shutil.rmtree(self.temp, ignore_errors=True)
 
-    def _swap_in(self) -> None:
-        old = self.folder.parent / f".{self.folder.name}.mergebuild-old-{os.getpid()}"
-        if self.folder.exists():
-            os.rename(self.folder, old)
-        os.rename(self.temp, self.folder)
-        shutil.rmtree(old, ignore_errors=True)
+
+def _remove_written(folder: Path) -> None:
+    """Delete a replaced folder: what its manifest lists, then the folder if nothing is left."""
+    listed = read_manifest(folder) or {}
+    for name in list(listed) + [MANIFEST]:
+        (folder / name).unlink(missing_ok=True)
+    for p in list(folder.iterdir()):
+        if _legacy_ours(folder, p.name):
+            p.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # something else is in it: it stays, under its hidden name
+
+
+def remove_output(path: Path) -> tuple[list[Path], list[str]]:
+    """`clean`: remove what mergebuild wrote at an output path; (removed, kept as not ours)."""
+    path = Path(path)
+    if not path.exists():
+        return [], []
+    if not is_folder_output(path):
+        if path.is_file() and written_by_mergebuild(path):
+            path.unlink()
+            return [path], []
+        return [], [path.name]
+    if not path.is_dir():
+        return [], [path.name]
+    foreign = foreign_files(path)
+    listed = read_manifest(path)
+    removed = []
+    names = list(listed) if listed is not None else [p.name for p in path.iterdir() if _legacy_ours(path, p.name)]
+    for name in names:
+        if name not in foreign and (path / name).is_file():
+            (path / name).unlink()
+            removed.append(path / name)
+    (path / MANIFEST).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+        removed.append(path)
+    except OSError:
+        pass
+    return removed, foreign
 
 
 def _split(tensors: list, shard_size: int) -> list[list]:

@@ -1,17 +1,19 @@
 """Stream a safetensors file to disk, tensor by tensor, atomically.
 
 safetensors' own save_file needs every tensor in memory at once; a merge must not. The layout
-(offsets) is fixed up front from dtypes and shapes, tensors are written in any order with pwrite
-(so several threads can write), and the header is written last into space reserved for it, which
-lets metadata that is only known at the end (hashes of the inputs) go into the header. The file is
-a temp file beside the target until commit() fsyncs and renames it: a crash never leaves a
-half-written output under the target's name.
+(offsets) is fixed up front from dtypes and shapes, tensors are written in any order at their
+offsets (so several threads can write), and the header is written last into space reserved for
+it, which lets metadata that is only known at the end (hashes of the inputs) go into the header.
+The reserved space is exact: the draft metadata holds placeholders as long as the hashes that
+replace them. The file is a temp file beside the target, locked while it is written, until
+commit() fsyncs and renames it: a crash never leaves a half-written output under the target's
+name, and a temp whose lock is free belongs to a dead build.
 """
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import os
 import shutil
 import threading
@@ -19,9 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergebuild.dtypes import nbytes
+from mergebuild.errors import BuildError
+from mergebuild.portable import RandomAccess, copy_range, fsync_dir, is_locked, lock_fd, preallocate
+from mergebuild.tensors.header import MAX_HEADER
 
 TEMP_MARK = ".mergebuild-tmp-"
-HEADER_SLACK = 4096  # bytes reserved beyond the draft header, for metadata that grows
+HEADER_SLACK = 64  # bytes beyond the draft header; the draft is exact, this is a margin
 
 
 @dataclass(frozen=True)
@@ -32,16 +37,33 @@ class Slot:
     nbytes: int
 
 
+def header_bytes(slots: dict[str, Slot], metadata: dict[str, str]) -> bytes:
+    doc: dict = {"__metadata__": metadata} if metadata else {}
+    for name, slot in slots.items():
+        doc[name] = {"dtype": slot.dtype, "shape": list(slot.shape),
+                     "data_offsets": [slot.offset, slot.offset + slot.nbytes]}
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def layout(tensors: list[tuple[str, str, tuple[int, ...]]]) -> tuple[dict[str, Slot], int]:
+    """Slots for tensors written end to end, in order; and the data size."""
+    slots, offset = {}, 0
+    for name, dtype, shape in tensors:
+        size = nbytes(dtype, shape)
+        slots[name] = Slot(dtype, tuple(shape), offset, size)
+        offset += size
+    return slots, offset
+
+
+def temp_name(path: Path, token: str) -> Path:
+    return path.parent / f".{path.name}{TEMP_MARK}{token}"
+
+
 class SafetensorsWriter:
-    def __init__(self, path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], draft_metadata: dict[str, str]):
+    def __init__(self, path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], draft_metadata: dict[str, str],
+                 token: str):
         self.path = Path(path)
-        self.slots: dict[str, Slot] = {}
-        offset = 0
-        for name, dtype, shape in tensors:
-            size = nbytes(dtype, shape)
-            self.slots[name] = Slot(dtype, tuple(shape), offset, size)
-            offset += size
-        self.data_size = offset
+        self.slots, self.data_size = layout(tensors)
         # the sha256 of the data follows the writes: each completed prefix of tensors is hashed
         # (from the page cache) while later tensors are still being computed
         self._order = list(self.slots)
@@ -50,12 +72,26 @@ class SafetensorsWriter:
         self._hashed = 0
         self._hasher = hashlib.sha256()
         self._hash_lock = threading.Lock()
-        draft = len(self._header_bytes(draft_metadata))
+        draft = len(header_bytes(self.slots, draft_metadata))
         self.header_size = (draft + HEADER_SLACK + 7) // 8 * 8
-        self.temp = self.path.parent / f".{self.path.name}{TEMP_MARK}{os.getpid()}"
+        if self.header_size > MAX_HEADER:
+            raise BuildError(f"{self.path}: the header would take {self.header_size:,} bytes, over safetensors' "
+                             f"limit of {MAX_HEADER:,}")
+        self.temp = temp_name(self.path, token)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self._fd, 8 + self.header_size + self.data_size)
+        self.file = RandomAccess(self.temp, writable=True, create=True)
+        try:
+            lock_fd(self.file.fd)  # held until closed: the temp is in use
+            size = 8 + self.header_size + self.data_size
+            preallocate(self.file.fd, size)  # a full disk fails here, before any compute
+            self.file.truncate(size)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_size
 
     def write(self, name: str, data, at: int = 0) -> None:
         """Write the bytes of tensor `name` (or a part of them starting at byte `at`)."""
@@ -63,18 +99,22 @@ class SafetensorsWriter:
         view = memoryview(data).cast("B")
         if at + len(view) > slot.nbytes:
             raise ValueError(f"{name}: {at + len(view)} bytes do not fit {slot.nbytes}")
-        position = 8 + self.header_size + slot.offset + at
-        complete = at == 0 and len(view) == slot.nbytes
-        while view:
-            written = os.pwrite(self._fd, view, position)
-            view, position = view[written:], position + written
-        if complete:
+        self.file.write_at(view, self.data_start + slot.offset + at)
+        if at == 0 and len(view) == slot.nbytes:
             self.mark_done(name)
 
+    def copy_into(self, name: str, source: RandomAccess, offset: int) -> None:
+        """Tensor `name` copied from another file, kernel-side where the OS can."""
+        copy_range(source, offset, self.file, self.position(name), self.slots[name].nbytes)
+        self.mark_done(name)
+
     def mark_done(self, name: str) -> None:
-        """Tensor `name` is fully written (pwrite or copy_file_range): hash what is now contiguous."""
+        """Tensor `name` is fully written: hash what is now contiguous."""
         self._done[self._index[name]] = 1
         self._advance_hash(wait=False)
+
+    def done_names(self) -> list[str]:
+        return [n for n, i in self._index.items() if self._done[i]]
 
     def _advance_hash(self, wait: bool) -> None:
         if not self._hash_lock.acquire(blocking=wait):
@@ -82,95 +122,78 @@ class SafetensorsWriter:
         try:
             while self._hashed < len(self._order) and (self._done[self._hashed] or wait):
                 slot = self.slots[self._order[self._hashed]]
-                self._hash_range(self._hasher, 8 + self.header_size + slot.offset, slot.nbytes)
+                self._hash_range(self._hasher, self.data_start + slot.offset, slot.nbytes)
                 self._hashed += 1
         finally:
             self._hash_lock.release()
 
     def _hash_range(self, hasher, position: int, size: int) -> None:
         end = position + size
+        buf = bytearray(min(16 << 20, max(size, 1)))
         while position < end:
-            chunk = os.pread(self._fd, min(16 << 20, end - position), position)
-            hasher.update(chunk)
-            position += len(chunk)
+            view = memoryview(buf)[: min(len(buf), end - position)]
+            self.file.read_into(view, position)
+            hasher.update(view)
+            position += len(view)
 
     def position(self, name: str) -> int:
-        """The absolute offset of tensor `name` in the file (for copy_file_range)."""
-        return 8 + self.header_size + self.slots[name].offset
-
-    def target(self, name: str) -> tuple[int, int]:
-        """(fd, absolute offset) where tensor `name` goes, for copy_file_range."""
-        return self._fd, self.position(name)
+        """The absolute offset of tensor `name` in the file."""
+        return self.data_start + self.slots[name].offset
 
     def data_sha256(self, hasher=None):
         """sha256 of the tensor data (ModelSpec's hash_sha256, kohya's addnet hash), once every
         tensor is written. With `hasher`, the data is hashed into it from the start (shards)."""
         if hasher is not None:
-            self._hash_range(hasher, 8 + self.header_size, self.data_size)
+            self._hash_range(hasher, self.data_start, self.data_size)
             return hasher
         self._advance_hash(wait=True)
         return self._hasher.copy()
 
     def commit(self, metadata: dict[str, str]) -> None:
-        header = self._header_bytes(metadata)
-        if len(header) > self.header_size:
-            raise ValueError("metadata outgrew the space reserved for the header")
-        header = header + b" " * (self.header_size - len(header))
-        os.pwrite(self._fd, self.header_size.to_bytes(8, "little") + header, 0)
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
+        self.finish(metadata)
         os.replace(self.temp, self.path)
         fsync_dir(self.path.parent)
 
-    def abort(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self.temp.unlink(missing_ok=True)
+    def finish(self, metadata: dict[str, str]) -> None:
+        """Write the header, make the file durable and close it (still under its temp name)."""
+        header = header_bytes(self.slots, metadata)
+        if len(header) > self.header_size:
+            raise BuildError(f"{self.path}: the metadata outgrew the space reserved for the header "
+                             f"({len(header)} > {self.header_size} bytes)")
+        header = header + b" " * (self.header_size - len(header))
+        self.file.write_at(self.header_size.to_bytes(8, "little") + header, 0)
+        self.file.fsync()
+        self.file.close()
 
-    def _header_bytes(self, metadata: dict[str, str]) -> bytes:
-        doc: dict = {"__metadata__": metadata} if metadata else {}
-        for name, slot in self.slots.items():
-            doc[name] = {
-                "dtype": slot.dtype,
-                "shape": list(slot.shape),
-                "data_offsets": [slot.offset, slot.offset + slot.nbytes],
-            }
-        return json.dumps(doc, separators=(",", ":")).encode()
+    def salvage(self, pack: Path) -> list[tuple[str, int]] | None:
+        """Move the temp file (its finished tensors) to `pack`: (name, absolute offset) of the
+        tensors it holds, or None when it cannot be moved there (another file system)."""
+        try:
+            os.replace(self.temp, pack)  # Windows cannot rename an open file: then it is copied
+        except OSError:
+            return None
+        self.file.close()
+        return [(n, self.position(n)) for n in self.done_names()]
+
+    def abort(self) -> None:
+        self.file.close()
+        self.temp.unlink(missing_ok=True)
 
 
 def remove_stale_temps(path: Path) -> None:
-    """Remove temp files that a killed build left beside `path` (their process is gone)."""
+    """Remove temp files and folders that a killed build left beside `path`: nobody holds their
+    lock any more (whatever became of the PID that made them)."""
     prefix = f".{Path(path).name}{TEMP_MARK}"
     try:
         candidates = [p for p in Path(path).parent.iterdir() if p.name.startswith(prefix)]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return
     for p in candidates:
-        pid = p.name[len(prefix):]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            if p.is_dir():
+        if p.is_dir() and not p.is_symlink():
+            if not is_locked(p / FOLDER_LOCK):
                 shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+        elif not is_locked(p):
+            p.unlink(missing_ok=True)
 
 
-def pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+FOLDER_LOCK = ".mergebuild-lock"  # inside a folder output's temp folder, locked while it is written

@@ -57,7 +57,7 @@ def run_tune(opts: TuneOptions) -> tuple[dict, int]:
     name = study_name(mf.path, text)
     storage = storage_path(cache, name)
     view = TrialView([r.id for r in ranges], cfg.scorer.maximize, opts.quiet)
-    interrupted = False
+    interrupted = None
     with study_lock(storage):
         study = open_study(storage, name, cfg.scorer.direction)
         stale = fail_stale_trials(study)
@@ -82,10 +82,11 @@ def run_tune(opts: TuneOptions) -> tuple[dict, int]:
                         view.note(f"timeout: {cfg.timeout} s passed, no new trial started")
                         break
                     view.add(trial_doc(_run_trial(study, runner, mf, ranges, text, cfg)))
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: report the study, then stop as asked
+            interrupted = e
         finally:
             scorer.close()
+            runner.close()
         all_trials = study.get_trials(deepcopy=False)
         doc = {"study": name, "best": None, "trials": [trial_doc(t) for t in all_trials]}
         complete = [t for t in all_trials if t.state == TrialState.COMPLETE]
@@ -109,7 +110,7 @@ def run_tune(opts: TuneOptions) -> tuple[dict, int]:
             for n in notes:
                 view.note(n)
     if interrupted:
-        raise KeyboardInterrupt
+        raise interrupted
     return doc, 0 if complete else 1
 
 

@@ -18,7 +18,7 @@ from mergebuild.errors import BuildError, MergefileError
 from mergebuild import lockfile
 from mergebuild.lockfile import lock_path
 from mergebuild.spec.mergefile import parse_mergefile
-from mergebuild.tensors.writer import pid_alive
+from mergebuild.portable import FileLock, is_locked
 from mergebuild.tune.scoring import Score, Scorer
 
 
@@ -55,13 +55,21 @@ class Runner:
         self.device = device
         self.temp = self.mergefile.parent / f".{self.mergefile.stem}.{tag}-{os.getpid()}.toml"
         self._remove_stale(tag)
+        self._alive = FileLock(self.temp.with_suffix(".alive"))  # held while this run lives
+        self._alive.acquire()
 
     def _remove_stale(self, tag: str) -> None:
-        """Hidden Mergefiles (and their locks) left by a killed run, whose process is gone."""
+        """Hidden Mergefiles (and their locks) left by a killed run: nobody holds their .alive
+        lock any more (a reused PID fools nothing)."""
         for path in self.mergefile.parent.glob(f".{self.mergefile.stem}.{tag}-*.*"):
-            pid = path.name.rsplit("-", 1)[-1].split(".")[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-                path.unlink(missing_ok=True)
+            alive = path.with_suffix(".alive")
+            if path.suffix == ".alive" or not is_locked(alive):
+                if not is_locked(alive):
+                    path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._alive.release()
+        self.temp.with_suffix(".alive").unlink(missing_ok=True)
 
     def evaluate(self, text: str, target: str, output: Path) -> Evaluation:
         started = time.perf_counter()

@@ -102,6 +102,7 @@ def greedy_soup(opts) -> tuple[dict, int]:
         runner.build(soup_text(mf, text, final, cfg.output, merge), merge)
     finally:
         scorer.close()
+        runner.close()
     say(f"greedy soup: {', '.join(soup)} -> {fmt(value)}; wrote {cfg.output}")
     doc = {"ingredients": soup, "scores": scores, "value": value, "steps": steps, "output": str(cfg.output)}
     if failed:

@@ -202,12 +202,14 @@ def test_noop_build_does_not_rewrite_the_output(project):
 
 
 def test_deleted_output_is_rewritten_from_the_cache(project):
+    """A target's tensors live in its output only; deleted, they are recomputed from the cached
+    intermediates (nothing upstream), and the file comes back byte for byte, date included."""
     mergefile(project / "mergefile.toml", chain())
-    run_cli(cwd=project, check=True)
+    run_cli(cwd=project, check=True, env={"SOURCE_DATE_EPOCH": "1700000000"})
     first = (project / "out/final.safetensors").read_bytes()
     (project / "out/final.safetensors").unlink()
-    doc = build_json(cwd=project)["merges"]
-    assert all(m["computed"] == 0 for m in doc.values())
+    doc = build_json(cwd=project)["merges"]  # another day: the recorded date is kept
+    assert doc["mix1"]["computed"] == doc["mix2"]["computed"] == 0 and doc["final"]["computed"] > 0
     assert (project / "out/final.safetensors").read_bytes() == first
 
 
@@ -228,8 +230,11 @@ def test_lineage_metadata_a1111_keys_and_hashes(project):
     inner = json.loads(models[recipe["primary_model_hash"]]["sd_merge_recipe"])
     assert inner["interp_method"] == "Add difference"
     mine = json.loads(meta["mergebuild.recipe"])
-    assert mine["inputs"][0]["inputs"][0]["name"] == "mix1"
-    assert mine["inputs"][1]["sha256"] == real_sha and mine["inputs"][1]["autov2"] == real_sha[:10]
+    assert mine["format"] == 2 and mine["target"] == "final"
+    nodes = mine["nodes"]
+    assert nodes["final"]["inputs"] == ["mix2", "real"] and nodes["mix2"]["inputs"][0] == "mix1"
+    assert nodes["real"]["sha256"] == real_sha and nodes["real"]["autov2"] == real_sha[:10]
+    assert list(nodes).index("mix1") < list(nodes).index("final")  # inputs first, each once
 
 
 def test_lineage_nests_across_generations(project):

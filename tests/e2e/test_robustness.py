@@ -43,7 +43,7 @@ def start_build(cwd, *args):
 
 
 def temps(folder) -> list:
-    """Files being written: an output is written into the cache (a pack), then linked."""
+    """Files being written: an output is written as a temp beside its target, then renamed."""
     return [p for p in folder.rglob("*") if ".mergebuild-tmp-" in p.name] if folder.exists() else []
 
 
@@ -59,11 +59,11 @@ def wait_for_temp(folder, proc, timeout=60.0) -> bool:
 def test_sigkill_mid_build_leaves_no_partial_output(tmp_path):
     project = big_project(tmp_path)
     proc = start_build(project)
-    assert wait_for_temp(project / "cache", proc), "the build finished before it could be killed"
+    assert wait_for_temp(project / "out", proc), "the build finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (project / "out/m.safetensors").exists()
-    assert temps(project / "cache")  # what the killed build was writing
+    assert temps(project / "out")  # what the killed build was writing
     run_cli(cwd=project, check=True)
     assert not temps(project)  # removed by the next build
     out = load(project / "out/m.safetensors")
@@ -75,7 +75,7 @@ def test_sigkill_mid_build_leaves_no_partial_output(tmp_path):
 def test_ctrl_c_removes_the_temp_file_and_exits_130(tmp_path):
     project = big_project(tmp_path)
     proc = start_build(project)
-    assert wait_for_temp(project / "cache", proc), "the build finished before it could be interrupted"
+    assert wait_for_temp(project / "out", proc), "the build finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

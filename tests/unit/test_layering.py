@@ -10,12 +10,12 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mergebuild"
 
 # each module (or package) and its layer; a module may import only its own layer or lower ones
 LAYERS = {
-    "errors": 0, "dtypes": 0, "torchlazy": 0,
+    "errors": 0, "dtypes": 0, "torchlazy": 0, "portable": 0, "failures": 0,
     "layouts": 1, "spec": 1, "methods": 1,
     "tensors": 2,
     "store": 3,
     "plan": 4,
-    "lineage": 5, "explain": 5, "graphviz": 5,
+    "lineage": 5, "graphviz": 5,
     "execute": 6, "inspection": 6, "diff": 6, "plotting": 6,
     "build": 7, "lockfile": 7, "tune": 8,
     "report": 8, "cli": 9, "__main__": 10,

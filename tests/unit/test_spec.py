@@ -54,7 +54,7 @@ def test_staging_sizes(value, staging):
 
 @pytest.mark.parametrize("edit, table, field, words", [
     (("[settings]", "[setings]"), None, "setings", "did you mean 'settings'"),
-    (('device = "cpu"', 'device = "tpu"'), "settings", "device", "not auto, cpu, cuda"),
+    (('device = "cpu"', 'device = "tpu"'), "settings", "device", "not auto, cpu, mps, cuda"),
     (('device = "cpu"', 'staging = "-1MB"'), "settings", "staging", "a size such as"),
     (('path = "m/base.safetensors"', 'file = "m/base.safetensors"'), "models.base", "file", "unknown field"),
     (('method = "copy"', 'method = 3'), "merges.out", "method", "non-empty string"),

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergebuild.errors import InputError
+from mergebuild.errors import BuildError, InputError
 from mergebuild.tensors.convert import from_bytes, to_bytes
 from mergebuild.tensors.header import read_header
 from mergebuild.tensors.writer import SafetensorsWriter, remove_stale_temps
@@ -58,25 +59,38 @@ def test_writer_output_loads_with_safetensors_in_any_write_order(tmp_path):
     }
     layout = [(n, {"float32": "F32", "bfloat16": "BF16", "int32": "I32"}[str(t.dtype)[6:]], tuple(t.shape))
               for n, t in tensors.items()]
-    w = SafetensorsWriter(tmp_path / "o.safetensors", layout, {"draft": "x" * 10})
+    # the draft holds placeholders as long as the final values: the header's size is exact
+    w = SafetensorsWriter(tmp_path / "o.safetensors", layout, {"hash": "0" * 64, "more": "z"}, "tok")
     for name in reversed(list(tensors)):
         w.write(name, to_bytes(tensors[name]))
-    w.commit({"draft": "y" * 100, "more": "z"})
+    w.commit({"hash": "ab" * 32, "more": "z"})
     loaded = load_file(str(tmp_path / "o.safetensors"))
     for name, t in tensors.items():
         assert torch.equal(loaded[name], t)
-    assert read_header(tmp_path / "o.safetensors").metadata == {"draft": "y" * 100, "more": "z"}
+    assert read_header(tmp_path / "o.safetensors").metadata == {"hash": "ab" * 32, "more": "z"}
     assert [p.name for p in tmp_path.iterdir()] == ["o.safetensors"]
 
 
-def test_writer_abort_leaves_nothing_and_stale_temps_are_removed(tmp_path):
-    w = SafetensorsWriter(tmp_path / "o.safetensors", [("a", "F32", (2,))], {})
+def test_metadata_that_outgrows_its_draft_is_an_error_not_a_torn_file(tmp_path):
+    w = SafetensorsWriter(tmp_path / "o.safetensors", [("a", "F32", (2,))], {"x": "1"}, "tok")
+    w.write("a", bytes(8))
+    with pytest.raises(BuildError, match="outgrew the space reserved"):
+        w.commit({"x": "1" * 1000})
     w.abort()
     assert list(tmp_path.iterdir()) == []
-    stale = tmp_path / ".o.safetensors.mergebuild-tmp-999999999"
+
+
+def test_writer_abort_leaves_nothing_and_stale_temps_are_removed(tmp_path):
+    w = SafetensorsWriter(tmp_path / "o.safetensors", [("a", "F32", (2,))], {}, "tok")
+    busy = SafetensorsWriter(tmp_path / "o.safetensors", [("a", "F32", (2,))], {}, "busy")
+    w.abort()
+    stale = tmp_path / f".o.safetensors.mergebuild-tmp-{os.getpid()}"  # a live PID, but nobody writes it
     stale.write_bytes(b"half")
     remove_stale_temps(tmp_path / "o.safetensors")
     assert not stale.exists()
+    assert busy.temp.exists()  # locked by the writer that is still writing it
+    busy.abort()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bytes_round_trip_every_float_dtype():

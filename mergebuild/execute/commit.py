@@ -1,0 +1,128 @@
+"""Committing outputs: the hashes their metadata needs, the metadata, and what the index learns.
+
+Source files' sha256 (lineage, A1111's hashes) and LoRA files' addnet hashes are computed in
+the background while the build runs; an output's commit waits only for the hashes of its own
+sources. The header's space is reserved from a draft whose placeholders are exactly as long as
+those hashes, so its size is known before any compute.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+from mergebuild.lineage import SourceHashes, build_metadata, today
+from mergebuild.plan.planner import MergePlan, Plan
+from mergebuild.store.cache import Cache
+from mergebuild.store.hashing import file_sha256, legacy_hash, tensor_data_sha256
+from mergebuild.tensors.folder import output_marker
+
+
+def lora_files(plan: Plan) -> set[str]:
+    """Sources read as LoRA files (by a lora method, after its first input): their lineage
+    carries kohya's hash of the tensor data too."""
+    out = set()
+    for merge in plan.merges.values():
+        if merge.spec.method.startswith("lora"):
+            first = 0 if merge.spec.method != "lora" else 1
+            out |= {n for n in merge.spec.inputs[first:] if n in plan.sources and plan.sources[n].path.is_file()}
+    return out
+
+
+def output_date(cache: Cache, merge: MergePlan) -> str:
+    """The ModelSpec date: kept from the last build of the same recipe (an output rebuilt with
+    nothing changed keeps its bytes), else today."""
+    recorded = cache.index.output(str(merge.spec.output))
+    return recorded[1] if recorded is not None and recorded[0] == merge.identity else today()
+
+
+class Committer:
+    def __init__(self, plan: Plan, cache: Cache, hashers, warnings: list[str], build_id: int = 0):
+        self.plan, self.cache, self.hashers, self.warnings = plan, cache, hashers, warnings
+        self.build_id = build_id
+        self.loras = lora_files(plan)
+        self._sha256: dict[str, Future] = {}
+        self._addnet: dict[str, Future] = {}
+        self.output_sha256: dict[str, Future] = {}
+        if any(m.needed and m.spec.output is not None and not m.current for m in plan.merges.values()):
+            self._start_source_hashes()
+
+    def _start_source_hashes(self) -> None:
+        for name, source in self.plan.sources.items():
+            if source.sha256 is None:
+                self._sha256[name] = self.hashers.submit(file_sha256, source.hash_file)
+        for name in self.loras:
+            self._addnet[name] = self.hashers.submit(tensor_data_sha256, self.plan.sources[name].path)
+
+    def draft_metadata(self, merge: MergePlan) -> dict[str, str]:
+        hashes = SourceHashes.placeholders(self.plan, self.loras)
+        return build_metadata(self.plan, merge.spec.name, hashes, "0" * 64, output_date(self.cache, merge))
+
+    def commit(self, merge: MergePlan, sink) -> None:
+        name = merge.spec.name
+        sources = [n for n in self.plan.recipe.closure(name) if n in self.plan.sources]
+        hashes = SourceHashes(
+            sha256={n: self._source_sha256(n) for n in sources},
+            legacy={n: legacy_hash(self.plan.sources[n].hash_file) for n in sources},
+            addnet={n: self._addnet[n].result() for n in self.loras if n in self._addnet})
+        for n, h in hashes.addnet.items():
+            self.plan.sources[n].addnet_hash = h
+        date = output_date(self.cache, merge)
+        metadata = build_metadata(self.plan, name, hashes, sink.data_sha256(), date, self.warnings)
+        self._keep_replaced(str(merge.spec.output), set(sink.digests.values()))
+        sink.commit(metadata)
+        self.cache.index.save_output(str(merge.spec.output), merge.identity, date, str(output_marker(merge.spec.output)))
+        self._drop_salvaged(str(merge.spec.output))
+        merge.current = True
+        self.output_sha256[name] = self.hashers.submit(file_sha256, output_marker(merge.spec.output))
+
+    def _keep_replaced(self, owner: str, new: set[str]) -> None:
+        """The tensors the new output replaces, moved from the old output into blobs before it
+        goes: a tweak undone, or a tune trial repeated, costs nothing. Only the changed tensors,
+        so the cache grows by about what changed, and eviction takes these first."""
+        from mergebuild.portable import RandomAccess
+        from mergebuild.store.hashing import tensor_digest
+        from mergebuild.dtypes import nbytes
+
+        for path, (_, kind, who) in self.cache.index.files("output").items():
+            if who != owner or not self.cache._file_valid(path):
+                continue
+            gone = [(d, o) for d, o in self.cache.index.located_in(path) if d not in new and not self.cache.blobs.has(d)]
+            shapes = self.cache.index.shapes_of([d for d, _ in gone])
+            rows = []
+            with RandomAccess(path) as f:
+                for digest, offset in gone:
+                    if digest not in shapes:
+                        continue
+                    dtype, shape = shapes[digest]
+                    data = f.read(nbytes(dtype, shape), offset)
+                    if tensor_digest(dtype, shape, data) == digest:
+                        rows.append((digest, self.cache.blobs.put(digest, data), "replaced"))
+            self.cache.index.save_blobs([r for r in rows if r[1]], self.build_id)
+
+    def _drop_salvaged(self, owner: str) -> None:
+        """Packs salvaged from interrupted builds of this output: it holds their tensors now."""
+        for path, (_, kind, who) in self.cache.index.files("pack").items():
+            if who == owner:
+                self.cache.forget_file(path)
+                try:
+                    import os
+
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+    def _source_sha256(self, name: str) -> str:
+        source = self.plan.sources[name]
+        if source.sha256 is None:
+            source.sha256 = self._sha256[name].result()
+        return source.sha256
+
+    def save_source_hashes(self) -> None:
+        for name, future in self._sha256.items():
+            source = self.plan.sources[name]
+            source.sha256 = future.result()
+            self.cache.index.save_sha256(str(source.hash_file), source.stamp, source.sha256)
+
+    def cancel(self) -> None:
+        for future in list(self._sha256.values()) + list(self._addnet.values()):
+            future.cancel()

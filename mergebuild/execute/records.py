@@ -1,0 +1,126 @@
+"""What a build tells the index, and when: only what is stored and trustworthy.
+
+A computed tensor's entry (key -> digest) is recorded only once its bytes are stored (a blob, a
+committed output, a salvaged pack) and every source file has been re-checked since it was
+read: a source rewritten during the build records nothing computed from it, so the cache is
+never poisoned. After the build: which entries and blobs were used (least recently used go
+first), what each merge needs (protected from eviction), and the recipe each was built from.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from mergebuild.errors import BuildError
+from mergebuild.portable import stamp
+
+
+class Records:
+    def __init__(self, plan, cache, build_id: int):
+        self.plan, self.cache, self.build_id = plan, cache, build_id
+        self._rows: list[tuple] = []  # (key, digest, dtype, shape) with stored bytes
+        self._blobs: list[tuple[str, int, str]] = []
+        self._pending: dict[str, dict[str, tuple]] = {}  # merge -> tensor -> row, awaiting its output
+        self._read_from: set[Path] = set()  # recorded files copied from (outputs, packs)
+        self._used_keys: list[str] = []
+        self._used_digests: list[str] = []
+        self._lock = threading.Lock()
+
+    # while merges run ---------------------------------------------------------------------
+    def stored(self, task, digest: str, disk: int) -> None:
+        with self._lock:
+            self._rows.append((task.key, digest, task.dtype, task.shape))
+            if disk:
+                self._blobs.append((digest, disk, "merge"))
+
+    def in_output(self, merge: str, task, digest: str) -> None:
+        with self._lock:
+            self._pending.setdefault(merge, {})[task.name] = (task.key, digest, task.dtype, task.shape)
+
+    def committed(self, merge: str, sink) -> None:
+        with self._lock:
+            self._rows += self._pending.pop(merge, {}).values()
+
+    def salvaged(self, merge, kept: dict[str, str]) -> None:
+        with self._lock:
+            pending = self._pending.pop(merge.spec.name, {})
+            self._rows += [pending[n] for n in kept if n in pending]
+
+    def read_from(self, path: Path) -> None:
+        with self._lock:
+            self._read_from.add(Path(path))
+
+    def changed_files(self) -> list[Path]:
+        """Sources, and recorded files copied from, that are no longer as they were."""
+        changed = [p for s in self.plan.sources.values() for p in s.changed_parts()]
+        recorded = self.cache.index.files()
+        with self._lock:
+            copied = list(self._read_from)
+        for path in copied:
+            row = recorded.get(str(path))
+            try:
+                now = stamp(os.stat(path))
+            except OSError:
+                now = None
+            if row is None or now != tuple(row[0]):
+                changed.append(path)
+        return changed
+
+    def sources_changed(self) -> bool:
+        return bool(self.changed_files())
+
+    def verify_sources(self) -> None:
+        changed = self.changed_files()
+        if changed:
+            with self._lock:
+                self._rows, self._blobs, self._pending = [], [], {}
+            shown = ", ".join(str(p) for p in changed[:3])
+            raise BuildError(f"{shown}: changed during the build; nothing computed from it was recorded and "
+                             "no output was written (run the build again once nothing writes to it)")
+        with self._lock:
+            self._read_from.clear()
+
+    def flush(self) -> None:
+        with self._lock:
+            rows, blobs, self._rows, self._blobs = self._rows, self._blobs, [], []
+        if blobs:
+            self.cache.index.save_blobs(blobs, self.build_id)
+        if rows:
+            self.cache.index.record(rows, self.build_id)
+
+    def used(self, merge) -> None:
+        with self._lock:
+            for t in merge.tasks.values():
+                if t.key:
+                    self._used_keys.append(t.key)
+                if t.digest:
+                    self._used_digests.append(t.digest)
+            for node, tensor in (i for t in merge.tasks.values() for i in t.inputs):
+                if node in self.plan.sources and self.plan.sources[node].tensors[tensor].file is None:
+                    self._used_digests.append(self.plan.sources[node].tensors[tensor].digest)
+
+    # after the build ----------------------------------------------------------------------
+    def save_state(self, ran: list[str]) -> None:
+        """Touch what was used; per merge that ran, what it needs and what it was made from."""
+        index = self.cache.index
+        index.touch(self._used_keys, self._used_digests, self.build_id)
+        mergefile = str(self.plan.mergefile.path)
+        keep = set(self.plan.mergefile.merges)
+        for name in ran:
+            merge = self.plan.merges[name]
+            needs = {t.digest for t in merge.tasks.values() if t.digest}
+            needs |= {self.plan.ref(n, t).digest for task in merge.tasks.values() for n, t in task.inputs
+                      if n in self.plan.sources and self.plan.sources[n].tensors[t].file is None}
+            index.save_live(mergefile, name, {d for d in needs if d}, keep)
+            closure = self.plan.recipe.closure_identities(name)
+            nodes = {i: self._stored_node(n) for n, i in closure.items()}
+            index.save_closure(mergefile, name, closure, nodes)
+
+    def _stored_node(self, name: str) -> dict:
+        node = dict(self.plan.recipe.nodes[name])
+        source = self.plan.sources.get(name)
+        if source is not None and source.sha256:
+            node["sha256"] = source.sha256
+        return node
