@@ -92,12 +92,17 @@ def _open_cache(opts: BuildOptions, readonly: bool = False) -> tuple[Mergefile |
 
 
 def dry_run(opts: BuildOptions) -> tuple[Plan, list[MergeStatus]]:
+    plan, statuses, _ = dry_run_with_warnings(opts)
+    return plan, statuses
+
+
+def dry_run_with_warnings(opts: BuildOptions) -> tuple[Plan, list[MergeStatus], list[str]]:
     mf, cache = open_project(opts, readonly=True)
     try:
         plan = make_plan(mf, cache, list(opts.targets), opts.force)
-        check_headers(plan, cache)
+        warnings = check_headers(plan, cache)
         why = merge_reasons(plan, cache, opts.force)
-        return plan, [_status(plan, name, why.get(name, [])) for name in plan.merges]
+        return plan, [_status(plan, name, why.get(name, [])) for name in plan.merges], warnings
     finally:
         cache.close()
 

@@ -167,22 +167,23 @@ def _cmd_build(args) -> int:
 
     opts = _options(args)
     if args.dry_run:
-        _plan, statuses = build.dry_run(opts)
+        plan, statuses, warnings = build.dry_run_with_warnings(opts)
+        report.print_warnings(plan, warnings)  # even with -q: an edit that does nothing is worth a line
         if args.json:
             report.print_json(report.dry_run_json(statuses))
-        else:
+        elif not args.quiet:
             report.print_dry_run(statuses, args.verbose)
         return 0
 
     def on_plan(plan, reasons, warnings):
+        report.print_warnings(plan, warnings)
         if not args.quiet:
-            report.print_plan(plan, reasons, args.verbose, warnings)
+            report.print_plan(plan, reasons, args.verbose)
 
     with report.RichProgress(enabled=not args.quiet) as progress:
         _plan, results, built = build.build_with_report(opts, progress, on_plan, None if args.quiet else _waiting)
+    report.print_warnings(None, built.late_warnings)
     if not args.quiet:
-        for warning in built.late_warnings:
-            report.err.print(f"[yellow]warning:[/] {report.escape(warning)}")
         report.err.print(report.summary_table(results))
         report.err.print(report.cache_line(built.cache_bytes, built.cache_limit), markup=False)
     if args.json:
@@ -247,6 +248,8 @@ def _cmd_lineage(args) -> int:
     from mergebuild.lineage import read_lineage
 
     tree = read_lineage(args.path)
+    for warning in tree.pop("warnings", []):
+        report.err.print(f"warning: {warning}", markup=False, highlight=False)
     if args.json:
         report.print_json(tree)
     elif args.format != "tree":
@@ -368,4 +371,6 @@ def _error(message: str) -> None:
 
     from mergebuild import report
 
-    report.err.print(f"[bold red]mergebuild: error:[/] {escape(message)}", highlight=False)
+    # soft_wrap: one line whatever its length, on a terminal or through a pipe
+    report.err.print(f"[bold red]mergebuild: error:[/] {escape(' '.join(message.split()))}", highlight=False,
+                     soft_wrap=True)

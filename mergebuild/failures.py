@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import sqlite3
 import threading
@@ -63,9 +64,11 @@ def install_stop_handlers():
             continue
 
     def restore():
+        # once stopping, stay deaf to more stop signals until the process is gone: one
+        # arriving during the interpreter's shutdown would print a traceback or kill it
         for signum, old in previous.items():
             try:
-                signal.signal(signum, old)
+                signal.signal(signum, signal.SIG_IGN if stopping else old)
             except (OSError, ValueError):
                 pass
 
@@ -79,8 +82,9 @@ def describe(error: BaseException) -> tuple[str, int]:
     if isinstance(error, OSError):
         return _os_error(error), 1
     if isinstance(error, sqlite3.Error):
-        return (f"the cache index cannot be used ({type(error).__name__}: {error}); if it is damaged, delete "
-                "index.sqlite* in the cache folder (the next build recomputes what it needs)", 1)
+        where = getattr(error, "index_path", None)
+        return (f"{where or 'the cache index'}: the cache index cannot be used ({error}); if it is damaged, "
+                "delete index.sqlite* in the cache folder (the next build recomputes what it needs)", 1)
     if isinstance(error, RecursionError):
         return "the input is nested too deeply to process", 2
     if isinstance(error, MemoryError):
@@ -90,10 +94,14 @@ def describe(error: BaseException) -> tuple[str, int]:
     return f"internal error: {type(error).__name__}: {error} (run with -v for the traceback, and please report it)", 1
 
 
+TEMP_NAME = re.compile(r"\.([^/\\]+?)\.mergebuild-(?:tmp|old)-[\w-]+")
+
+
 def _os_error(error: OSError) -> str:
-    where = error.filename if error.filename is not None else ""
+    where = str(error.filename) if error.filename is not None else ""
     if error.filename2 is not None:
         where = f"{where} -> {error.filename2}"
+    where = TEMP_NAME.sub(r"\1", where)  # name the output, not the temp file it was being written as
     what = error.strerror or str(error)
     hint = HINTS.get(error.errno)
     text = f"{where}: {what}" if where else what

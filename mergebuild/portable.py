@@ -77,11 +77,16 @@ class RandomAccess:
         view = memoryview(view).cast("B")
         done = 0
         while done < len(view):
-            n = self._read_at(view[done : done + COPY_CHUNK], offset + done)
+            with self._named():
+                n = self._read_at(view[done : done + COPY_CHUNK], offset + done)
             if n == 0:
                 raise ShortRead(errno.EIO, f"the file ended at byte {offset + done}, "
                                 f"{len(view) - done} bytes short (truncated or rewritten?)", str(self.path))
             done += n
+
+    def _named(self):
+        """OS errors raised by calls on the descriptor name this file (they carry no name)."""
+        return _NamedErrors(self.path)
 
     def read(self, size: int, offset: int) -> bytearray:
         buf = bytearray(size)
@@ -90,18 +95,25 @@ class RandomAccess:
 
     def write_at(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
-        while view:
-            n = self._write_at(view, offset)
-            view, offset = view[n:], offset + n
+        with self._named():
+            while view:
+                n = self._write_at(view, offset)
+                view, offset = view[n:], offset + n
 
     def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
+        with self._named():
+            os.ftruncate(self.fd, size)
+
+    def preallocate(self, size: int) -> None:
+        with self._named():
+            preallocate(self.fd, size)
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
     def fsync(self) -> None:
-        os.fsync(self.fd)
+        with self._named():
+            os.fsync(self.fd)
 
     def close(self) -> None:
         if self.fd is not None:
@@ -130,6 +142,19 @@ class RandomAccess:
 
         def _write_at(self, view, offset: int) -> int:
             return os.pwrite(self.fd, view, offset)
+
+
+class _NamedErrors:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if isinstance(error, OSError) and error.filename is None and not isinstance(error, ShortRead):
+            raise OSError(error.errno, error.strerror or str(error), str(self.path)) from error
+        return False
 
 
 def _readinto(fd: int, view) -> int:  # pragma: no cover - Windows

@@ -130,13 +130,16 @@ def dry_run_json(statuses) -> dict:
     }
 
 
-def print_plan(plan, reasons: dict[str, list[str]], verbose: bool, warnings: list[str] = ()) -> None:
-    """Before a build: warnings always; with -v the detected architectures and why merges rebuild."""
-    for warning in warnings:
-        err.print(f"[yellow]warning:[/] {escape(warning)}")
+def print_warnings(plan, warnings: list[str] = ()) -> None:
+    """Warnings, one line each: the merges' own (an edit that reached no tensor...), then others."""
+    lines = [f"{name}: {w}" for name, merge in (plan.merges.items() if plan is not None else ()) for w in merge.warnings]
+    for line in lines + list(warnings):
+        err.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
+
+
+def print_plan(plan, reasons: dict[str, list[str]], verbose: bool) -> None:
+    """Before a build: notes; with -v the detected architectures and why merges rebuild."""
     for name, merge in plan.merges.items():
-        for warning in merge.warnings:
-            err.print(f"[yellow]warning:[/] {escape(name)}: {escape(warning)}")
         for note in merge.notes:
             err.print(f"{escape(name)}: {escape(note)}")
         if verbose and merge.arch is not None:

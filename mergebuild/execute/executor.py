@@ -138,7 +138,9 @@ class Executor:
                 self.records.committed(name, sink)
             self.records.flush()
         except BaseException as e:
-            self._keep_finished(merge, sink, e)
+            changed = self._keep_finished(merge, sink)
+            if changed and not isinstance(e, KeyboardInterrupt):
+                raise self.records.changed_error(changed) from e  # the cause, not its symptom
             raise
         finally:
             self.progress.finish(name)
@@ -146,12 +148,15 @@ class Executor:
         return MergeResult(name, len(merge.tasks), computed + self._healed, time.perf_counter() - started,
                            merge.method_tasks, merge.spec.output, sink is not None, arch)
 
-    def _keep_finished(self, merge: MergePlan, sink: OutputSink | None, error: BaseException) -> None:
-        """A build stopped (interrupt, failure): record what was finished, if it can be trusted."""
-        if self.records.sources_changed():
+    def _keep_finished(self, merge: MergePlan, sink: OutputSink | None) -> list[Path]:
+        """A build stopped (interrupt, failure): record what was finished, if it can be trusted;
+        the files that changed under it (then nothing is recorded)."""
+        changed = self.records.changed_files()
+        if changed:
+            self.records.discard()
             if sink is not None:
                 sink.abort()
-            return  # computed from a file that changed: nothing of it may be recorded
+            return changed
         if sink is not None:
             try:
                 kept = sink.salvage()
@@ -160,6 +165,7 @@ class Executor:
                 kept = {}
             self.records.salvaged(merge, kept)
         self.records.flush()
+        return []
 
     def _stream(self, merge: MergePlan, todo: list[TensorTask], sink) -> int:
         """Read ahead, compute in order, write behind; returns how many tensors were computed."""

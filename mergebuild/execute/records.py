@@ -68,17 +68,21 @@ class Records:
                 changed.append(path)
         return changed
 
-    def sources_changed(self) -> bool:
-        return bool(self.changed_files())
+    def discard(self) -> None:
+        with self._lock:
+            self._rows, self._blobs, self._pending = [], [], {}
+
+    @staticmethod
+    def changed_error(changed: list[Path]) -> BuildError:
+        shown = ", ".join(str(p) for p in changed[:3])
+        return BuildError(f"{shown}: changed during the build; nothing computed from it was recorded and no "
+                          "output was written (run the build again once nothing writes to it)")
 
     def verify_sources(self) -> None:
         changed = self.changed_files()
         if changed:
-            with self._lock:
-                self._rows, self._blobs, self._pending = [], [], {}
-            shown = ", ".join(str(p) for p in changed[:3])
-            raise BuildError(f"{shown}: changed during the build; nothing computed from it was recorded and "
-                             "no output was written (run the build again once nothing writes to it)")
+            self.discard()
+            raise self.changed_error(changed)
         with self._lock:
             self._read_from.clear()
 

@@ -101,7 +101,7 @@ def tail_average(*models, k: int = 0):
     return _weighted_sum(tail, [1.0 / k] * k)
 
 
-WEIGHTS = Param("weights", list, (), "one weight per model; empty: 1.0 each")
+WEIGHTS = Param("weights", list, (), "one weight per model; empty: 1.0 each", count=lambda n: n // 2)
 
 
 ELEMENTWISE = {"soup", "fisher", "ema", "tail_average"}  # geometric_median's distances span the tensor
@@ -113,7 +113,8 @@ def _method(fn, inputs, *params):
 
 
 METHODS = [
-    _method(soup, ("A", "B"), Param("weights", list, (), "one weight per model, normalised to sum 1; empty: uniform")),
+    _method(soup, ("A", "B"), Param("weights", list, (), "one weight per model, normalised to sum 1; empty: uniform",
+                                    count=lambda n: n)),
     _method(fisher, ("Model", "Fisher"), WEIGHTS,
             Param("eps", float, 1e-8, "floor of every Fisher value (keeps the denominator positive)")),
     _method(geometric_median, ("A", "B"), Param("eps", float, 1e-6, "smallest distance used in a weight"),

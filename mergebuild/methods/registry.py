@@ -31,6 +31,9 @@ class Param:
     default: object = REQUIRED
     doc: str = ""
     choices: tuple = ()
+    # list parameters with one value per input model: the length they must have for n inputs
+    # (checked when the Mergefile is read; an empty list means "the default for each")
+    count: Callable | None = None
 
     @property
     def required(self) -> bool:

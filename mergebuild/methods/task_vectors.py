@@ -179,7 +179,8 @@ def _member(name: str, doc: str, *, sparsify: str, params: tuple, fixed: dict | 
     return Method(name, 1, fn, ("Base", "A"), params, doc, takes_key=takes_key, variadic=True)
 
 
-WEIGHTS = Param("weights", list, (), "one weight per fine-tune (the base has none); empty: 1.0 each")
+WEIGHTS = Param("weights", list, (), "one weight per fine-tune (the base has none); empty: 1.0 each",
+                count=lambda n: n - 1)
 LAMBDA = Param("lambda", float, 1.0, "multiplier of the merged task vector")
 SEED = Param("seed", int, 0, "seed of the drop masks; with the tensor's name it gives each tensor its own stream")
 RESCALE = Param("rescale", bool, True, "divide kept entries by their keep probability")

@@ -50,6 +50,11 @@ def _conflict(out: Path, other: Path, other_is_folder: bool) -> str | None:
 
 
 def _existing(out: Path) -> str | None:
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{out}: {parent} is a file, not a folder the output could go in"
+            break
     try:
         if out.is_symlink() and not out.exists():
             return f"{out} is a broken symbolic link; remove it or name another output"

@@ -27,14 +27,19 @@ class _CompiledRule:
     rule: Rule
     blocks: set[str] | None
     regex: re.Pattern | None
+    hits: int = 0  # keys it selected: a rule that selects none is a mistake worth a warning
 
     def selects(self, key: str, block: str | None) -> bool:
         if self.blocks is not None and block not in self.blocks:
             return False
         if not self.rule.match and self.regex is None:
+            self.hits += 1
             return True
         hit = any(m in key for m in self.rule.match) or bool(self.regex and self.regex.search(key))
-        return hit != self.rule.negate
+        if hit != self.rule.negate:
+            self.hits += 1
+            return True
+        return False
 
 
 class ParamResolver:
@@ -42,6 +47,7 @@ class ParamResolver:
 
     def __init__(self, mf: Mergefile, merge: MergeSpec, method: Method, arch: Architecture, keys: list[str]):
         self.mf, self.merge, self.method, self.arch = mf, merge, method, arch
+        self.warnings: list[str] = []
         self.time_embed_in_base = mf.settings.time_embed == "BASE"
         layers = [arch.layer_of(k) for k in keys]
         self.num_layers = max((n for n in layers if n is not None), default=-1) + 1
@@ -49,6 +55,7 @@ class ParamResolver:
         self.rules = [self._compile_rule(i, r) for i, r in enumerate(merge.rules)]
         self.include = [re.compile(p) for p in merge.include]
         self.exclude = [re.compile(p) for p in merge.exclude]
+        self.pattern_hits: dict[str, int] = {p.pattern: 0 for p in self.include + self.exclude}
         self.defaults = method.defaults()
         # whether any value depends on the block of a key: then the block map (and its
         # [settings] time_embed) reaches the tensors
@@ -62,6 +69,9 @@ class ParamResolver:
 
     def selected(self, key: str) -> bool:
         """Whether the merge applies to this key at all (include / exclude)."""
+        hits = [p.pattern for p in self.include + self.exclude if p.search(key)]
+        for pattern in hits:
+            self.pattern_hits[pattern] += 1
         if self.include and not any(p.search(key) for p in self.include):
             return False
         return not any(p.search(key) for p in self.exclude)
@@ -95,6 +105,9 @@ class ParamResolver:
     def _block_list(self, name: str, values: list) -> dict:
         if not self.arch.blocks:
             self._fail(name, f"{self.arch.name} models have no blocks; use {{ gradient = [...] }} or rules")
+        if len(values) != len(self.arch.blocks):
+            self.warnings.append(f"{name}: {len(values)} values read as {self.arch.name}'s {len(self.arch.blocks)} "
+                                 "blocks, as supermerger converts them (IN09-IN11 and OUT09-OUT11 are dropped)")
         try:
             return block_values(values, self.arch)
         except ValueError as e:
@@ -112,6 +125,9 @@ class ParamResolver:
     def _gradient(self, name: str, table: dict):
         points = table["gradient"]
         default = table.get("default", points[0])
+        if self.num_layers <= 0:
+            self.warnings.append(f"{name}: a gradient needs layer indices, and {self.arch.name} keys have none: "
+                                 f"every tensor takes {default} (use block values or rules)")
         span = max(self.num_layers - 1, 1)
 
         def at(key: str, block):
@@ -133,6 +149,20 @@ class ParamResolver:
                 raise MergefileError(self.mf.path, f"merges.{self.merge.name}.rules[{index}]", "blocks", str(e)) from None
         return _CompiledRule(rule, blocks, re.compile(rule.regex) if rule.regex else None)
 
+    def unused(self, keys: list[str]) -> list[str]:
+        """Warnings for edits that reached no tensor (after every key was resolved)."""
+        out = list(self.warnings)
+        for i, rule in enumerate(self.rules):
+            if rule.hits == 0:
+                what = ", ".join(f"{k} {v!r}" for k, v in (("blocks", rule.rule.blocks), ("match", list(rule.rule.match)
+                                 or None), ("regex", rule.rule.regex)) if v)
+                out.append(f"rules[{i}] ({what}) selects no key{_closest(rule.rule.match, keys)}: it changes nothing")
+        for field, patterns in (("include", self.merge.include), ("exclude", self.merge.exclude)):
+            for pattern in patterns:
+                if self.pattern_hits.get(pattern) == 0:
+                    out.append(f"{field} {pattern!r} finds no key{_closest((pattern,), keys)}: it changes nothing")
+        return out
+
     def _fail(self, field: str, message: str):
         raise MergefileError(self.mf.path, f"merges.{self.merge.name}", field, message)
 
@@ -142,3 +172,15 @@ def param_varies_by_block(method: Method, name: str, value) -> bool:
     if param is None or not param.numeric:
         return False
     return isinstance(value, (str, list)) or (isinstance(value, dict) and "gradient" not in value)
+
+
+def _closest(words, keys: list[str]) -> str:
+    """'(did you mean 'attn2'?)' for a substring that is close to a part of some key."""
+    import difflib
+
+    parts = {p for k in keys for p in k.split(".")}
+    for word in words:
+        close = difflib.get_close_matches(word, parts, n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {close[0]!r}?)"
+    return ""

@@ -193,11 +193,37 @@ def _plan_merge(plan: Plan, spec: MergeSpec) -> MergePlan:
         tasks = _key_by_key(plan, spec, method, names, resolver)
     if discard:
         tasks = {n: t for n, t in tasks.items() if not discard.search(n)}
+    if method.plan_tasks is None and method.input_names is None:
+        _keep_markers(plan, spec, names, tasks, ctx)
+    ctx.warnings += resolver.unused(names)
     merge = MergePlan(spec, method, tasks, arch=arch, arch_how=how, warnings=ctx.warnings, notes=ctx.notes,
                       output_metadata=ctx.output_metadata, block_sensitive=resolver.block_sensitive)
-    if method.merges_tensors and not any(t.method is method for t in tasks.values()):
+    if method.merges_tensors and not any(t.method is method for t in tasks.values()) and not merge.warnings:
         merge.warnings.append(f"{spec.method} changed no tensor: no key of {', '.join(spec.inputs[1:])} matched")
     return merge
+
+
+MARKER_KEYS = ("v_pred", "ztsnr")  # ComfyUI's markers of a v-prediction / zero-terminal-SNR SDXL model
+
+
+def _keep_markers(plan: Plan, spec: MergeSpec, names: list[str], tasks: dict, ctx) -> None:
+    """Keys only in later inputs are left out, as A1111 does, with one warning; markers that say
+    how to sample the model are kept from whichever input has them (dropping them silently
+    turns a v-prediction model into a broken eps one)."""
+    first = set(names)
+    dropped: dict[str, list[str]] = {}
+    for i, node in enumerate(spec.inputs[1:], start=1):
+        for key in plan.tensor_names(node):
+            if key in first or key in tasks:
+                continue
+            if key in MARKER_KEYS:
+                ref = plan.ref(node, key)
+                tasks[key] = TensorTask(key, ref.dtype, ref.shape, ((node, key),), None, state=PASSTHROUGH)
+            else:
+                dropped.setdefault(node, []).append(key)
+    for node, keys in dropped.items():
+        shown = ", ".join(repr(k) for k in keys[:2])
+        ctx.warn(f"{len(keys)} keys only in {node} are left out, as A1111 does (e.g. {shown})")
 
 
 def _key_by_key(plan: Plan, spec: MergeSpec, method: Method, names: list[str], resolver) -> dict[str, TensorTask]:

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergebuild.errors import InputError
+from mergebuild.errors import BuildError, InputError
 from mergebuild.portable import is_regular_file, stamp
 from mergebuild.spec.model import ModelSpec
 from mergebuild.store.cache import Cache
@@ -97,7 +97,7 @@ def _safetensors(path: Path, st: tuple, cache: Cache) -> tuple[dict[str, TensorR
     if known is None:
         digests = digest_safetensors(path, header.tensors)
         if _stat(path, "models") != st:  # rewritten while it was being hashed
-            raise InputError(f"{path}: the file changed while it was being read; run the build again "
+            raise BuildError(f"{path}: the file changed while it was being read; run the build again "
                              "once nothing writes to it")
         table = {n: (e.dtype, list(e.shape), digests[n]) for n, e in header.tensors.items()}
         content = _content(table, header.metadata)
@@ -166,7 +166,7 @@ def _legacy_source(spec: ModelSpec, cache: Cache, st: tuple) -> Source:
     else:
         table, sha256 = _import_legacy(spec.path, cache), None
         if _stat(spec.path, "models") != st:
-            raise InputError(f"{spec.path}: the file changed while it was being read; run the build again")
+            raise BuildError(f"{spec.path}: the file changed while it was being read; run the build again")
         content = _content(table, {})
         cache.index.save_fingerprint(str(spec.path), st, table, content, None)
     tensors = {n: TensorRef(dt, tuple(shape), d) for n, (dt, shape, d) in table.items()}

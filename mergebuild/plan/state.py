@@ -22,9 +22,10 @@ from mergebuild.tensors.header import read_header
 
 def decide_outputs(plan, cache: Cache, graph: nx.DiGraph, force: bool) -> None:
     """Which merges' outputs are current, and which merges the build must run."""
+    base = plan.mergefile.path.parent
     for name, merge in plan.merges.items():
         if merge.spec.output is not None:
-            merge.current, merge.stale_why = (False, "--force") if force else output_state(cache, merge)
+            merge.current, merge.stale_why = (False, "--force") if force else output_state(cache, merge, base)
     needed: set[str] = set()
     for name, merge in plan.merges.items():
         if name in plan.targets and (merge.spec.output is None or not merge.current):
@@ -37,24 +38,33 @@ def decide_outputs(plan, cache: Cache, graph: nx.DiGraph, force: bool) -> None:
         merge.needed = name in needed
 
 
-def output_state(cache: Cache, merge) -> tuple[bool, str]:
+def output_state(cache: Cache, merge, base: Path | None = None) -> tuple[bool, str]:
     """(current, why not): whether the output holds what the recipe makes, as it is on disk."""
     out = merge.spec.output
+    shown = _shown(out, base)
     marker = output_marker(out)
     if not marker.exists():
-        return False, f"{out} is missing"
+        return False, f"{shown} is missing"
     recorded = cache.index.output(str(out))
     if recorded is not None and recorded[0] == merge.identity and _files_unchanged(cache, out):
         return True, ""
     # the cache does not know the file as it is now: ask the file itself
     metadata = _metadata(out)
     if metadata is None:
-        return False, f"{out} is not a readable output"
+        return False, f"{shown} is not a readable output"
     if metadata.get(IDENTITY_KEY) != merge.identity:
-        return False, f"{out} was built from another recipe"
+        return False, f"{shown} was built from another recipe"
     if not _data_intact(out, metadata):
-        return False, f"{out} changed on disk"
+        return False, f"{shown} changed on disk"
     return True, ""
+
+
+def _shown(path: Path, base: Path | None) -> str:
+    """A path as the Mergefile writes it: relative to its folder when below it."""
+    try:
+        return str(Path(path).relative_to(base)) if base is not None else str(path)
+    except ValueError:
+        return str(path)
 
 
 def _files_unchanged(cache: Cache, out: Path) -> bool:

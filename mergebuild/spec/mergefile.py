@@ -153,6 +153,7 @@ def _merge(path, base: Path, name: str, table: dict, allow_search: bool = False)
         _compile(path, where, "discard", discard)
     params = {k: v for k, v in table.items() if k not in MERGE_FIELDS}
     _check_params(path, where, method, params, allow_search)
+    _check_counts(path, where, method, params, len(inputs))
     rules = tuple(_rule(path, f"{where}.rules", i, method, r) for i, r in enumerate(_list(path, where, "rules", table.get("rules", []))))
     include = _patterns(path, where, "include", table.get("include"))
     exclude = _patterns(path, where, "exclude", table.get("exclude"))
@@ -284,6 +285,16 @@ def _check_params(path, where: str, method, params: dict, allow_search: bool = F
     for param in method.params:
         if param.required and param.name not in params:
             raise MergefileError(path, where, param.name, f"missing: {method.name} needs {param.name}")
+
+
+def _check_counts(path, where: str, method, params: dict, inputs: int) -> None:
+    """A list with one value per input model must have as many values (else the build would
+    fail halfway, after hours of other merges)."""
+    for p in method.params:
+        value = params.get(p.name)
+        if p.count is not None and isinstance(value, list) and value and len(value) != p.count(inputs):
+            raise MergefileError(path, where, p.name, f"{len(value)} values for {p.count(inputs)} "
+                                 f"{'model' if p.count(inputs) == 1 else 'models'} ({p.doc})")
 
 
 def _check_ranges(path, where: str, key: str, value, allow_search: bool) -> None:

@@ -203,6 +203,11 @@ class Cache:
         kinds["in progress"] = sum(_disk(p) for p in tmp.iterdir()) if tmp.is_dir() else 0
         tune = self.root / "tune"
         kinds["tune studies"] = sum(_disk(p) for p in tune.rglob("*") if p.is_file()) if tune.is_dir() else 0
+        kinds["locks"] = sum(_disk(self.root / n) for n in ("lock", "lock.info", "init.lock"))
+        folders = [self.root, tmp, self.packs, tune, self.blobs.objects]
+        if self.blobs.objects.is_dir():
+            folders += [p for p in self.blobs.objects.iterdir() if p.is_dir()]
+        kinds["folders"] = sum(_disk(p) for p in folders)
         return kinds
 
 

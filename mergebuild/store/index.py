@@ -70,7 +70,7 @@ class Index:
     def __init__(self, path: Path, readonly: bool = False):
         self.path = Path(path)
         self.readonly = readonly
-        self.db = _Serialized(_connect(self.path, readonly))
+        self.db = _Serialized(_connect(self.path, readonly), self.path)
         if readonly:
             version = self._schema_version()
             if version is not None and version != SCHEMA_VERSION:
@@ -366,28 +366,44 @@ class _Serialized:
     blob writes to the index too): every statement runs under one lock and its rows are read
     before the lock is released; a transaction holds the lock throughout."""
 
-    def __init__(self, db: sqlite3.Connection):
+    def __init__(self, db: sqlite3.Connection, path: Path):
         self._db = db
+        self.path = path
         self.lock = threading.RLock()
 
     def execute(self, sql: str, params=()) -> _Rows:
-        with self.lock:
+        with self.lock, _named(self.path):
             cursor = self._db.execute(sql, params)
             rows = _Rows(cursor.fetchall())
             rows.lastrowid = cursor.lastrowid
             return rows
 
     def executemany(self, sql: str, rows) -> None:
-        with self.lock:
+        with self.lock, _named(self.path):
             self._db.executemany(sql, rows)
 
     def executescript(self, script: str) -> None:
-        with self.lock:
+        with self.lock, _named(self.path):
             self._db.executescript(script)
 
     def close(self) -> None:
         with self.lock:
             self._db.close()
+
+
+class _named:
+    """SQLite's errors do not say which database: attach the index's path for the message."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if isinstance(error, sqlite3.Error) and not hasattr(error, "index_path"):
+            error.index_path = str(self.path)
+        return False
 
 
 class _Transaction:

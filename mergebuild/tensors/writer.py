@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mergebuild.dtypes import nbytes
 from mergebuild.errors import BuildError
-from mergebuild.portable import RandomAccess, copy_range, fsync_dir, is_locked, lock_fd, preallocate
+from mergebuild.portable import RandomAccess, copy_range, fsync_dir, is_locked, lock_fd
 from mergebuild.tensors.header import MAX_HEADER
 
 TEMP_MARK = ".mergebuild-tmp-"
@@ -83,7 +83,7 @@ class SafetensorsWriter:
         try:
             lock_fd(self.file.fd)  # held until closed: the temp is in use
             size = 8 + self.header_size + self.data_size
-            preallocate(self.file.fd, size)  # a full disk fails here, before any compute
+            self.file.preallocate(size)  # a full disk fails here, before any compute
             self.file.truncate(size)
         except BaseException:
             self.abort()

@@ -7,10 +7,8 @@ same one resumes it: finished trials count toward `trials` and are never run aga
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -18,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mergebuild.errors import UsageError
+from mergebuild.portable import FileLock
 from mergebuild.spec.search import Range
 from mergebuild.store.hashing import text_digest
 from mergebuild.tune.config import TuneConfig, param_kind
@@ -52,15 +51,13 @@ def study_name(path: Path, text: str) -> str:
 def study_lock(storage: Path):
     """One `mergebuild tune` per study at a time; so a RUNNING trial found at start is stale."""
     storage.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(storage.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    lock = FileLock(storage.with_suffix(".lock"))
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"another `mergebuild tune` is running this study ({storage.name})") from None
+        if not lock.acquire(blocking=False):
+            raise UsageError(f"another `mergebuild tune` is running this study ({storage.name})")
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def open_study(storage: Path, name: str, direction: str):

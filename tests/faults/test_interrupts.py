@@ -1,0 +1,80 @@
+"""6. Interrupts keep finished work: SIGINT, SIGTERM and SIGHUP stop a build cleanly (130, 143,
+129), tensors finished before it go into the cache (never left in a temp output), the next build
+computes only the rest, and no index entry points at bytes that are not stored."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from tests.faults.conftest import big_sources, leftovers, mb, mb_process, wait_for
+
+CHAIN = """
+[models.a]
+path = "models/a.safetensors"
+[models.b]
+path = "models/b.safetensors"
+[merges.mid]
+method = "weighted_sum"
+inputs = ["a", "b"]
+alpha = 0.5
+[merges.m]
+method = "add_difference"
+inputs = ["mid", "a", "b"]
+alpha = 0.3
+output = "out/m.safetensors"
+"""
+
+
+def _interrupted(tmp_path, signals: list[int]):
+    big_sources(tmp_path, tensors=64)
+    (tmp_path / "mergefile.toml").write_text(CHAIN)
+    proc = mb_process(tmp_path, "-q", background=True)
+    writing = lambda: (tmp_path / "out").exists() and bool(leftovers(tmp_path / "out"))  # noqa: E731
+    assert wait_for(writing, proc), "the build finished before it could be interrupted"
+    time.sleep(0.05)  # a few of the target's tensors written
+    for i, signum in enumerate(signals):
+        proc.send_signal(signum)
+        if i + 1 < len(signals):
+            time.sleep(0.02)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_signal_stops_the_build_and_keeps_finished_work(tmp_path, signum, code):
+    rc, err = _interrupted(tmp_path, [signum])
+    assert rc == code, (rc, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "finished work is kept" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "out/m.safetensors").exists() and not leftovers(tmp_path)
+    verify = json.loads(mb(tmp_path, "cache", "verify", "--json").out)
+    assert verify["bad_removed"] == 0 and verify["missing"] == 0  # no entry without its bytes
+    doc = json.loads(mb(tmp_path, "--json", "-q").out)["merges"]
+    assert doc["mid"]["computed"] == 0  # finished before the signal: kept
+    assert doc["m"]["computed"] < doc["m"]["tensors"]  # some of the target's tensors were salvaged
+    assert not (tmp_path / "cache/packs").exists() or not any((tmp_path / "cache/packs").iterdir())
+
+
+@pytest.mark.slow
+def test_a_second_signal_during_shutdown_leaves_no_traceback_nor_temp(tmp_path):
+    rc, err = _interrupted(tmp_path, [signal.SIGINT, signal.SIGINT, signal.SIGTERM])
+    assert rc == 130, (rc, err)
+    assert "Traceback" not in err and not leftovers(tmp_path)
+    (tmp_path / "mergefile.toml").write_text(CHAIN)
+    assert mb(tmp_path, "-q").code == 0
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_temps_that_the_next_build_removes(tmp_path):
+    rc, _ = _interrupted(tmp_path, [signal.SIGKILL])
+    assert rc == -signal.SIGKILL
+    assert leftovers(tmp_path)  # what the killed build was writing, under temp names only
+    assert not (tmp_path / "out/m.safetensors").exists()
+    assert mb(tmp_path, "-q").code == 0
+    assert not leftovers(tmp_path)
+

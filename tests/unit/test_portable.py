@@ -1,0 +1,75 @@
+"""The portable I/O layer: the one place OS differences live; everything else goes through it."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+
+from mergebuild.portable import FileLock, RandomAccess, ShortRead, copy_range, is_locked, stamp
+
+PACKAGE = Path(__file__).resolve().parents[2] / "mergebuild"
+UNIX_ONLY = {"pread", "pwrite", "preadv", "pwritev", "copy_file_range", "posix_fallocate", "kill", "link", "fork"}
+
+
+def test_only_portable_py_calls_unix_only_functions():
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "portable.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os" \
+                    and node.attr in UNIX_ONLY:
+                wrong.append(f"{path.relative_to(PACKAGE)}: os.{node.attr}")
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                wrong += [f"{path.relative_to(PACKAGE)}: imports {n}" for n in names if n in ("fcntl", "msvcrt", "mmap")]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_positional_reads_writes_and_copies(tmp_path):
+    with RandomAccess(tmp_path / "f", writable=True, create=True) as f:
+        f.write_at(b"hello world", 0)
+        f.write_at(b"W", 6)
+        assert bytes(f.read(5, 6)) == b"World"
+        with RandomAccess(tmp_path / "g", writable=True, create=True) as g:
+            copy_range(f, 6, g, 3, 5)
+            assert bytes(g.read(8, 0)) == b"\0\0\0World"
+
+
+def test_a_read_past_the_end_is_short_not_a_crash(tmp_path):
+    (tmp_path / "f").write_bytes(b"12345")
+    with RandomAccess(tmp_path / "f") as f, pytest.raises(ShortRead, match="2 bytes short"):
+        f.read(4, 3)
+
+
+def test_errors_on_a_descriptor_name_the_file(tmp_path):
+    (tmp_path / "f").write_bytes(b"x")
+    f = RandomAccess(tmp_path / "f")  # read-only: writing must fail, naming the file
+    with pytest.raises(OSError) as info:
+        f.write_at(b"y", 0)
+    assert info.value.filename == str(tmp_path / "f")
+    f.close()
+
+
+def test_locks_die_with_their_holder(tmp_path):
+    lock = FileLock(tmp_path / "l")
+    assert lock.acquire(blocking=False)
+    assert is_locked(tmp_path / "l")
+    other = FileLock(tmp_path / "l")
+    assert not other.acquire(blocking=False)
+    lock.release()
+    assert not is_locked(tmp_path / "l") and other.acquire(blocking=False)
+    other.release()
+
+
+def test_the_stamp_sees_a_rewrite_behind_a_restored_mtime(tmp_path):
+    f = tmp_path / "f"
+    f.write_bytes(b"aaaa")
+    before = f.stat()
+    f.write_bytes(b"bbbb")
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert f.stat().st_mtime_ns == before.st_mtime_ns and stamp(f.stat()) != stamp(before)
