@@ -47,15 +47,51 @@ def mergefile(path: Path, text: str) -> Path:
 
 
 def run_cli(*args, cwd: Path, env: dict | None = None, check: bool = False, timeout: float = 300):
+    """The CLI on real files: in this process (no interpreter start-up per call; `main` is what
+    the console script runs), or as a process of its own for `tune`, whose scorers are modules
+    the user names (they must not stay imported between tests)."""
     full_env = {k: v for k, v in os.environ.items() if k != "MERGEBUILD_CACHE"}
     paths = [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])  # carried packages
     full_env.update(NO_COLOR="1", PYTHONPATH=os.pathsep.join(paths), COLUMNS="200", SOURCE_DATE_EPOCH="1790000000")
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "mergebuild", *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    args = [str(a) for a in args]
+    if args and args[0] == "tune":
+        proc = subprocess.run([sys.executable, "-m", "mergebuild", *args], cwd=cwd, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = in_process(args, cwd, full_env)
     if check and proc.returncode != 0:
-        raise AssertionError(f"mergebuild {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+        raise AssertionError(f"mergebuild {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
     return proc
+
+
+def in_process(args: list[str], cwd: Path, env: dict, width: int = 200) -> subprocess.CompletedProcess:
+    """mergebuild.cli.main(args) run in `cwd` with exactly `env`, its output captured."""
+    import contextlib
+    import io
+
+    from mergebuild import report
+    from mergebuild.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, here = dict(os.environ), os.getcwd()
+    widths = (report.out.width, report.err.width)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        report.out.width = report.err.width = width
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as e:  # argparse's usage errors and --help
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        report.out.width, report.err.width = widths
+    return subprocess.CompletedProcess(["mergebuild", *args], code, out.getvalue(), err.getvalue())
 
 
 def build_json(*args, cwd: Path, env: dict | None = None) -> dict:

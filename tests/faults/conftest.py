@@ -9,8 +9,6 @@ a process of their own (signals, descriptor limits, mounts) run it as a subproce
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -23,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, load, write_model
+from tests.conftest import ROOT, in_process, load, write_model
 
 KEYS = ("model.diffusion_model.input_blocks.1.1.proj_in.weight", "model.diffusion_model.out.0.bias",
         "cond_stage_model.transformer.text_model.final_layer_norm.weight")
@@ -48,22 +46,10 @@ class Result:
 
 def mb(cwd: Path, *args, env: dict | None = None) -> Result:
     """Run the CLI in this process, in `cwd`, with stdout and stderr captured."""
-    from mergebuild.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    saved = dict(os.environ)
-    os.environ.pop("MERGEBUILD_CACHE", None)
-    os.environ.update({"NO_COLOR": "1", "SOURCE_DATE_EPOCH": "1790000000", **(env or {})})
-    here = os.getcwd()
-    try:
-        os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([str(a) for a in args])
-    finally:
-        os.chdir(here)
-        os.environ.clear()
-        os.environ.update(saved)
-    return Result(code, out.getvalue(), err.getvalue())
+    full = {k: v for k, v in os.environ.items() if k != "MERGEBUILD_CACHE"}
+    full.update({"NO_COLOR": "1", "SOURCE_DATE_EPOCH": "1790000000", **(env or {})})
+    proc = in_process([str(a) for a in args], cwd, full, width=80)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def mb_process(cwd: Path, *args, env: dict | None = None, shell_prefix: str = "", timeout: float = 120,
