@@ -49,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _with_subcommand(argv: list[str]) -> list[str]:
-    """`mergebuild [opts] [TARGET...]` means `mergebuild build ...`, as make builds by default."""
+    """`mergebuild [opts] [TARGET...]` means `mergebuild build ...`, as make builds by default;
+    options written before a subcommand (`mergebuild -f x.toml status`) go after it."""
     skip = False
-    for token in argv:
+    for i, token in enumerate(argv):
         if skip:
             skip = False
         elif token in TAKES_VALUE:
@@ -59,7 +60,9 @@ def _with_subcommand(argv: list[str]) -> list[str]:
         elif token in ("-h", "--help", "--version"):
             return argv
         elif not token.startswith("-"):
-            return argv if token in SUBCOMMANDS else ["build", *argv]
+            if token in SUBCOMMANDS:
+                return [token, *argv[:i], *argv[i + 1:]]
+            return ["build", *argv]
     return ["build", *argv]
 
 

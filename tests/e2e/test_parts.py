@@ -89,3 +89,20 @@ def test_fix_clip_position_ids(tmp_path):
     run_cli(cwd=tmp_path, check=True)
     out = load(tmp_path / "m.safetensors")
     assert out[POS].dtype == torch.int64 and torch.equal(out[POS], torch.arange(77).reshape(1, 77))
+
+
+def test_a_swapped_tensor_depends_only_on_the_input_it_takes(tmp_path):
+    """swap takes B's tensor: its cache key hashes B's digest alone, so an edit of A's tensor
+    leaves it clean (and -n counts only the tensors that really change)."""
+    project(tmp_path, 'method = "swap"\nmatch = "proj_in"\n')
+    run_cli(cwd=tmp_path, check=True)
+    a = load(tmp_path / "a.safetensors")
+    a[UNET] += 1  # A's copy of the swapped key
+    write_model(tmp_path / "a.safetensors", a)
+    import json
+
+    dry = json.loads(run_cli("-n", "--json", cwd=tmp_path, check=True).stdout)["merges"]["m"]
+    assert dry["dirty"] == 0  # proj_in comes from B; A's other tensors pass through unchanged
+    out = load(tmp_path / "m.safetensors")
+    run_cli(cwd=tmp_path, check=True)
+    assert torch.equal(load(tmp_path / "m.safetensors")[UNET], out[UNET])
