@@ -16,6 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy
+
 WINDOWS = sys.platform == "win32"
 COPY_CHUNK = 64 << 20
 
@@ -88,8 +90,10 @@ class RandomAccess:
         """OS errors raised by calls on the descriptor name this file (they carry no name)."""
         return _NamedErrors(self.path)
 
-    def read(self, size: int, offset: int) -> bytearray:
-        buf = bytearray(size)
+    def read(self, size: int, offset: int):
+        """`size` bytes from `offset`, in a fresh buffer that is not zeroed first (numpy's empty:
+        no memset; large sizes reuse freed heap memory rather than faulting in new pages)."""
+        buf = numpy.empty(size, dtype=numpy.uint8)
         self.read_into(buf, offset)
         return buf
 
