@@ -203,34 +203,38 @@ def verify_cache(opts: BuildOptions) -> dict:
     _mf, cache = _open_cache(opts)
     try:
         with cache.exclusive(opts.lock_timeout):
-            stale_outputs = _drop_stale_files(cache)
-            checked = bad = missing = 0
+            changed, in_changed = _drop_stale_files(cache)
+            checked = bad = missing = moved = 0
             dangling = []
             for digest, dtype, shape in cache.index.entry_infos():
                 checked += 1
                 if not cache.has(digest):
-                    missing += 1
+                    if digest in in_changed:
+                        moved += 1  # it lived in an output the user moved, edited or deleted
+                    else:
+                        missing += 1
                     dangling.append(digest)
                 elif cache.get(digest, dtype, shape, nbytes(dtype, shape)) is None:
                     bad += 1
                     dangling.append(digest)
             cache.index.forget_entries_of(dangling)
             cache.index.forget_blobs([d for d in dangling if not cache.blobs.has(d)])
-            return {"checked": checked, "bad_removed": bad, "missing": missing - stale_outputs["tensors"],
-                    "outputs_changed": stale_outputs["files"], "output_tensors_dropped": stale_outputs["tensors"]}
+            return {"checked": checked, "bad_removed": bad, "missing": missing,
+                    "outputs_changed": changed, "output_tensors_dropped": moved}
     finally:
         cache.close()
 
 
-def _drop_stale_files(cache: Cache) -> dict:
-    """Forget recorded files (outputs, packs) that are gone or changed since mergebuild wrote them."""
-    files = tensors = 0
+def _drop_stale_files(cache: Cache) -> tuple[int, set[str]]:
+    """Forget recorded files (outputs, packs) that are gone or changed since mergebuild wrote
+    them: how many, and the digests that were located in them."""
+    files, digests = 0, set()
     for path in cache.index.files():
         if not cache._file_valid(path):
-            tensors += len(cache.index.located_digests(path))
+            digests.update(cache.index.located_digests(path))
             files += 1
             cache.forget_file(path)
-    return {"files": files, "tensors": tensors}
+    return files, digests
 
 
 def cache_stats(opts: BuildOptions) -> dict:

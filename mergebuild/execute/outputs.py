@@ -47,7 +47,11 @@ class OutputSink:
         return self.writer.data_sha256().hexdigest()
 
     def commit(self, metadata: dict[str, str]) -> None:
-        """Put the output in place and record where each of its tensors is."""
+        """Put the output in place and record where each of its tensors is (replacing what was
+        recorded of its previous version: a folder re-sharded has other files)."""
+        for path, (_, kind, owner) in self.cache.index.files("output").items():
+            if owner == str(self.target):
+                self.cache.forget_file(path)
         if self.folder:
             shards = self.writer.commit(metadata)
             for w, final in zip(self.writer.writers, shards):

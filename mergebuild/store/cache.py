@@ -64,8 +64,9 @@ class Cache:
 
     def has_many(self, digests: list[str]) -> set[str]:
         """Which of these digests have stored bytes (one index query for the lot)."""
-        located = self.index.locations_of([d for d in digests if not self.blobs.has(d)])
-        return {d for d in digests if self.blobs.has(d) or any(self._file_valid(p) for p, _ in located.get(d, ()))}
+        blobs = {d for d in digests if self.blobs.has(d)}
+        located = self.index.locations_of([d for d in digests if d not in blobs])
+        return blobs | {d for d, where in located.items() if any(self._file_valid(p) for p, _ in where)}
 
     def locate(self, digest: str) -> tuple[str, int] | None:
         """(file, offset) of a tensor inside a recorded file that is unchanged since."""

@@ -157,3 +157,20 @@ def test_a_shard_size_change_reshards_a_folder_output(project):
     shards = sorted(p.name for p in (project / "out/final").iterdir() if p.name.startswith("model-"))
     assert len(shards) > 1 and (project / "out/final/model.safetensors.index.json").exists()
     assert not (project / "out/final/model.safetensors").exists()
+    assert mb(project, "status", "--check").code == 0  # the re-sharded folder is current
+    assert json.loads(mb(project, "--json", "-q").out)["merges"]["final"]["ran"] is False
+
+
+def test_verify_reports_a_deleted_output_as_such_not_as_corruption(project):
+    write(project)
+    assert mb(project, "-q").code == 0
+    (project / "out/final.safetensors").unlink()
+    text = mb(project, "cache", "verify").out
+    assert "1 outputs were moved, edited or deleted since they were written" in text and "0 missing" in text
+    assert mb(project, "-q").code == 0
+    (project / "out/final.safetensors").unlink()
+    doc = json.loads(mb(project, "cache", "verify", "--json").out)
+    assert doc["outputs_changed"] == 1 and doc["output_tensors_dropped"] > 0
+    assert doc["missing"] == doc["bad_removed"] == 0
+    again = json.loads(mb(project, "cache", "verify", "--json").out)  # forgotten: nothing more to say
+    assert again["outputs_changed"] == again["missing"] == 0
