@@ -17,7 +17,8 @@ from mergebuild.dtypes import TORCH_NAMES
 from mergebuild.errors import InputError
 from mergebuild.tensors.convert import to_bytes
 from mergebuild.tensors.header import read_header
-from tests.conftest import mergefile, run_cli, write_model
+from tests.conftest import mergefile, write_model
+from tests.faults.conftest import mb
 
 F32 = '"dtype":"F32","shape":[1],"data_offsets":[0,4]'
 ONE = b"\x01\x00\x00\x00"
@@ -418,10 +419,5 @@ def test_cli_overlapping_offsets_exit_2_one_line(tmp_path):
         alpha = 0.5
         output = "m.safetensors"
     """)
-    proc = run_cli(cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mergebuild: error:"), proc.stderr
-    assert "b.safetensors" in lines[0] and "tensor 'v' overlaps tensor 'w'" in lines[0]
-    assert "Traceback" not in proc.stderr
+    mb(tmp_path).one_line_error(2, "b.safetensors", "tensor 'v' overlaps tensor 'w'")
     assert not (tmp_path / "m.safetensors").exists()

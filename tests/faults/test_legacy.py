@@ -13,7 +13,8 @@ from mergebuild.dtypes import FROM_TORCH_NAME
 from mergebuild.errors import InputError
 from mergebuild.tensors.convert import code_of, to_bytes
 from mergebuild.tensors.legacy import load_legacy
-from tests.conftest import mergefile, run_cli, write_model
+from tests.conftest import mergefile, write_model
+from tests.faults.conftest import mb
 
 
 def _saved(tmp_path, obj, name="m.ckpt"):
@@ -135,10 +136,5 @@ def test_cli_bad_checkpoint_exit_2_one_line(tmp_path):
         alpha = 0.5
         output = "m.safetensors"
     """)
-    proc = run_cli(cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mergebuild: error:"), proc.stderr
-    assert "old.ckpt" in lines[0] and "tensor 'w' is a sparse tensor" in lines[0]
-    assert "Traceback" not in proc.stderr
+    mb(tmp_path).one_line_error(2, "old.ckpt", "tensor 'w' is a sparse tensor")
     assert not (tmp_path / "m.safetensors").exists()
