@@ -260,7 +260,13 @@ def _patterns(path, where, field, value) -> tuple[str, ...]:
     return tuple(values)
 
 
+MAX_PATTERN = 100_000  # characters: a regular expression longer than this is a mistake (and slow to compile)
+
+
 def _compile(path, where, field, pattern: str):
+    if len(pattern) > MAX_PATTERN:
+        raise MergefileError(path, where, field, f"the regular expression is {len(pattern):,} characters long "
+                             f"(at most {MAX_PATTERN:,})")
     try:
         return re.compile(pattern)
     except re.error as e:

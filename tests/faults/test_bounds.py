@@ -79,9 +79,18 @@ def test_a_header_over_the_limit_is_refused_before_any_compute(tmp_path):
     assert not (tmp_path / "cache/objects").exists()  # nothing was computed
 
 
+def test_an_absurdly_long_pattern_is_refused_at_parse_time(tmp_path):
+    _sources(tmp_path)
+    (tmp_path / "mergefile.toml").write_text(
+        '[models.a]\npath = "a.safetensors"\n[models.b]\npath = "b.safetensors"\n'
+        f'[merges.m]\nmethod = "weighted_sum"\ninputs = ["a", "b"]\nalpha = 0.5\ndiscard = "{"x" * 200_000}"\n'
+        'output = "out.safetensors"\n')
+    mb(tmp_path, "-q").one_line_error(2, "[merges.m] discard", "200,000 characters long")
+
+
 def test_a_long_discard_pattern_is_kept_in_the_header_it_fits(tmp_path):
     _sources(tmp_path)
-    pattern = "|".join(f"never{i}" for i in range(20_000))  # ~200 KB of regular expression
+    pattern = "|".join(f"never{i}" for i in range(9_000))  # ~90 KB of regular expression
     (tmp_path / "mergefile.toml").write_text(
         '[models.a]\npath = "a.safetensors"\n[models.b]\npath = "b.safetensors"\n'
         f'[merges.m]\nmethod = "weighted_sum"\ninputs = ["a", "b"]\nalpha = 0.5\ndiscard = "{pattern}"\n'
