@@ -1,31 +1,27 @@
 # Quick start: `make demo` and `make test` do all set-up on a fresh machine.
+# Both call scripts/dev.py, which does the same on Windows: `py scripts/dev.py demo|test`.
 PYTHON ?= python3
 VENV   ?= .venv
-BIN    := $(VENV)/bin
 # the CPU build of torch; a bare `torch` may pull a multi-GB CUDA build
 TORCH  ?= torch==2.13.0
-STAMP  := $(VENV)/.installed
+DEV    := VENV=$(VENV) TORCH="$(TORCH)" $(PYTHON) scripts/dev.py
 
-.PHONY: env demo test bench clean-demo
+.PHONY: env demo test bench lint-ci clean-demo
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
-	touch $(STAMP)
+env:
+	$(DEV) env
 
-env: $(STAMP)
+demo:
+	$(DEV) demo
 
-demo: $(STAMP)
-	$(BIN)/python -m mergebuild.testing.fabricate --out examples/models --lora
-	$(BIN)/mergebuild
-	$(BIN)/mergebuild lineage out/demo-final.safetensors
+test:
+	$(DEV) test
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+bench:
+	$(DEV) bench
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/core.py
+lint-ci:
+	$(DEV) lint-ci
 
 clean-demo:
-	rm -rf out examples/models cache/objects cache/index.sqlite* cache/tmp cache/lock
+	rm -rf out examples/models cache/objects cache/index.sqlite* cache/tmp cache/lock cache/lock.info cache/init.lock

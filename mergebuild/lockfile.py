@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mergebuild import __version__
 from mergebuild.plan.outputs import lock_path
+from mergebuild.portable import replace
 from mergebuild.plan.planner import Plan
 from mergebuild.store.hashing import autov2, text_digest
 from mergebuild.tensors.folder import output_marker
@@ -55,7 +56,7 @@ def write_lock(plan: Plan, results: dict, output_hashes: dict[str, str]) -> Path
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         temp.write_text(text)
-        os.replace(temp, path)
+        replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
     return path
@@ -89,7 +90,8 @@ def content_digest(plan: Plan, name: str) -> str | None:
 
 
 def _relative(path: Path, base: Path) -> str:
+    """Relative to the Mergefile, with `/`: the lock reads the same on every system."""
     try:
-        return str(Path(path).relative_to(base))
+        return Path(path).relative_to(base).as_posix()
     except ValueError:
-        return str(path)
+        return Path(path).as_posix()

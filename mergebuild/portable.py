@@ -1,10 +1,22 @@
 """The one place for OS-level calls that differ between Linux, macOS and Windows.
 
-Everything else in mergebuild reads and writes files through these functions, so a platform
-difference is handled once, here: positional reads and writes (Unix has pread/pwrite, Windows
-does not), kernel-side copies (copy_file_range exists on Linux only), advisory locks (flock on
-Unix, msvcrt.locking on Windows), directory fsync (Unix only) and the stamp that says a file is
-unchanged. docs/portability.md says what is tested where.
+Everything else in mergebuild reads, writes, copies, locks and replaces files through this
+module, and `tests/unit/test_portable.py` fails if anything else calls a platform-specific
+function. Each primitive picks what the running OS offers by what exists, not by its name, so the
+fallbacks run here too (`make test` runs a part of the suite a second time with the Unix-only
+calls taken away, docs/portability.md):
+
+- positional reads and writes: `os.preadv`/`os.pwrite` where present; else a per-file lock
+  around seek + read/write (Windows);
+- kernel-side copies: `os.copy_file_range` (Linux; reflinks on btrfs and XFS), else a bounded
+  buffer;
+- locks: the `filelock` library (kept: torch already depends on it; flock on Unix,
+  msvcrt.locking on Windows, released by the OS when the holder dies, so a lock tells a live
+  process from a dead one where a PID cannot);
+- directory fsync where the OS has it (not Windows: NTFS journals renames);
+- atomic replace with `os.replace`, retried while Windows reports the target open elsewhere;
+- change detection: a stamp that includes the change time (ctime on Unix, NTFS's ChangeTime on
+  Windows).
 """
 
 from __future__ import annotations
@@ -14,17 +26,14 @@ import os
 import stat as stat_module
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy
 
 WINDOWS = sys.platform == "win32"
 COPY_CHUNK = 64 << 20
-
-if WINDOWS:  # pragma: no cover - exercised by the Windows CI job
-    import msvcrt
-else:
-    import fcntl
+REPLACE_TRIES = 10  # Windows: a file open in another program cannot be replaced; it may close soon
 
 
 class ShortRead(OSError):
@@ -32,17 +41,45 @@ class ShortRead(OSError):
 
 
 # --- stamps: has a file changed? -------------------------------------------------------------
-def stamp(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What says a file is unchanged: (size, mtime_ns, ctime_ns, inode). ctime changes on every
-    write and cannot be set back by `touch -d` or `cp -p`, so an in-place rewrite that restores
-    the mtime is still seen."""
-    return (st.st_size, st.st_mtime_ns, _change_time_ns(st), st.st_ino)
+def file_stamp(path) -> tuple[int, int, int, int]:
+    """What says a file is unchanged: (size, mtime_ns, change time, file id). The change time
+    moves on every write and cannot be set back (`touch -d`, `cp -p` restore the mtime, not it),
+    so an in-place rewrite that puts the mtime back is still seen."""
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, _change_time_ns(path, st), st.st_ino)
 
 
-def _change_time_ns(st: os.stat_result) -> int:
-    # On Windows st_ctime is the creation time; the change time is not exposed by os.stat, so
-    # the mtime stands in (documented in docs/portability.md).
-    return st.st_mtime_ns if WINDOWS else st.st_ctime_ns
+def _change_time_ns(path, st: os.stat_result) -> int:
+    if not WINDOWS:
+        return st.st_ctime_ns
+    # on Windows st_ctime is the creation time; NTFS keeps a change time reachable through the
+    # Win32 API; where it is not (FAT, exFAT), the mtime stands in (docs/portability.md)
+    return _windows_change_time(path) or st.st_mtime_ns  # pragma: no cover
+
+
+def _windows_change_time(path) -> int | None:  # pragma: no cover - Windows only
+    try:
+        import ctypes
+        from ctypes import wintypes
+
+        class FileBasicInfo(ctypes.Structure):
+            _fields_ = [("CreationTime", ctypes.c_longlong), ("LastAccessTime", ctypes.c_longlong),
+                        ("LastWriteTime", ctypes.c_longlong), ("ChangeTime", ctypes.c_longlong),
+                        ("FileAttributes", wintypes.DWORD)]
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.CreateFileW(str(path), 0x80, 0x7, None, 3, 0x02000000, None)  # read attributes
+        if handle in (None, -1, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            info = FileBasicInfo()
+            if not kernel32.GetFileInformationByHandleEx(handle, 0, ctypes.byref(info), ctypes.sizeof(info)):
+                return None
+            return (info.ChangeTime - 116444736000000000) * 100 if info.ChangeTime else None
+        finally:
+            kernel32.CloseHandle(handle)
+    except (OSError, AttributeError, ValueError):
+        return None
 
 
 def is_regular_file(st: os.stat_result) -> bool:
@@ -58,12 +95,16 @@ def disk_usage(st: os.stat_result) -> int:
 
 
 # --- positional I/O ---------------------------------------------------------------------------
+def _positional() -> bool:
+    return hasattr(os, "preadv") and hasattr(os, "pwrite")
+
+
 class RandomAccess:
     """One open file read (and written) at explicit offsets from several threads at once.
 
-    Unix: pread/pwrite on one descriptor (thread-safe, no shared position). Windows: a lock
-    around seek + read/write. Reads go into caller-owned buffers and never map the file, so a
-    file truncated under a build gives ShortRead, never SIGBUS."""
+    With pread/pwrite one descriptor serves every thread (no shared position); without them a
+    lock around seek + read/write does. Reads go into caller-owned buffers and never map the
+    file, so a file truncated under a build gives ShortRead, never SIGBUS."""
 
     def __init__(self, path: Path, writable: bool = False, create: bool = False):
         self.path = Path(path)
@@ -72,23 +113,19 @@ class RandomAccess:
             flags |= os.O_CREAT | os.O_TRUNC
         flags |= getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
         self.fd = os.open(self.path, flags, 0o644)
-        self._lock = threading.Lock() if WINDOWS else None
+        self._seek_lock = None if _positional() else threading.Lock()
 
     def read_into(self, view, offset: int) -> None:
         """Fill `view` (a writable buffer) from `offset`; ShortRead if the file ends first."""
         view = memoryview(view).cast("B")
         done = 0
         while done < len(view):
-            with self._named():
+            with _NamedErrors(self.path):
                 n = self._read_at(view[done : done + COPY_CHUNK], offset + done)
             if n == 0:
                 raise ShortRead(errno.EIO, f"the file ended at byte {offset + done}, "
                                 f"{len(view) - done} bytes short (truncated or rewritten?)", str(self.path))
             done += n
-
-    def _named(self):
-        """OS errors raised by calls on the descriptor name this file (they carry no name)."""
-        return _NamedErrors(self.path)
 
     def read(self, size: int, offset: int):
         """`size` bytes from `offset`, in a fresh buffer that is not zeroed first (numpy's empty:
@@ -99,24 +136,24 @@ class RandomAccess:
 
     def write_at(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
-        with self._named():
+        with _NamedErrors(self.path):
             while view:
                 n = self._write_at(view, offset)
                 view, offset = view[n:], offset + n
 
     def truncate(self, size: int) -> None:
-        with self._named():
+        with _NamedErrors(self.path):
             os.ftruncate(self.fd, size)
 
     def preallocate(self, size: int) -> None:
-        with self._named():
+        with _NamedErrors(self.path):
             preallocate(self.fd, size)
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
     def fsync(self) -> None:
-        with self._named():
+        with _NamedErrors(self.path):
             os.fsync(self.fd)
 
     def close(self) -> None:
@@ -130,25 +167,26 @@ class RandomAccess:
     def __exit__(self, *exc):
         self.close()
 
-    if WINDOWS:  # pragma: no cover
-        def _read_at(self, view, offset: int) -> int:
-            with self._lock:
-                os.lseek(self.fd, offset, os.SEEK_SET)
-                return os.readv(self.fd, [view]) if hasattr(os, "readv") else _readinto(self.fd, view)
-
-        def _write_at(self, view, offset: int) -> int:
-            with self._lock:
-                os.lseek(self.fd, offset, os.SEEK_SET)
-                return os.write(self.fd, view)
-    else:
-        def _read_at(self, view, offset: int) -> int:
+    def _read_at(self, view, offset: int) -> int:
+        if self._seek_lock is None:
             return os.preadv(self.fd, [view], offset)
+        with self._seek_lock:
+            os.lseek(self.fd, offset, os.SEEK_SET)
+            chunk = os.read(self.fd, len(view))
+        view[: len(chunk)] = chunk
+        return len(chunk)
 
-        def _write_at(self, view, offset: int) -> int:
+    def _write_at(self, view, offset: int) -> int:
+        if self._seek_lock is None:
             return os.pwrite(self.fd, view, offset)
+        with self._seek_lock:
+            os.lseek(self.fd, offset, os.SEEK_SET)
+            return os.write(self.fd, view)
 
 
 class _NamedErrors:
+    """OS errors raised by calls on a descriptor carry no file name: attach this file's."""
+
     def __init__(self, path: Path):
         self.path = path
 
@@ -159,12 +197,6 @@ class _NamedErrors:
         if isinstance(error, OSError) and error.filename is None and not isinstance(error, ShortRead):
             raise OSError(error.errno, error.strerror or str(error), str(self.path)) from error
         return False
-
-
-def _readinto(fd: int, view) -> int:  # pragma: no cover - Windows
-    chunk = os.read(fd, len(view))
-    view[: len(chunk)] = chunk
-    return len(chunk)
 
 
 def preallocate(fd: int, size: int) -> None:
@@ -191,8 +223,8 @@ def copy_range(src: RandomAccess, src_offset: int, dst: RandomAccess, dst_offset
             try:
                 n = os.copy_file_range(src.fd, dst.fd, size - done, src_offset + done, dst_offset + done)
             except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
-                    raise
+                if e.errno in (errno.ENOSPC, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                    raise OSError(e.errno, e.strerror, str(dst.path)) from e
                 kernel = False  # not supported between these files: copy through memory
         if n == 0:
             chunk = src.read(min(COPY_CHUNK, size - done), src_offset + done)
@@ -201,16 +233,34 @@ def copy_range(src: RandomAccess, src_offset: int, dst: RandomAccess, dst_offset
         done += n
 
 
-# --- directories ------------------------------------------------------------------------------
+# --- files and folders ------------------------------------------------------------------------
+def replace(src: Path, dst: Path) -> None:
+    """os.replace, which is atomic; on Windows a target open in another program (a UI that has
+    the model loaded) refuses it for a while: retry, then say so."""
+    for attempt in range(REPLACE_TRIES):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError as e:
+            if not WINDOWS or attempt == REPLACE_TRIES - 1:  # pragma: no cover - Windows
+                if WINDOWS:
+                    raise OSError(e.errno, "it is open in another program (close it there, or name another "
+                                  "output)", str(dst)) from e
+                raise
+            time.sleep(0.05 * (attempt + 1))  # pragma: no cover - Windows
+
+
 def fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable. Windows has no directory fsync (NTFS journals renames)."""
-    if WINDOWS:  # pragma: no cover
+    """Make a rename in `folder` durable where the OS can fsync a folder (not Windows, whose
+    os.open refuses folders; NTFS journals renames)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except (PermissionError, IsADirectoryError, OSError):
         return
-    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError as e:  # some file systems (network, FUSE) refuse fsync on a directory
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+    except OSError as e:  # some file systems (network, FUSE) refuse fsync on a folder
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM, errno.EISDIR):
             raise
     finally:
         os.close(fd)
@@ -226,99 +276,53 @@ def same_device(a: Path, b: Path) -> bool:
 
 # --- locks ------------------------------------------------------------------------------------
 class FileLock:
-    """An exclusive advisory lock on an open file, released when the file is closed or the
-    process dies (so a killed build never leaves a lock behind)."""
+    """An exclusive lock on a lock file, released when released, or by the OS when the process
+    dies (so a killed build never leaves a lock behind). The `filelock` library does the locking
+    on each OS."""
 
     def __init__(self, path: Path):
+        import filelock
+
         self.path = Path(path)
-        self.fd: int | None = None
+        self._lock = filelock.FileLock(str(self.path), thread_local=False)
+        self._timeout = filelock.Timeout
 
     def acquire(self, blocking: bool = True) -> bool:
-        if self.fd is None:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            _lock(self.fd, blocking)
+            self._lock.acquire(timeout=-1 if blocking else 0)
             return True
-        except (BlockingIOError, PermissionError):
-            if blocking:
-                raise
+        except self._timeout:
             return False
-        except OSError as e:
-            if not blocking and e.errno in (errno.EAGAIN, errno.EACCES, errno.EDEADLK):
-                return False
-            raise
 
     def release(self) -> None:
-        if self.fd is not None:
-            try:
-                _unlock(self.fd)
-            finally:
-                os.close(self.fd)
-                self.fd = None
+        if self._lock.is_locked:
+            self._lock.release()
 
-
-def lock_fd(fd: int, blocking: bool = True) -> bool:
-    """Lock an already open file (a temp file being written); False if another holds it."""
-    try:
-        _lock(fd, blocking)
-        return True
-    except (BlockingIOError, PermissionError):
-        return False
-    except OSError as e:
-        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EDEADLK):
-            return False
-        raise
+    @property
+    def held(self) -> bool:
+        return self._lock.is_locked
 
 
 def is_locked(path: Path) -> bool:
-    """Whether a live process holds the lock on `path` (a temp file being written, a process's
+    """Whether a live process holds the lock on `path` (a temp being written, a process's
     liveness file). A dead process's lock is gone, whatever its PID became since."""
-    try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
+    if not Path(path).exists():
         return False
-    except OSError:
-        return True  # cannot tell: assume it is in use
+    probe = FileLock(path)
     try:
-        if lock_fd(fd, blocking=False):
-            _unlock(fd)
+        if probe.acquire(blocking=False):
+            probe.release()
             return False
         return True
-    finally:
-        os.close(fd)
-
-
-if WINDOWS:  # pragma: no cover
-    def _lock(fd: int, blocking: bool) -> None:
-        # msvcrt locks a byte range from the current position; lock one byte far past any data
-        os.lseek(fd, 1 << 40, os.SEEK_SET)
-        mode = msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK
-        while True:
-            try:
-                msvcrt.locking(fd, mode, 1)
-                return
-            except OSError:
-                if not blocking:
-                    raise BlockingIOError(errno.EAGAIN, "locked") from None
-
-    def _unlock(fd: int) -> None:
-        os.lseek(fd, 1 << 40, os.SEEK_SET)
-        try:
-            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-        except OSError:
-            pass
-else:
-    def _lock(fd: int, blocking: bool) -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-    def _unlock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError:
+        return True  # cannot tell: assume it is in use
 
 
 # --- signals ----------------------------------------------------------------------------------
 def stop_signals() -> dict[int, str]:
-    """The signals that ask a build to stop, with the exit code's name: SIGINT (Ctrl-C), SIGTERM
-    (kill, timeout, docker stop) and, where the OS has it, SIGHUP (a closed terminal)."""
+    """The signals that ask a build to stop, with what they mean: SIGINT (Ctrl-C), SIGTERM
+    (kill, timeout, docker stop), SIGHUP (a closed terminal) and SIGBREAK (Ctrl-Break) where
+    the OS has them."""
     import signal
 
     names = {"SIGINT": "interrupted", "SIGTERM": "terminated", "SIGHUP": "hung up", "SIGBREAK": "interrupted"}

@@ -9,11 +9,17 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-import torch
-from safetensors.torch import load_file, save_file
-
 ROOT = Path(__file__).resolve().parent.parent
+SIM = Path(__file__).resolve().parent / "sim"  # its sitecustomize applies MERGEBUILD_SIMULATE in child processes
+if os.environ.get("MERGEBUILD_SIMULATE") and not os.environ.get("MERGEBUILD_SIMULATED"):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from simulate import apply
+
+    apply(os.environ["MERGEBUILD_SIMULATE"])
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 
 def write_model(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
@@ -51,7 +57,7 @@ def run_cli(*args, cwd: Path, env: dict | None = None, check: bool = False, time
     the console script runs), or as a process of its own for `tune`, whose scorers are modules
     the user names (they must not stay imported between tests)."""
     full_env = {k: v for k, v in os.environ.items() if k != "MERGEBUILD_CACHE"}
-    paths = [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])  # carried packages
+    paths = [str(ROOT), str(SIM)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
     full_env.update(NO_COLOR="1", PYTHONPATH=os.pathsep.join(paths), COLUMNS="200", SOURCE_DATE_EPOCH="1790000000")
     full_env.update(env or {})
     args = [str(a) for a in args]

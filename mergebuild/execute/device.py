@@ -18,18 +18,41 @@ from mergebuild.torchlazy import torch, torch_dtype
 BIG_PIECE = 1 << 20  # bytes: larger pieces are staged by torch, smaller ones by a plain memory copy
 
 
-def resolve_device(name: str):
-    """auto -> cuda when available, else cpu; a cuda request without CUDA is a usage error."""
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def resolve_device(name: str, compute_dtype: str = "F32"):
+    """auto -> CUDA, then MPS (Apple silicon; not for float64, which it lacks), then the CPU.
+    A device this build of torch does not have is a usage error (exit 2)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} asked for, but CUDA is not available here")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available() and compute_dtype != "F64":
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {name!r} asked for, but CUDA is not available here")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA devices")
+    if name == "mps":
+        if not _mps_available():
+            raise UsageError("device 'mps' asked for, but MPS (Apple silicon, macOS 12.3 or later) is not available here")
+        if compute_dtype == "F64":
+            raise UsageError("MPS has no float64: use compute_dtype = \"float32\" there, or --device cpu")
     return torch.device(name)
 
 
 def make_transfer(name: str, compute_dtype: str):
-    device = resolve_device(name)
-    return CudaTransfer(device, compute_dtype) if device.type == "cuda" else CpuTransfer(device, compute_dtype)
+    device = resolve_device(name, compute_dtype)
+    if device.type == "cuda":
+        return CudaTransfer(device, compute_dtype)
+    if device.type == "cpu":
+        return CpuTransfer(device, compute_dtype)
+    return DeviceTransfer(device, compute_dtype)
 
 
 class CpuTransfer:
@@ -79,6 +102,22 @@ class CpuTransfer:
     def fetch(self, handle):
         """In a writer thread: the result on the CPU."""
         return handle
+
+
+class DeviceTransfer(CpuTransfer):
+    """Another accelerator (MPS): inputs are converted on the CPU and copied over, results
+    copied back; torch orders the work on the device."""
+
+    chunks = False
+
+    def upload(self, buffers, refs, convert: bool = True):
+        return [t.to(self.device) for t in super().upload(buffers, refs, convert=True)]
+
+    def _to_device(self, raw):
+        return raw.to(self.device)
+
+    def download(self, result, dtype: str):
+        return result.to(torch_dtype(dtype)).to("cpu")
 
 
 class CudaTransfer(CpuTransfer):

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from mergebuild.errors import BuildError
-from mergebuild.portable import stamp
+from mergebuild.portable import file_stamp
 
 
 class Records:
@@ -61,7 +61,7 @@ class Records:
         for path in copied:
             row = recorded.get(str(path))
             try:
-                now = stamp(os.stat(path))
+                now = file_stamp(path)
             except OSError:
                 now = None
             if row is None or now != tuple(row[0]):

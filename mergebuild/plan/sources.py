@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergebuild.errors import BuildError, InputError
-from mergebuild.portable import is_regular_file, stamp
+from mergebuild.portable import file_stamp, is_regular_file
 from mergebuild.spec.model import ModelSpec
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import digest_safetensors, text_digest
@@ -60,7 +60,7 @@ class Source:
         out = []
         for path, before in self.parts:
             try:
-                now = stamp(os.stat(path))
+                now = file_stamp(path)
             except OSError:
                 now = None
             if now != before:
@@ -88,7 +88,7 @@ def _stat(path: Path, table: str) -> tuple:
     if not is_regular_file(st):
         raise InputError(f"[{table}] path: {path} is not a regular file (a pipe, device or socket cannot be "
                          "a model: reading it could hang or never end)")
-    return stamp(st)
+    return file_stamp(path)
 
 
 def _safetensors(path: Path, st: tuple, cache: Cache) -> tuple[dict[str, TensorRef], dict, str | None, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -36,6 +37,9 @@ DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MAX_COUNT = 10**6  # keep_builds and the like: more is a typo, not a wish
 MAX_SIZE = 2**62  # bytes: sizes must fit the index's integers
 MAX_PATH = 4096
+DRIVE = re.compile(r"^[A-Za-z]:/")
+WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+WINDOWS_FORBIDDEN = set('<>:"|?*')
 
 
 def load_mergefile(path: Path, allow_search: bool = False) -> Mergefile:
@@ -114,7 +118,11 @@ def _settings(path, base: Path, table: dict) -> Settings:
     staging = _size(path, where, "staging", table.get("staging", Settings.staging))
     limit = table.get("cache_limit")
     limit = _size(path, where, "cache_limit", limit) if limit is not None else None
-    return Settings(cache=base / _path(path, where, "cache", cache), device=device, compute_dtype=compute,
+    if device == "mps" and compute == "float64":
+        raise MergefileError(path, where, "compute_dtype", "MPS (Apple silicon) has no float64: use float32 there, "
+                             "or device = \"cpu\"")
+    cache = _portable_name(path, where, "cache", _path(path, where, "cache", cache))
+    return Settings(cache=base / cache, device=device, compute_dtype=compute,
                     keep_builds=keep, time_embed=time_embed, staging=staging, cache_limit=limit)
 
 
@@ -175,17 +183,45 @@ def _size(path, where, field, value) -> int:
 
 
 def _path(path, where, field, value: str) -> str:
-    """A file or folder name as written: no NUL characters, not absurdly long (the OS would
-    refuse them with errors that name nothing)."""
+    """A file or folder name as users write it, made to mean the same on every system: `/` and
+    `\\` both separate folders; a drive letter (C:/...) is absolute on Windows and an error
+    elsewhere; no NUL characters, nothing absurdly long (the OS would refuse them with errors
+    that name nothing)."""
     if "\x00" in value:
         raise MergefileError(path, where, field, "a path cannot contain a NUL character")
+    value = value.replace("\\", "/")
+    if DRIVE.match(value) or value.startswith("//"):
+        if os.name != "nt":
+            raise MergefileError(path, where, field, f"{value!r} is a Windows path (a drive letter or a network "
+                                 "share); on this system write a path of this system, or one relative to the Mergefile")
     if len(value) > MAX_PATH or any(len(part) > 255 for part in Path(value).parts):
         raise MergefileError(path, where, field, f"the path is too long ({len(value)} characters)")
     return value
 
 
+def _portable_name(path, where, field, value: str) -> str:
+    """Files mergebuild creates must be creatable on every system: a Mergefile written on Linux
+    must not fail on a friend's Windows machine. So names Windows reserves or refuses are
+    refused everywhere."""
+    for i, part in enumerate(value.split("/")):
+        if part in ("", ".", "..") or (i == 0 and DRIVE.match(part + "/")):
+            continue
+        stem = part.split(".")[0].strip().upper()
+        if stem in WINDOWS_RESERVED:
+            raise MergefileError(path, where, field, f"{part!r}: Windows reserves the name {stem} (also CON, PRN, AUX, "
+                                 "NUL, COM1-9, LPT1-9, with any extension); choose another")
+        bad = sorted({c for c in part if c in WINDOWS_FORBIDDEN or ord(c) < 32})
+        if bad:
+            raise MergefileError(path, where, field, f"{part!r}: Windows does not allow {' '.join(map(repr, bad))} in a "
+                                 "file name; choose another")
+        if part.endswith((".", " ")):
+            raise MergefileError(path, where, field, f"{part!r}: Windows drops a trailing dot or space from a name; "
+                                 "choose another")
+    return value
+
+
 def _output(path, where, value: str) -> str:
-    value = _path(path, where, "output", value)
+    value = _portable_name(path, where, "output", _path(path, where, "output", value))
     suffix = Path(value).suffix.lower()
     if suffix in MODEL_SUFFIXES:
         raise MergefileError(path, where, "output", f"{value!r}: mergebuild writes safetensors; name the output "

@@ -12,7 +12,7 @@ import os
 import uuid
 from pathlib import Path
 
-from mergebuild.portable import RandomAccess, disk_usage, is_locked
+from mergebuild.portable import RandomAccess, disk_usage, is_locked, replace
 from mergebuild.store.hashing import tensor_digest
 
 
@@ -39,7 +39,7 @@ class BlobStore:
         try:
             with open(temp, "wb") as f:
                 f.write(data)
-            os.replace(temp, target)
+            replace(temp, target)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise

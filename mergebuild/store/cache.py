@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mergebuild.errors import BuildError, MergebuildError
-from mergebuild.portable import FileLock, RandomAccess, disk_usage, is_locked, stamp
+from mergebuild.portable import FileLock, RandomAccess, disk_usage, file_stamp, is_locked
 from mergebuild.store.blobs import BlobStore
 from mergebuild.store.hashing import tensor_digest
 from mergebuild.store.index import Index
@@ -99,7 +99,7 @@ class Cache:
         if known is None:
             recorded = self.index.files().get(path)
             try:
-                known = recorded is not None and stamp(os.stat(path)) == tuple(recorded[0])
+                known = recorded is not None and file_stamp(path) == tuple(recorded[0])
             except OSError:
                 known = False
             with self._lock:
@@ -108,7 +108,7 @@ class Cache:
 
     def save_file(self, path: Path, kind: str, owner: str | None, rows: list[tuple[str, int]]) -> None:
         """Record a committed file that holds tensors: (digest, offset) of each."""
-        self.index.save_file(str(path), stamp(os.stat(path)), kind, owner, rows)
+        self.index.save_file(str(path), file_stamp(path), kind, owner, rows)
         with self._lock:
             self._valid.pop(str(path), None)
 

@@ -17,7 +17,7 @@ import xxhash
 
 from mergebuild.dtypes import nbytes
 from mergebuild.errors import BuildError
-from mergebuild.portable import FileLock, fsync_dir
+from mergebuild.portable import FileLock, fsync_dir, replace
 from mergebuild.spec.model import FILE_SUFFIX
 from mergebuild.tensors.header import read_header
 from mergebuild.tensors.writer import FOLDER_LOCK, TEMP_MARK, SafetensorsWriter
@@ -179,10 +179,10 @@ class FolderWriter:
                 raise BuildError(f"{self.folder}: files appeared during the build that mergebuild did not write "
                                  f"({', '.join(foreign[:3])}); the folder was left as it was")
             old = self.folder.parent / f".{self.folder.name}.mergebuild-old-{self.token}"
-            os.rename(self.folder, old)
-        (self.temp / FOLDER_LOCK).unlink(missing_ok=True)
+            replace(self.folder, old)
         self._lock.release()
-        os.rename(self.temp, self.folder)
+        (self.temp / FOLDER_LOCK).unlink(missing_ok=True)
+        replace(self.temp, self.folder)
         fsync_dir(self.folder.parent)
         if old is not None:
             _remove_written(old)

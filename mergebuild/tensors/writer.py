@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mergebuild.dtypes import nbytes
 from mergebuild.errors import BuildError
-from mergebuild.portable import RandomAccess, copy_range, fsync_dir, is_locked, lock_fd
+from mergebuild.portable import FileLock, RandomAccess, copy_range, fsync_dir, is_locked, replace
 from mergebuild.tensors.header import MAX_HEADER
 
 TEMP_MARK = ".mergebuild-tmp-"
@@ -59,6 +59,11 @@ def temp_name(path: Path, token: str) -> Path:
     return path.parent / f".{path.name}{TEMP_MARK}{token}"
 
 
+def lock_name(temp: Path) -> Path:
+    """The lock a writer holds while it writes `temp`: free means the temp is a dead build's."""
+    return temp.with_name(temp.name + ".lock")
+
+
 class SafetensorsWriter:
     def __init__(self, path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], draft_metadata: dict[str, str],
                  token: str):
@@ -79,9 +84,11 @@ class SafetensorsWriter:
                              f"limit of {MAX_HEADER:,}")
         self.temp = temp_name(self.path, token)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = RandomAccess(self.temp, writable=True, create=True)
+        self._lock = FileLock(lock_name(self.temp))
+        self._lock.acquire()  # held while the temp is written
+        self.file = None
         try:
-            lock_fd(self.file.fd)  # held until closed: the temp is in use
+            self.file = RandomAccess(self.temp, writable=True, create=True)
             size = 8 + self.header_size + self.data_size
             self.file.preallocate(size)  # a full disk fails here, before any compute
             self.file.truncate(size)
@@ -151,8 +158,9 @@ class SafetensorsWriter:
 
     def commit(self, metadata: dict[str, str]) -> None:
         self.finish(metadata)
-        os.replace(self.temp, self.path)
+        replace(self.temp, self.path)
         fsync_dir(self.path.parent)
+        self._unlock()
 
     def finish(self, metadata: dict[str, str]) -> None:
         """Write the header, make the file durable and close it (still under its temp name)."""
@@ -173,11 +181,18 @@ class SafetensorsWriter:
         except OSError:
             return None
         self.file.close()
+        self._unlock()
         return [(n, self.position(n)) for n in self.done_names()]
 
     def abort(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         self.temp.unlink(missing_ok=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        self._lock.release()
+        lock_name(self.temp).unlink(missing_ok=True)
 
 
 def remove_stale_temps(path: Path) -> None:
@@ -189,11 +204,15 @@ def remove_stale_temps(path: Path) -> None:
     except (FileNotFoundError, NotADirectoryError):
         return
     for p in candidates:
-        if p.is_dir() and not p.is_symlink():
+        if p.name.endswith(".lock"):
+            if not p.with_name(p.name[: -len(".lock")]).exists() and not is_locked(p):
+                p.unlink(missing_ok=True)  # a lock whose temp is gone
+        elif p.is_dir() and not p.is_symlink():
             if not is_locked(p / FOLDER_LOCK):
                 shutil.rmtree(p, ignore_errors=True)
-        elif not is_locked(p):
+        elif not is_locked(lock_name(p)):
             p.unlink(missing_ok=True)
+            lock_name(p).unlink(missing_ok=True)
 
 
 FOLDER_LOCK = ".mergebuild-lock"  # inside a folder output's temp folder, locked while it is written

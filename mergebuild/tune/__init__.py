@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergebuild.build import BuildOptions, cache_dir
+from mergebuild.portable import replace
 from mergebuild.spec.mergefile import load_mergefile
 from mergebuild.spec.search import open_ranges, substitute
 from mergebuild.tune.config import check_python_scorer, tune_config
@@ -171,7 +172,7 @@ def _rebuild(runner: Runner, text: str, target: str, view: TrialView) -> None:
 def _atomic_write(path: Path, text: str) -> None:
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
+    replace(temp, path)
 
 
 def run_greedy_soup(opts: TuneOptions) -> tuple[dict, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import shutil
 
@@ -9,6 +11,8 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import build_json, chain, load, mergefile, run_cli, small_model, write_model
+
+pytestmark = pytest.mark.portable  # also run with the Unix-only calls taken away (docs/portability.md)
 
 A_ONLY = "model.diffusion_model.only_in_a.weight"
 B_ONLY = "model.diffusion_model.only_in_b.weight"

@@ -4,6 +4,8 @@ counts what `du` counts."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import textwrap
@@ -11,6 +13,8 @@ import textwrap
 from mergebuild.testing.fabricate import layout_keys, make_base
 from tests.conftest import write_model
 from tests.faults.conftest import mb
+
+pytestmark = pytest.mark.portable  # also run with the Unix-only calls taken away (docs/portability.md)
 
 TEXT = """
 [settings]

@@ -15,6 +15,8 @@ from mergebuild.methods import registry
 from tests.conftest import load, write_model
 from tests.faults.conftest import mb
 
+pytestmark = pytest.mark.portable  # also run with the Unix-only calls taken away (docs/portability.md)
+
 SETTINGS = ""
 TEXT = """
 [settings]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import ROOT, build_json, load, mergefile, run_cli, small_model, write_model
+from tests.conftest import ROOT, SIM, build_json, load, mergefile, run_cli, small_model, write_model
 
 KEY = "model.diffusion_model.input_blocks.1.1.proj_in.weight"  # the one tensor of block IN01
 
@@ -145,7 +145,7 @@ def test_a_killed_study_resumes(tmp_path):
     p = project(tmp_path, scorer=PYTHON, trials=4)
     (p / "hang").write_text("2")  # the second scoring hangs: kill the study there
     env = {k: v for k, v in os.environ.items() if k != "MERGEBUILD_CACHE"}
-    env.update(NO_COLOR="1", PYTHONPATH=str(ROOT))
+    env.update(NO_COLOR="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(SIM)]))
     proc = subprocess.Popen([sys.executable, "-m", "mergebuild", "tune"], cwd=p, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

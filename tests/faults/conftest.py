@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, in_process, load, write_model
+from tests.conftest import ROOT, SIM, in_process, load, write_model
 
 KEYS = ("model.diffusion_model.input_blocks.1.1.proj_in.weight", "model.diffusion_model.out.0.bias",
         "cond_stage_model.transformer.text_model.final_layer_norm.weight")
@@ -55,7 +55,8 @@ def mb(cwd: Path, *args, env: dict | None = None) -> Result:
 def mb_process(cwd: Path, *args, env: dict | None = None, shell_prefix: str = "", timeout: float = 120,
                **popen) -> subprocess.Popen | subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k != "MERGEBUILD_CACHE"}
-    full.update(NO_COLOR="1", PYTHONPATH=str(ROOT), SOURCE_DATE_EPOCH="1790000000", **(env or {}))
+    full.update(NO_COLOR="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(SIM)]), SOURCE_DATE_EPOCH="1790000000",
+                **(env or {}))
     command = [sys.executable, "-m", "mergebuild", *map(str, args)]
     if shell_prefix:
         command = ["bash", "-c", f"{shell_prefix} && exec " + " ".join(f"'{c}'" for c in command)]

@@ -12,6 +12,8 @@ import pytest
 
 from tests.faults.conftest import big_sources, leftovers, mb, mb_process, wait_for
 
+pytestmark = pytest.mark.portable  # also run with the Unix-only calls taken away (docs/portability.md)
+
 CHAIN = """
 [models.a]
 path = "models/a.safetensors"

@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import write_model
 from tests.faults.conftest import leftovers, mb, model, recovers, snapshot, write_mergefile
 
+pytestmark = pytest.mark.portable  # also run with the Unix-only calls taken away (docs/portability.md)
+
 REFUSED = {
     "the folder of the sources": ("models", "contains [models.a]"),
     "the project itself": (".", "contains the Mergefile"),

@@ -13,6 +13,8 @@ import torch
 from tests.conftest import load, write_model
 from tests.faults.conftest import big_sources, leftovers, mb, mb_process, model, recovers, wait_for, write_mergefile
 
+pytestmark = pytest.mark.portable  # also run with the Unix-only calls taken away (docs/portability.md)
+
 
 def _rewrite_same_size(path, seed: int) -> None:
     """Rewrite a file in place with other values of the same size, then put its mtime back

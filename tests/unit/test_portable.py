@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mergebuild.portable import FileLock, RandomAccess, ShortRead, copy_range, is_locked, stamp
+from mergebuild.portable import FileLock, RandomAccess, ShortRead, copy_range, file_stamp, is_locked
+
+pytestmark = pytest.mark.portable  # also run with the Unix-only calls taken away (docs/portability.md)
 
 PACKAGE = Path(__file__).resolve().parents[2] / "mergebuild"
 UNIX_ONLY = {"pread", "pwrite", "preadv", "pwritev", "copy_file_range", "posix_fallocate", "kill", "link", "fork"}
@@ -69,7 +71,22 @@ def test_locks_die_with_their_holder(tmp_path):
 def test_the_stamp_sees_a_rewrite_behind_a_restored_mtime(tmp_path):
     f = tmp_path / "f"
     f.write_bytes(b"aaaa")
-    before = f.stat()
+    before, stamp = f.stat(), file_stamp(f)
     f.write_bytes(b"bbbb")
     os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert f.stat().st_mtime_ns == before.st_mtime_ns and stamp(f.stat()) != stamp(before)
+    assert f.stat().st_mtime_ns == before.st_mtime_ns and file_stamp(f) != stamp
+
+
+def test_the_portability_run_really_takes_the_unix_calls_away():
+    if os.environ.get("MERGEBUILD_SIMULATED") != "no-unix":
+        pytest.skip("only in the portability run (MERGEBUILD_SIMULATE=no-unix)")
+    import importlib
+
+    assert not hasattr(os, "pread") and not hasattr(os, "copy_file_range")
+    with pytest.raises(ImportError):
+        importlib.import_module("fcntl")
+    with pytest.raises(OSError):
+        os.link(__file__, __file__ + ".link")
+    f = RandomAccess(Path(__file__))
+    assert f._seek_lock is not None  # the seek + read path
+    f.close()

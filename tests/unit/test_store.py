@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
 
-from mergebuild.portable import FileLock, stamp
+from mergebuild.portable import FileLock, file_stamp
 from mergebuild.store.blobs import BlobStore
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import tensor_digest
+from tests.conftest import ROOT, SIM
+
+pytestmark = pytest.mark.portable  # also run with the Unix-only calls taken away (docs/portability.md)
 
 
 def test_blob_round_trip_and_corruption_detected(tmp_path):
@@ -67,7 +72,7 @@ def test_index_fingerprints_follow_the_stamp(tmp_path):
     cache = Cache(tmp_path / "cache")
     f = tmp_path / "model.bin"
     f.write_bytes(b"abc")
-    st = stamp(f.stat())
+    st = file_stamp(f)
     cache.index.save_fingerprint(str(f), st, {"t": ["F32", [1], "d1"]}, "c1", None)
     assert cache.index.fingerprint(str(f), st) == ({"t": ["F32", [1], "d1"]}, "c1", None)
     cache.index.save_sha256(str(f), st, "s" * 64)
@@ -75,7 +80,7 @@ def test_index_fingerprints_follow_the_stamp(tmp_path):
     mtime = f.stat().st_mtime_ns
     f.write_bytes(b"abd")  # same size, mtime put back: only the ctime tells
     os.utime(f, ns=(mtime, mtime))
-    assert cache.index.fingerprint(str(f), stamp(f.stat())) is None
+    assert cache.index.fingerprint(str(f), file_stamp(f)) is None
 
 
 def test_index_entries_and_gc_selection(tmp_path):
@@ -97,5 +102,5 @@ def test_a_second_process_waits_and_says_for_whom(tmp_path):
             "except Exception as e: print(seen, e)\n")
     with cache.exclusive():
         out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(SIM)])}).stdout
     assert f"build PID {os.getpid()}" in out and "still holds the cache after 0.5 s" in out
