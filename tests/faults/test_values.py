@@ -74,12 +74,14 @@ def test_a_second_build_says_whom_it_waits_for_and_honours_a_timeout(two):
     assert mb(two, "-q").code == 0
     lock = FileLock(two / "cache/lock")
     lock.acquire()
-    (two / "cache/lock.info").write_text(f"{os.getpid()} {time.time():.0f}\n")
+    started = time.time()
+    (two / "cache/lock.info").write_text(f"{os.getpid()} {started:.0f}\n")
     try:
         write_mergefile(two, alpha="0.6")
         proc = mb_process(two, "--lock-timeout", "1")
         assert proc.returncode == 1
-        assert f"waiting for build PID {os.getpid()} (started {time.strftime('%H:%M')}" in proc.stderr
+        minute = time.strftime("%H:%M", time.localtime(round(started)))
+        assert f"waiting for build PID {os.getpid()} (started {minute})" in proc.stderr
         assert "still holds the cache after 1 s" in proc.stderr and "Traceback" not in proc.stderr
     finally:
         lock.release()
