@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 import re
 import sys
 from pathlib import Path
 
 from mergebuild.dtypes import OUTPUT_DTYPES, USER_DTYPES
 from mergebuild.errors import MergefileError
+from mergebuild.portable import WINDOWS
 from mergebuild.methods.registry import get_method, suggest
 from mergebuild.layouts.blocks import PRESETS, is_block_name
 from mergebuild.spec.model import MODEL_SUFFIXES, Mergefile, MergeSpec, ModelSpec, Rule, Settings
@@ -191,7 +191,7 @@ def _path(path, where, field, value: str) -> str:
         raise MergefileError(path, where, field, "a path cannot contain a NUL character")
     value = value.replace("\\", "/")
     if DRIVE.match(value) or value.startswith("//"):
-        if os.name != "nt":
+        if not WINDOWS:
             raise MergefileError(path, where, field, f"{value!r} is a Windows path (a drive letter or a network "
                                  "share); on this system write a path of this system, or one relative to the Mergefile")
     if len(value) > MAX_PATH or any(len(part) > 255 for part in Path(value).parts):

@@ -26,9 +26,12 @@ def test_only_portable_py_calls_unix_only_functions():
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os" \
                     and node.attr in UNIX_ONLY:
                 wrong.append(f"{path.relative_to(PACKAGE)}: os.{node.attr}")
+            if isinstance(node, ast.Attribute) and node.attr in ("name", "platform") and isinstance(node.value, ast.Name) \
+                    and node.value.id in ("os", "sys"):
+                wrong.append(f"{path.relative_to(PACKAGE)}: {node.value.id}.{node.attr} (ask portable.WINDOWS)")
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-                wrong += [f"{path.relative_to(PACKAGE)}: imports {n}" for n in names if n in ("fcntl", "msvcrt", "mmap")]
+                wrong += [f"{path.relative_to(PACKAGE)}: imports {n}" for n in names if n in ("fcntl", "msvcrt", "mmap", "ctypes")]
     assert not wrong, "\n".join(wrong)
 
 
