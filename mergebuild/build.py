@@ -13,8 +13,8 @@ from mergebuild.lineage import SourceHashes, build_metadata, header_budget
 from mergebuild.lockfile import write_lock
 from mergebuild.plan.planner import DIRTY, PENDING, Plan, make_plan
 from mergebuild.plan.state import reasons as merge_reasons
-from mergebuild.spec.mergefile import load_mergefile  # noqa: F401 (part of the facade)
-from mergebuild.spec.model import Mergefile
+from mergebuild.mergefile.parse import load_mergefile  # noqa: F401 (part of the facade)
+from mergebuild.mergefile.model import Mergefile
 from mergebuild.store import eviction
 from mergebuild.store.cache import Cache
 from mergebuild.tensors.folder import remove_output

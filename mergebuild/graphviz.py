@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mergebuild.spec.model import Mergefile
+from mergebuild.mergefile.model import Mergefile
 
 
 # node fill colours by state, shared by dot, mermaid and the PNG drawing

@@ -5,7 +5,7 @@ from __future__ import annotations
 import networkx as nx
 
 from mergebuild.errors import MergefileError, UsageError
-from mergebuild.spec.model import Mergefile
+from mergebuild.mergefile.model import Mergefile
 
 
 def build_graph(mf: Mergefile) -> nx.DiGraph:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from mergebuild.errors import MergefileError
-from mergebuild.spec.model import Mergefile
+from mergebuild.mergefile.model import Mergefile
 from mergebuild.tensors.folder import foreign_files, is_folder_output, written_by_mergebuild
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from mergebuild.errors import MergefileError
 from mergebuild.layouts.blocks import PRESETS, Architecture, block_values, expand_blocks
 from mergebuild.methods.registry import Method
-from mergebuild.spec.model import Mergefile, MergeSpec, Rule
+from mergebuild.mergefile.model import Mergefile, MergeSpec, Rule
 
 
 @dataclass

@@ -24,7 +24,7 @@ from mergebuild.plan.outputs import check_outputs
 from mergebuild.plan.params import ParamResolver
 from mergebuild.plan.recipe import Recipe, merge_node, model_node
 from mergebuild.plan.sources import Source, TensorRef, load_source
-from mergebuild.spec.model import Mergefile, MergeSpec
+from mergebuild.mergefile.model import Mergefile, MergeSpec
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import text_digest
 from mergebuild.tensors.folder import is_folder_output

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mergebuild.errors import BuildError, InputError
 from mergebuild.portable import file_stamp, is_regular_file
-from mergebuild.spec.model import ModelSpec
+from mergebuild.mergefile.model import ModelSpec
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import digest_safetensors, text_digest
 from mergebuild.tensors.header import read_header

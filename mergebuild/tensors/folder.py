@@ -18,7 +18,7 @@ import xxhash
 from mergebuild.dtypes import nbytes
 from mergebuild.errors import BuildError
 from mergebuild.portable import FileLock, fsync_dir, replace
-from mergebuild.spec.model import FILE_SUFFIX
+from mergebuild.mergefile.model import FILE_SUFFIX
 from mergebuild.tensors.header import read_header
 from mergebuild.tensors.writer import FOLDER_LOCK, TEMP_MARK, SafetensorsWriter
 

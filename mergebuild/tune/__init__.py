@@ -12,8 +12,8 @@ from pathlib import Path
 
 from mergebuild.build import BuildOptions, cache_dir
 from mergebuild.portable import replace
-from mergebuild.spec.mergefile import load_mergefile
-from mergebuild.spec.search import open_ranges, substitute
+from mergebuild.mergefile.parse import load_mergefile
+from mergebuild.mergefile.search import open_ranges, substitute
 from mergebuild.tune.config import check_python_scorer, tune_config
 from mergebuild.tune.display import TrialView, fmt, short, trial_doc, write_plots
 from mergebuild.tune.runner import Evaluation, Runner

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from mergebuild.errors import MergefileError
 from mergebuild.methods.registry import get_method
-from mergebuild.spec.model import Mergefile
-from mergebuild.spec.search import Range
+from mergebuild.mergefile.model import Mergefile
+from mergebuild.mergefile.search import Range
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 DIRECTIONS = ("maximize", "minimize")

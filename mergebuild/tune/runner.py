@@ -17,7 +17,7 @@ from mergebuild.build import BuildOptions, build
 from mergebuild.errors import BuildError, MergefileError
 from mergebuild import lockfile
 from mergebuild.lockfile import lock_path
-from mergebuild.spec.mergefile import parse_mergefile
+from mergebuild.mergefile.parse import parse_mergefile
 from mergebuild.portable import FileLock, is_locked
 from mergebuild.tune.scoring import Score, Scorer
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mergebuild.errors import UsageError
 from mergebuild.portable import FileLock
-from mergebuild.spec.search import Range
+from mergebuild.mergefile.search import Range
 from mergebuild.store.hashing import text_digest
 from mergebuild.tune.config import TuneConfig, param_kind
 

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mergebuild"
 # each module (or package) and its layer; a module may import only its own layer or lower ones
 LAYERS = {
     "errors": 0, "dtypes": 0, "torchlazy": 0, "portable": 0, "failures": 0,
-    "layouts": 1, "spec": 1, "methods": 1,
+    "layouts": 1, "mergefile": 1, "methods": 1,
     "tensors": 2,
     "store": 3,
     "plan": 4,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mergebuild.errors import MergefileError
-from mergebuild.spec import parse_mergefile
+from mergebuild.mergefile import parse_mergefile
 
 pytestmark = pytest.mark.portable
 

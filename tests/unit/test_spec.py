@@ -8,7 +8,7 @@ import pytest
 
 from mergebuild.errors import MergefileError
 from mergebuild.plan.graph import build_graph, build_order
-from mergebuild.spec.mergefile import parse_mergefile
+from mergebuild.mergefile.parse import parse_mergefile
 
 GOOD = """
 [settings]

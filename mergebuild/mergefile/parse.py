@@ -16,8 +16,8 @@ from mergebuild.errors import MergefileError
 from mergebuild.portable import WINDOWS
 from mergebuild.methods.registry import get_method, suggest
 from mergebuild.layouts.blocks import PRESETS, is_block_name
-from mergebuild.spec.model import MODEL_SUFFIXES, Mergefile, MergeSpec, ModelSpec, Rule, Settings
-from mergebuild.spec.search import check_range, is_range
+from mergebuild.mergefile.model import MODEL_SUFFIXES, Mergefile, MergeSpec, ModelSpec, Rule, Settings
+from mergebuild.mergefile.search import check_range, is_range
 
 if sys.version_info >= (3, 11):
     import tomllib
