@@ -9,10 +9,10 @@ from pathlib import Path
 from mergebuild.errors import MergefileError, UsageError
 from mergebuild.execute.commit import lora_files, output_date
 from mergebuild.execute.executor import Executor, MergeResult
-from mergebuild.lineage import SourceHashes, build_metadata, header_budget
-from mergebuild.lockfile import write_lock
+from mergebuild.record.lineage import SourceHashes, build_metadata, header_budget
+from mergebuild.record.lock import write_lock
 from mergebuild.plan.planner import DIRTY, PENDING, Plan, make_plan
-from mergebuild.plan.state import reasons as merge_reasons
+from mergebuild.plan.state import decide_outputs, reasons as merge_reasons
 from mergebuild.mergefile.parse import load_mergefile  # noqa: F401 (part of the facade)
 from mergebuild.mergefile.model import Mergefile
 from mergebuild.store import eviction
@@ -100,6 +100,7 @@ def dry_run_with_warnings(opts: BuildOptions) -> tuple[Plan, list[MergeStatus], 
     mf, cache = open_project(opts, readonly=True)
     try:
         plan = make_plan(mf, cache, list(opts.targets), opts.force)
+        decide_outputs(plan, cache, opts.force)
         warnings = check_headers(plan, cache)
         why = merge_reasons(plan, cache, opts.force)
         return plan, [_status(plan, name, why.get(name, [])) for name in plan.merges], warnings
@@ -145,6 +146,7 @@ def build_with_report(opts: BuildOptions, progress=None, on_plan=None, on_wait=N
     try:
         with cache.exclusive(opts.lock_timeout, on_wait):
             plan = make_plan(mf, cache, list(opts.targets), opts.force)
+            decide_outputs(plan, cache, opts.force)
             report = BuildReport(warnings=check_headers(plan, cache))
             if on_plan is not None:
                 on_plan(plan, merge_reasons(plan, cache, opts.force), report.warnings)
@@ -256,6 +258,7 @@ def check_status(opts: BuildOptions) -> dict[str, list[str]]:
     mf, cache = open_project(opts, readonly=True)
     try:
         plan = make_plan(mf, cache, list(opts.targets))
+        decide_outputs(plan, cache)
         why = merge_reasons(plan, cache)
         out = {}
         for target in plan.targets:

@@ -248,7 +248,7 @@ def _cmd_graph(args) -> int:
 
 def _cmd_lineage(args) -> int:
     from mergebuild import report
-    from mergebuild.lineage import read_lineage
+    from mergebuild.record.lineage import read_lineage
 
     tree = read_lineage(args.path)
     for warning in tree.pop("warnings", []):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mergebuild.dtypes import SAFETENSORS_DTYPES
 from mergebuild.layouts.blocks import Architecture, detect
-from mergebuild.lineage import made_by_from_metadata
+from mergebuild.record.lineage import made_by_from_metadata
 from mergebuild.store.hashing import autov2, legacy_hash
 from mergebuild.tensors.header import read_header
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
-from mergebuild.lineage import SourceHashes, build_metadata, today
+from mergebuild.record.lineage import SourceHashes, build_metadata, today
 from mergebuild.plan.planner import MergePlan, Plan
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import file_sha256, legacy_hash, tensor_data_sha256

@@ -91,6 +91,7 @@ class Plan:
     compute_dtype: str
     recipe: Recipe = field(default_factory=Recipe)
     cache_root: Path | None = None
+    graph: object = None  # the networkx DAG of the Mergefile
 
     def ref(self, node: str, tensor: str) -> TensorRef:
         """Where the bytes of a node's tensor are, as far as known now (a tensor passed through
@@ -109,14 +110,15 @@ class Plan:
 
 
 def make_plan(mf: Mergefile, cache: Cache, targets: list[str] | None = None, force: bool = False) -> Plan:
-    from mergebuild.plan.state import decide_outputs
-
+    """The plan of a build: every tensor's task, key and state. Which outputs are current and
+    which merges must run is decided against what builds recorded (record.state)."""
     graph = build_graph(mf)
     targets = list(targets) if targets else mf.targets
     order = build_order(mf, graph, targets)
     check_outputs(mf, cache.root, order)
     sources = {n: load_source(mf.models[n], cache, f"models.{n}") for n in order if n in mf.models}
-    plan = Plan(mf, order, targets, sources, {}, USER_DTYPES[mf.settings.compute_dtype], cache_root=cache.root)
+    plan = Plan(mf, order, targets, sources, {}, USER_DTYPES[mf.settings.compute_dtype], cache_root=cache.root,
+                graph=graph)
     for name in order:
         if name in mf.models:
             plan.recipe.add(name, model_node(sources[name].path.name, sources[name].content))
@@ -125,7 +127,6 @@ def make_plan(mf: Mergefile, cache: Cache, targets: list[str] | None = None, for
             plan.merges[name] = merge_plan
             merge_plan.identity = plan.recipe.add(name, _node(plan, merge_plan))
             resolve_keys(plan, merge_plan, cache, force)
-    decide_outputs(plan, cache, graph, force)
     return plan
 
 

@@ -20,8 +20,9 @@ from mergebuild.tensors.folder import foreign_files, is_folder_output, output_ma
 from mergebuild.tensors.header import read_header
 
 
-def decide_outputs(plan, cache: Cache, graph: nx.DiGraph, force: bool) -> None:
+def decide_outputs(plan, cache: Cache, force: bool = False) -> None:
     """Which merges' outputs are current, and which merges the build must run."""
+    graph = plan.graph
     base = plan.mergefile.path.parent
     for name, merge in plan.merges.items():
         if merge.spec.output is not None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from mergebuild.build import BuildOptions, build
 from mergebuild.errors import BuildError, MergefileError
-from mergebuild import lockfile
-from mergebuild.lockfile import lock_path
+from mergebuild.record import lock as lockfile
+from mergebuild.record.lock import lock_path
 from mergebuild.mergefile.parse import parse_mergefile
 from mergebuild.portable import FileLock, is_locked
 from mergebuild.tune.scoring import Score, Scorer

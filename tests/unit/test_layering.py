@@ -15,9 +15,9 @@ LAYERS = {
     "tensors": 2,
     "store": 3,
     "plan": 4,
-    "lineage": 5, "graphviz": 5,
+    "record": 5, "graphviz": 5,
     "execute": 6, "inspection": 6, "diff": 6, "plotting": 6,
-    "build": 7, "lockfile": 7, "tune": 8,
+    "build": 7, "tune": 8,
     "report": 8, "cli": 9, "__main__": 10,
     "testing": 10,
 }

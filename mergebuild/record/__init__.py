@@ -1,0 +1,1 @@
+"""What a build records: lineage in outputs, mergefile.lock, the file hashes users know (sha256, AutoV2)."""
