@@ -12,7 +12,7 @@ from mergebuild.execute.executor import Executor, MergeResult
 from mergebuild.record.lineage import SourceHashes, build_metadata, header_budget
 from mergebuild.record.lock import write_lock
 from mergebuild.plan.planner import DIRTY, PENDING, Plan, make_plan
-from mergebuild.plan.state import decide_outputs, reasons as merge_reasons
+from mergebuild.record.state import decide_outputs, reasons as merge_reasons
 from mergebuild.mergefile.parse import load_mergefile  # noqa: F401 (part of the facade)
 from mergebuild.mergefile.model import Mergefile
 from mergebuild.store import eviction

@@ -14,7 +14,7 @@ from pathlib import Path
 from mergebuild.dtypes import SAFETENSORS_DTYPES
 from mergebuild.layouts.blocks import Architecture, detect
 from mergebuild.record.lineage import made_by_from_metadata
-from mergebuild.store.hashing import autov2, legacy_hash
+from mergebuild.record.hashes import autov2, legacy_hash
 from mergebuild.tensors.header import read_header
 
 CHUNK = 16 << 20

@@ -24,7 +24,7 @@ from pathlib import Path
 from mergebuild import __version__
 from mergebuild.plan.planner import Plan
 from mergebuild.plan.recipe import FORMAT, IDENTITY_KEY, RECIPE_KEY
-from mergebuild.store.hashing import autov2
+from mergebuild.record.hashes import autov2
 from mergebuild.tensors.folder import read_manifest
 from mergebuild.tensors.header import read_header
 

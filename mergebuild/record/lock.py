@@ -5,7 +5,7 @@ Per merge: its recipe node (method, version, parameters as written, selections, 
 that reach it), its identity, input files (path relative to the Mergefile, size, sha256), the
 number of tensors and a digest of their contents; for targets also the output (path, size,
 sha256, AutoV2, identity). JSON with sorted keys, so diffs stay small. `status` does not need
-it: it asks the outputs themselves (plan/state.py).
+it: it asks the outputs themselves (record/state.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from mergebuild import __version__
 from mergebuild.plan.outputs import lock_path
 from mergebuild.portable import replace
 from mergebuild.plan.planner import Plan
-from mergebuild.store.hashing import autov2, text_digest
+from mergebuild.record.hashes import autov2
+from mergebuild.store.hashing import text_digest
 from mergebuild.tensors.folder import output_marker
 
 LOCK_SCHEMA = 1

@@ -1,11 +1,10 @@
-"""Digests: xxh3_128 per tensor (cache identity), sha256 per file (lineage, A1111 hashes).
+"""Digests: xxh3_128 per tensor (cache identity); the hashes users know live in record/hashes.py.
 
 A tensor's digest covers its dtype, shape and bytes, so equal digests mean equal tensors.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,31 +49,3 @@ def digest_safetensors(path: Path, entries: dict) -> dict[str, str]:
         digests = pool.map(lambda n: range_digest(f, entries[n].dtype, entries[n].shape, entries[n].begin,
                                                   entries[n].end), names)
         return dict(zip(names, digests))
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def tensor_data_sha256(path: Path) -> str:
-    """sha256 of the bytes after a safetensors header: kohya's addnet hash, ModelSpec's hash_sha256."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        f.seek(8 + length)
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def legacy_hash(path: Path) -> str:
-    """A1111's old 8-hex model hash: sha256 of the 64 KiB at offset 1 MiB."""
-    with open(path, "rb") as f:
-        f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-
-
-def autov2(sha256: str) -> str:
-    """CivitAI's / A1111's short hash: the first 10 hex characters of the file's sha256."""
-    return sha256[:10]

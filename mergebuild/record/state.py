@@ -15,7 +15,7 @@ import networkx as nx
 
 from mergebuild.plan.recipe import IDENTITY_KEY, changes, recorded_nodes
 from mergebuild.store.cache import Cache
-from mergebuild.store.hashing import file_sha256, tensor_data_sha256
+from mergebuild.record.hashes import file_sha256, tensor_data_sha256
 from mergebuild.tensors.folder import foreign_files, is_folder_output, output_marker, read_manifest
 from mergebuild.tensors.header import read_header
 
