@@ -269,7 +269,7 @@ def _cmd_lineage(args) -> int:
 
 def _cmd_inspect(args) -> int:
     from mergebuild import report
-    from mergebuild.inspection import inspect_file
+    from mergebuild.analyze.inspect import inspect_file
 
     doc = inspect_file(args.path, hashes=not args.no_hashes)
     if args.json:
@@ -281,7 +281,7 @@ def _cmd_inspect(args) -> int:
 
 def _cmd_diff(args) -> int:
     from mergebuild import report
-    from mergebuild.diff import diff_files
+    from mergebuild.analyze.diff import diff_files
 
     doc = diff_files(args.a, args.b)
     if args.plot:

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergebuild import diff as diffmod
-from mergebuild.diff import diff_files, metrics
+from mergebuild.analyze import diff as diffmod
+from mergebuild.analyze.diff import diff_files, metrics
 from mergebuild.layouts.blocks import architectures
 from mergebuild.testing.fabricate import fabricate_family, llama_keys, make_base, make_finetune
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergebuild import inspection
-from mergebuild.inspection import file_hashes, inspect_file
+from mergebuild.analyze import inspect as inspection
+from mergebuild.analyze.inspect import file_hashes, inspect_file
 from mergebuild.layouts.blocks import architectures
 from mergebuild.testing.fabricate import fabricate_family, llama_keys, make_base
 

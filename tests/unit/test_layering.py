@@ -16,7 +16,7 @@ LAYERS = {
     "store": 3,
     "plan": 4,
     "record": 5, "graphviz": 5,
-    "execute": 6, "inspection": 6, "diff": 6, "plotting": 6,
+    "execute": 6, "analyze": 6, "plotting": 6,
     "build": 7, "tune": 8,
     "report": 8, "cli": 9, "__main__": 10,
     "testing": 10,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mergebuild.dtypes import is_float, itemsize
 from mergebuild.portable import RandomAccess
-from mergebuild.inspection import component_of, component_order, group_of, group_order, grouping
+from mergebuild.analyze.inspect import component_of, component_order, group_of, group_order, grouping
 from mergebuild.layouts.blocks import detect
 from mergebuild.tensors.convert import from_bytes
 from mergebuild.tensors.header import read_header

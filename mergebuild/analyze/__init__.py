@@ -1,0 +1,1 @@
+"""Looking at models: inspect one file, compare two."""
