@@ -160,13 +160,14 @@ def _options(args):
 
 
 def _waiting(holder: str) -> None:
-    from mergebuild import report
+    from mergebuild.render import console as report
 
     report.err.print(f"waiting for {holder or 'another build'} to release the cache...", markup=False, highlight=False)
 
 
 def _cmd_build(args) -> int:
-    from mergebuild import build, report
+    from mergebuild import build
+    from mergebuild.render import console as report
 
     opts = _options(args)
     if args.dry_run:
@@ -195,7 +196,8 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from mergebuild import build, report
+    from mergebuild import build
+    from mergebuild.render import console as report
 
     reasons = build.check_status(_options(args))
     if args.json:
@@ -206,7 +208,8 @@ def _cmd_status(args) -> int:
 
 
 def _cmd_explain(args) -> int:
-    from mergebuild import build, report
+    from mergebuild import build
+    from mergebuild.render import console as report
 
     doc = build.explain_target(_options(args))
     if args.json:
@@ -217,7 +220,8 @@ def _cmd_explain(args) -> int:
 
 
 def _cmd_graph(args) -> int:
-    from mergebuild import build, graphviz, report
+    from mergebuild import build
+    from mergebuild.render import console as report, graph as graphviz
     from mergebuild.errors import InputError
 
     opts = _options(args)
@@ -235,7 +239,7 @@ def _cmd_graph(args) -> int:
         return 0
     if args.format in ("png", "svg"):
         path = args.output or Path(f"graph.{args.format}")
-        from mergebuild import plotting
+        from mergebuild.render import plots as plotting
 
         if not plotting.render_dot(graphviz.to_dot(mf, states), path):
             plotting.plot_graph(*graphviz.to_nodes(mf, states), path)
@@ -247,7 +251,7 @@ def _cmd_graph(args) -> int:
 
 
 def _cmd_lineage(args) -> int:
-    from mergebuild import report
+    from mergebuild.render import console as report
     from mergebuild.record.lineage import read_lineage
 
     tree = read_lineage(args.path)
@@ -256,7 +260,7 @@ def _cmd_lineage(args) -> int:
     if args.json:
         report.print_json(tree)
     elif args.format != "tree":
-        from mergebuild import graphviz
+        from mergebuild.render import graph as graphviz
 
         render = graphviz.lineage_to_dot if args.format == "dot" else graphviz.lineage_to_mermaid
         sys.stdout.write(render(tree))
@@ -268,7 +272,7 @@ def _cmd_lineage(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from mergebuild import report
+    from mergebuild.render import console as report
     from mergebuild.analyze.inspect import inspect_file
 
     doc = inspect_file(args.path, hashes=not args.no_hashes)
@@ -280,12 +284,12 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_diff(args) -> int:
-    from mergebuild import report
+    from mergebuild.render import console as report
     from mergebuild.analyze.diff import diff_files
 
     doc = diff_files(args.a, args.b)
     if args.plot:
-        from mergebuild.plotting import plot_diff
+        from mergebuild.render.plots import plot_diff
 
         plot_diff(doc, args.plot)
         report.err.print(f"wrote {args.plot}", markup=False)
@@ -297,7 +301,8 @@ def _cmd_diff(args) -> int:
 
 
 def _cmd_cache(args) -> int:
-    from mergebuild import build, report
+    from mergebuild import build
+    from mergebuild.render import console as report
 
     opts = _options(args)
     if args.keep is not None and (args.action != "gc" or not 0 <= args.keep <= MAX_KEEP):
@@ -319,7 +324,8 @@ def _cmd_cache(args) -> int:
 
 
 def _cmd_clean(args) -> int:
-    from mergebuild import build, report
+    from mergebuild import build
+    from mergebuild.render import console as report
 
     removed, kept = build.clean(_options(args))
     if args.json:
@@ -333,7 +339,7 @@ def _cmd_clean(args) -> int:
 
 
 def _cmd_methods(args) -> int:
-    from mergebuild import report
+    from mergebuild.render import console as report
     from mergebuild.methods import all_methods
 
     methods = all_methods()
@@ -353,7 +359,7 @@ def _cmd_methods(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from mergebuild import report
+    from mergebuild.render import console as report
     from mergebuild.errors import UsageError
     from mergebuild.tune import TuneOptions, run_greedy_soup, run_tune
 
@@ -372,7 +378,7 @@ def _cmd_tune(args) -> int:
 def _error(message: str) -> None:
     from rich.markup import escape
 
-    from mergebuild import report
+    from mergebuild.render import console as report
 
     # soft_wrap: one line whatever its length, on a terminal or through a pipe
     report.err.print(f"[bold red]mergebuild: error:[/] {escape(' '.join(message.split()))}", highlight=False,

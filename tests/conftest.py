@@ -76,7 +76,7 @@ def in_process(args: list[str], cwd: Path, env: dict, width: int = 200) -> subpr
     import contextlib
     import io
 
-    from mergebuild import report
+    from mergebuild.render import console as report
     from mergebuild.cli import main
 
     out, err = io.StringIO(), io.StringIO()

@@ -9,7 +9,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from mergebuild.report import err
+from mergebuild.render.console import err
 from mergebuild.tune.study import INTERRUPTED, TRIAL_ATTR, clean_params
 
 LIVE_ROWS = 20

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mergebuild.build import BuildOptions, cache_dir
 from mergebuild.errors import BuildError
-from mergebuild.report import err
+from mergebuild.render.console import err
 from mergebuild.mergefile.parse import load_mergefile
 from mergebuild.tune.config import check_python_scorer, soup_config
 from mergebuild.tune.display import fmt

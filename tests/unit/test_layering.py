@@ -15,10 +15,10 @@ LAYERS = {
     "tensors": 2,
     "store": 3,
     "plan": 4,
-    "record": 5, "graphviz": 5,
-    "execute": 6, "analyze": 6, "plotting": 6,
+    "record": 5,
+    "execute": 6, "analyze": 6,
     "build": 7, "tune": 8,
-    "report": 8, "cli": 9, "__main__": 10,
+    "render": 8, "cli": 9, "__main__": 10,
     "testing": 10,
 }
 
