@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from mergebuild.build import BuildOptions, build  # noqa: E402
+from mergebuild.project import BuildOptions, build  # noqa: E402
 from mergebuild.testing.fabricate import fabricate_family  # noqa: E402
 
 MERGES = {

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergebuild.build import BuildOptions, cache_dir
+from mergebuild.project import BuildOptions, cache_dir
 from mergebuild.portable import replace
 from mergebuild.mergefile.parse import load_mergefile
 from mergebuild.mergefile.search import open_ranges, substitute

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mergebuild.build import BuildOptions, cache_dir
+from mergebuild.project import BuildOptions, cache_dir
 from mergebuild.errors import BuildError
 from mergebuild.render.console import err
 from mergebuild.mergefile.parse import load_mergefile

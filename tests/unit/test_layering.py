@@ -17,7 +17,7 @@ LAYERS = {
     "plan": 4,
     "record": 5,
     "execute": 6, "analyze": 6,
-    "build": 7, "tune": 8,
+    "project": 7, "tune": 8, "api": 8,
     "render": 8, "cli": 9, "__main__": 10,
     "testing": 10,
 }

@@ -24,7 +24,7 @@ from mergebuild.tensors.writer import header_bytes, layout
 
 @dataclass(frozen=True)
 class BuildOptions:
-    mergefile: Path = Path("mergefile.toml")
+    mergefile: Path | Mergefile = Path("mergefile.toml")  # a path, or a Mergefile already loaded
     targets: tuple[str, ...] = ()
     force: bool = False
     cache_dir: Path | None = None
@@ -79,15 +79,22 @@ def cache_dir(mf: Mergefile | None, opts: BuildOptions) -> Path:
     return mf.settings.cache
 
 
+def mergefile_of(opts: BuildOptions) -> Mergefile:
+    return opts.mergefile if isinstance(opts.mergefile, Mergefile) else load_mergefile(opts.mergefile)
+
+
 def open_project(opts: BuildOptions, readonly: bool = False) -> tuple[Mergefile, Cache]:
-    mf = load_mergefile(opts.mergefile)
+    mf = mergefile_of(opts)
     return mf, Cache(cache_dir(mf, opts), readonly_ok=readonly)
 
 
 def _open_cache(opts: BuildOptions, readonly: bool = False) -> tuple[Mergefile | None, Cache]:
     """The cache commands need no Mergefile when the cache is named (--cache-dir, MERGEBUILD_CACHE)."""
     named = opts.cache_dir is not None or os.environ.get("MERGEBUILD_CACHE")
-    mf = load_mergefile(opts.mergefile) if not named or Path(opts.mergefile).is_file() else None
+    if isinstance(opts.mergefile, Mergefile):
+        mf = opts.mergefile
+    else:
+        mf = load_mergefile(opts.mergefile) if not named or Path(opts.mergefile).is_file() else None
     return mf, Cache(cache_dir(mf, opts), readonly_ok=readonly)
 
 
@@ -171,7 +178,7 @@ def build_with_report(opts: BuildOptions, progress=None, on_plan=None, on_wait=N
 
 def clean(opts: BuildOptions) -> tuple[list[Path], list[str]]:
     """Remove the declared outputs (only what mergebuild wrote); (removed, kept as not ours)."""
-    mf = load_mergefile(opts.mergefile)
+    mf = mergefile_of(opts)
     names = list(opts.targets) or mf.targets
     for name in names:
         if name not in mf.merges:
