@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("targets", nargs="*", metavar="TARGET", help="merges to build (default: every merge with an output)")
     b.add_argument("-n", "--dry-run", action="store_true", help="say what would be computed, compute nothing")
     b.add_argument("--force", action="store_true", help="recompute every tensor, ignoring cached results")
-    b.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides [settings] device)")
+    b.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (overrides [settings] device)")
+    b.add_argument("--progress", action="store_true", help="draw progress bars even when stderr is not a terminal")
     b.set_defaults(run=_cmd_build)
 
     st = sub.add_parser("status", parents=[common], help="compare the Mergefile and files with mergefile.lock")
@@ -141,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _options(args):
-    from mergebuild.build import BuildOptions
+    from mergebuild.project import BuildOptions
 
     device = getattr(args, "device", None)
     if device is not None and not DEVICE.match(device):
@@ -166,7 +167,7 @@ def _waiting(holder: str) -> None:
 
 
 def _cmd_build(args) -> int:
-    from mergebuild import build
+    from mergebuild import project as build
     from mergebuild.render import console as report
 
     opts = _options(args)
@@ -184,7 +185,7 @@ def _cmd_build(args) -> int:
         if not args.quiet:
             report.print_plan(plan, reasons, args.verbose)
 
-    with report.RichProgress(enabled=not args.quiet) as progress:
+    with report.RichProgress(enabled=not args.quiet, force=args.progress) as progress:
         _plan, results, built = build.build_with_report(opts, progress, on_plan, None if args.quiet else _waiting)
     report.print_warnings(None, built.late_warnings)
     if not args.quiet:
@@ -196,7 +197,7 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from mergebuild import build
+    from mergebuild import project as build
     from mergebuild.render import console as report
 
     reasons = build.check_status(_options(args))
@@ -208,7 +209,7 @@ def _cmd_status(args) -> int:
 
 
 def _cmd_explain(args) -> int:
-    from mergebuild import build
+    from mergebuild import project as build
     from mergebuild.render import console as report
 
     doc = build.explain_target(_options(args))
@@ -220,7 +221,7 @@ def _cmd_explain(args) -> int:
 
 
 def _cmd_graph(args) -> int:
-    from mergebuild import build
+    from mergebuild import project as build
     from mergebuild.render import console as report, graph as graphviz
     from mergebuild.errors import InputError
 
@@ -301,7 +302,7 @@ def _cmd_diff(args) -> int:
 
 
 def _cmd_cache(args) -> int:
-    from mergebuild import build
+    from mergebuild import project as build
     from mergebuild.render import console as report
 
     opts = _options(args)
@@ -324,7 +325,7 @@ def _cmd_cache(args) -> int:
 
 
 def _cmd_clean(args) -> int:
-    from mergebuild import build
+    from mergebuild import project as build
     from mergebuild.render import console as report
 
     removed, kept = build.clean(_options(args))

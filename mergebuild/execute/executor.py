@@ -62,8 +62,15 @@ class MergeResult:
 
 
 class NullProgress:
-    def start(self, name: str, total: int, nbytes: int) -> None: ...
-    def advance(self, name: str, tensors: int, nbytes: int) -> None: ...
+    """What a build reports as it goes (the CLI draws it; the API passes it on). A merge with
+    nothing to compute or write starts nothing.
+
+    start: merge `name` has `tensors` to handle, `nbytes` of results to produce; it is merge
+    `step` of the `steps` that have work. advance: `tensors` more are done, having written
+    `written` bytes and read `read` bytes."""
+
+    def start(self, name: str, tensors: int, nbytes: int, step: int = 1, steps: int = 1) -> None: ...
+    def advance(self, name: str, tensors: int, written: int, read: int = 0) -> None: ...
     def finish(self, name: str) -> None: ...
 
 
@@ -81,6 +88,7 @@ class Executor:
         self._lock = threading.Lock()
         self._merge_name = ""
         self._healed = 0  # cached tensors found bad on read and recomputed
+        self._step, self._steps = 0, sum(1 for m in plan.merges.values() if _has_work(m))
         self.output_sha256: dict[str, Future] = {}  # outputs written by this build
         self.warnings: list[str] = []
 
@@ -128,7 +136,9 @@ class Executor:
         resolve_keys(self.plan, merge, self.cache, self.force)
         sink = self._open_output(merge) if merge.spec.output is not None and not merge.current else None
         todo = [t for t in merge.tasks.values() if t.state == DIRTY or sink is not None]
-        self.progress.start(name, len(todo), sum(t.nbytes for t in todo))
+        if todo:
+            self._step += 1
+            self.progress.start(name, len(todo), sum(t.nbytes for t in todo), self._step, max(self._steps, self._step))
         computed, self._healed = 0, 0
         try:
             computed = self._stream(merge, todo, sink)
@@ -219,20 +229,27 @@ class Executor:
         if isinstance(task, Batch):
             result = self._compute_batch(task, fetched)
             writes.append((task.nbytes, self.writers.submit(self._store_batch, task, result, sink)))
-            self.progress.advance(self._merge_name, len(task.tasks), task.nbytes)
+            self.progress.advance(self._merge_name, len(task.tasks), task.nbytes, self._input_bytes(task))
             return len(task.tasks)
         if task.state == DIRTY:
             result = self._compute(task, fetched)
             writes.append((task.nbytes, self.writers.submit(self._store, task, result, sink)))
-            self.progress.advance(self._merge_name, 1, task.nbytes)
+            self.progress.advance(self._merge_name, 1, task.nbytes, self._input_bytes(task))
             return 1
         if fetched is None:
             future = self.writers.submit(self._copy_into, sink, task)
         else:
             future = self.writers.submit(self._write_cached, sink, task, fetched)
         writes.append((task.nbytes, future))
-        self.progress.advance(self._merge_name, 1, task.nbytes)
+        self.progress.advance(self._merge_name, 1, task.nbytes, task.nbytes)
         return 0
+
+    def _input_bytes(self, task: TensorTask | Batch) -> int:
+        if isinstance(task, Batch):
+            return sum(self._input_bytes(t) for t in task.tasks)
+        from mergebuild.dtypes import nbytes
+
+        return sum(nbytes(r.dtype, r.shape) for r in (self.plan.ref(n, t) for n, t in task.inputs))
 
     def _copy_into(self, sink: OutputSink, task: TensorTask) -> None:
         """A tensor that did not change, copied into the output from where it is stored."""
@@ -425,6 +442,13 @@ class Executor:
             node = self.plan.merges[node].spec.inputs[0]
         path = self.plan.sources[node].path
         return path if path.is_dir() else None
+
+
+def _has_work(merge: MergePlan) -> bool:
+    if not merge.needed:
+        return False
+    stale = merge.spec.output is not None and not merge.current
+    return stale or any(t.state in (DIRTY, "pending") for t in merge.tasks.values())
 
 
 def _settle(reads: deque, writes: deque) -> None:

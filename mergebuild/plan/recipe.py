@@ -203,15 +203,44 @@ def _rule_text(rule: dict) -> str:
     return ", ".join(f"{k} {_text(v)}" for k, v in rule.items() if v not in (None, [], False))
 
 
+# --- one way to write a value, everywhere (reasons, trees, graphs, status) --------------------
 def _text(value, missing: str = "unset") -> str:
+    return value_text(value, missing)
+
+
+def value_text(value, missing: str = "unset") -> str:
+    """A parameter's value, short and the same wherever it is shown: `0.4`,
+    `{default = 0.5, IN05 = 0.2}` (blocks in their order), `[0, 0.1, 0.2, 0.3, ... 26 values]`."""
     if value is None:
         return missing
     if isinstance(value, list):
         if len(value) > 8:
-            return "[" + ", ".join(_text(v) for v in value[:4]) + f", ... {len(value)} values]"
-        return "[" + ", ".join(_text(v) for v in value) + "]"
+            return "[" + ", ".join(value_text(v) for v in value[:4]) + f", ... {len(value)} values]"
+        return "[" + ", ".join(value_text(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_text(v)}" for k, v in sorted(value.items())) + "}"
+        return "{" + ", ".join(f"{k} = {value_text(v)}" for k, v in sorted(value.items(), key=_key_rank)) + "}"
     if isinstance(value, float):
         return repr(value)
     return str(value)
+
+
+def params_text(params: dict) -> str:
+    """A merge's parameters: `alpha=0.4, strength={default = 0.8, OUT03 = 1.0}`."""
+    return ", ".join(f"{k}={value_text(v)}" for k, v in params.items())
+
+
+def rules_text(rules: list) -> str:
+    return f"{len(rules)} rule{'' if len(rules) == 1 else 's'}" if rules else ""
+
+
+def _key_rank(item) -> tuple:
+    """default first, then blocks in their order (BASE, IN00.., M00, OUT00..), then the rest."""
+    key = str(item[0])
+    if key == "default":
+        return (0, 0, key)
+    if key == "BASE":
+        return (1, 0, key)
+    for rank, prefix in ((2, "IN"), (3, "M"), (4, "OUT")):
+        if key.startswith(prefix) and key[len(prefix):].isdigit():
+            return (rank, int(key[len(prefix):]), key)
+    return (5, 0, key)

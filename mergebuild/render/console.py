@@ -5,14 +5,33 @@ from __future__ import annotations
 import json
 import sys
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+UNBOUNDED = 100_000  # columns when not writing to a terminal: nothing is cropped or wrapped
+
+
+class FullWidthConsole(Console):
+    """A console that never loses information: on a terminal it wraps to the terminal's width;
+    written to a file or a pipe (`mergebuild lineage FILE > lineage.txt`) it neither crops nor
+    wraps, whatever terminal the process itself runs in (rich alone would use that terminal's
+    width, found through stdin)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        if self._width is None and not self.is_terminal:
+            return ConsoleDimensions(UNBOUNDED, super().size.height)
+        return super().size
+
+    @size.setter
+    def size(self, new_size) -> None:
+        Console.size.fset(self, new_size)
+
+
+err = FullWidthConsole(stderr=True, highlight=False)
+out = FullWidthConsole(highlight=False, soft_wrap=True)
 
 
 def print_json(doc) -> None:
@@ -21,19 +40,23 @@ def print_json(doc) -> None:
 
 
 class RichProgress:
-    """Per merge: a bar of tensors and bytes. Only drawn on an interactive terminal."""
+    """Per merge with work: "[k/n] name", a bar of bytes, tensors done, bytes written and read,
+    throughput and ETA, on stderr. Drawn on a terminal (or where `force` asks), never with -q."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and err.is_terminal and not err.is_dumb_terminal
+    def __init__(self, enabled: bool, force: bool = False):
+        self.enabled = enabled and (force or (err.is_terminal and not err.is_dumb_terminal))
         self._progress = None
         self._tasks: dict[str, int] = {}
 
     def __enter__(self):
         if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
             self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                DownloadColumn(), TimeElapsedColumn(), console=err, transient=False,
-            )
+                TextColumn("[bold]{task.description}"), BarColumn(bar_width=24),
+                TextColumn("{task.fields[tensors]}/{task.fields[of]} tensors"),
+                TextColumn("wrote {task.fields[wrote]} of {task.fields[size]}, read {task.fields[read]}"),
+                TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=False)
             self._progress.__enter__()
         return self
 
@@ -41,16 +64,26 @@ class RichProgress:
         if self._progress is not None:
             self._progress.__exit__(*exc)
 
-    def start(self, name: str, total: int, nbytes: int) -> None:
+    def start(self, name: str, tensors: int, nbytes: int, step: int = 1, steps: int = 1) -> None:
         if self._progress is not None:
-            self._tasks[name] = self._progress.add_task(name, total=total)
+            task = self._progress.add_task(f"[{step}/{steps}] {escape(name)}", total=max(nbytes, 1), tensors=0,
+                                           of=tensors, read=human_bytes(0), wrote=human_bytes(0),
+                                           size=human_bytes(nbytes))
+            self._tasks[name] = [task, 0, 0, max(nbytes, 1), 0]  # id, tensors done, read, total, written
 
-    def advance(self, name: str, tensors: int, nbytes: int) -> None:
+    def advance(self, name: str, tensors: int, written: int, read: int = 0) -> None:
         if self._progress is not None and name in self._tasks:
-            self._progress.advance(self._tasks[name], tensors)
+            state = self._tasks[name]
+            state[1] += tensors
+            state[2] += read
+            state[4] += written
+            self._progress.update(state[0], advance=written, tensors=state[1], read=human_bytes(state[2]),
+                                  wrote=human_bytes(state[4]))
 
     def finish(self, name: str) -> None:
-        pass
+        if self._progress is not None and name in self._tasks:
+            task, _, _, total, _ = self._tasks.pop(name)
+            self._progress.update(task, completed=total)
 
 
 def summary_table(results) -> Table:
@@ -165,25 +198,23 @@ def lineage_tree(node: dict) -> Tree:
 
 
 def _label(node: dict) -> str:
+    from mergebuild.plan.recipe import params_text, rules_text, value_text
+
     again = " [dim](shown above)[/]" if node.get("same_as") else ""
     if node.get("kind") == "model":
         h = f" [dim]{escape(str(node['autov2']))}[/]" if node.get("autov2") else ""
         return f"[bold cyan]{escape(str(node.get('file') or node.get('name')))}[/]{h}{again}"
     if again:
         return f"{escape(str(node.get('name')))}: [green]{escape(str(node.get('method')))}[/]{again}"
-    params = escape(", ".join(f"{k}={_compact(v)}" for k, v in (node.get("params") or {}).items()))
+    params = params_text(node.get("params") or {})
+    extra = [f"dtype {node['dtype']}"] if node.get("dtype") else []
+    extra += [rules_text(node["rules"])] if isinstance(node.get("rules"), list) and node["rules"] else []
+    extra += [f"{k} {value_text(node[k])}" for k in ("discard", "include", "exclude") if node.get(k)]
+    tail = escape(f" [{', '.join(extra)}]") if extra else ""
     tool = escape(str(node.get("tool", "")))
     name = f"{escape(str(node.get('name')))}: " if node.get("name") else ""
     via = f" [dim]({tool})[/]" if tool and tool != "mergebuild" else ""
-    return f"{name}[green]{escape(str(node.get('method')))}[/]({params}){via}"
-
-
-def _compact(value) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} {_compact(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_compact(v) for v in value) + "]"
-    return str(value)
+    return f"{name}[green]{escape(str(node.get('method')))}[/]({escape(params)}){tail}{via}"
 
 
 def human_bytes(n: int) -> str:
