@@ -1,18 +1,32 @@
 """What is in a safetensors file: its architecture, components, blocks or layers, dtypes,
 metadata, lineage and hashes, as a JSON-able dict.
 
-Only the header is parsed; the hashes stream the file in chunks, so memory stays bounded
-whatever the file's size. No tensor is ever loaded (and torch is never imported).
+Only the header is parsed (and, in a LoRA, the few bytes of each module's alpha scalar); the
+hashes stream the file in chunks, so memory stays bounded whatever the file's size. No tensor is
+ever loaded (and torch is never imported).
+
+LoRA / LyCORIS files get a "lora" section: their modules are grouped as mergebuild's lora method
+groups them (methods.lora.read_lora), and the checkpoint they were made for is the one whose
+module names (layouts.lora_names, over the layouts' keys) cover most of theirs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import struct
+from collections import Counter
+from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 from mergebuild.dtypes import SAFETENSORS_DTYPES
-from mergebuild.layouts.blocks import Architecture, detect
+from mergebuild.layouts import load_layout
+from mergebuild.layouts.blocks import Architecture, architectures, detect
+from mergebuild.layouts.lora_names import ModuleName, module_names
+from mergebuild.methods import lora_formats as lf
+from mergebuild.methods.lora import Module, read_lora
 from mergebuild.record.lineage import made_by_from_metadata
 from mergebuild.record.hashes import autov2, legacy_hash
 from mergebuild.tensors.header import read_header
@@ -20,17 +34,31 @@ from mergebuild.tensors.header import read_header
 CHUNK = 16 << 20
 OTHER = "other"
 
+# the layouts whose LoRA module names tell which checkpoint a LoRA was made for (SD2 shares
+# SD1's names, bar the text encoder's depth and widths: see _sd2_evidence)
+LORA_LAYOUTS = {"sdxl": "sdxl-sgm", "sd1": "sd1-ldm"}
+KOHYA_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version")
+# a file's headline format when its modules differ in kind: the most telling kind first
+FORMAT_ORDER = ("DoRA", "LoHa", "LoKr", "PEFT", "LoCon", "LoRA")
+SD1_TE_LAYERS = 12  # SD2's OpenCLIP text encoder has 23
+SD2_WIDTH = 1024  # SD2's text-encoder width and cross-attention context (SD1: 768)
+TE_LAYER = re.compile(r"^(?:lora_te_|text_encoder\.)text_model[._]encoder[._]layers[._](\d+)[._]")
+CROSS_ATTN_KV = re.compile(r"attn2[._]to_[kv]$")
+SCALARS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i"}
+
 
 def inspect_file(path, hashes: bool = True) -> dict:
-    """Describe a safetensors file. With hashes False the file's data is not read at all
-    (only its header), and "hashes" is None.
+    """Describe a safetensors file. With hashes False only the header is read (and a LoRA's
+    alpha scalars), and "hashes" is None.
 
-    Returns {"path", "file_size", "header_size", "architecture": {"name", "description", "how"},
+    Returns {"path", "file_size", "header_size", "architecture": {"name", "description", "how",
+    "kind": "model" | "lora"},
     "grouping": "block" | "layer", "totals": {"tensors", "params", "bytes", "dtypes"},
     "components": {name: {"tensors", "params", "bytes"}},
     "blocks": [{"name", "tensors", "params", "bytes", "dtypes": {code: count}}],
     "metadata": {str: str}, "lineage": recipe tree | None,
-    "hashes": {"autov1", "autov2", "sha256", "tensor_data_sha256"} | None}.
+    "hashes": {"autov1", "autov2", "sha256", "tensor_data_sha256"} | None,
+    "lora": the LoRA section (see lora_section) | None}.
     """
     path = Path(path)
     header = read_header(path)
@@ -47,11 +75,13 @@ def inspect_file(path, hashes: bool = True) -> dict:
             row["bytes"] += entry.nbytes
             if "dtypes" in row:
                 row["dtypes"][entry.dtype] = row["dtypes"].get(entry.dtype, 0) + 1
+    lora = lora_section(header)
     return {
         "path": str(path),
         "file_size": os.path.getsize(path),
         "header_size": header.data_offset,
-        "architecture": {"name": arch.name, "description": arch.description, "how": how},
+        "architecture": {"name": arch.name, "description": arch.description, "how": how,
+                         "kind": "model" if lora is None else "lora"},
         "grouping": grouping(arch),
         "totals": _sorted_dtypes(totals),
         "components": {name: components[name] for name in component_order(arch, components)},
@@ -59,6 +89,7 @@ def inspect_file(path, hashes: bool = True) -> dict:
         "metadata": dict(header.metadata),
         "lineage": made_by_from_metadata(header.metadata),
         "hashes": file_hashes(path, header.data_offset) if hashes else None,
+        "lora": lora,
     }
 
 
@@ -142,3 +173,188 @@ def _numel(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+# -- LoRA / LyCORIS files -----------------------------------------------------------------------
+
+def lora_section(header) -> dict | None:
+    """What a LoRA file holds; None when most of its tensors belong to no LoRA module (a model).
+
+    {"format": "LoRA" | "LoCon" | "LoHa" | "LoKr" | "DoRA" | "PEFT", "naming": "kohya" | "peft",
+    "module_formats": {label: modules}, "modules", "ranks" (sorted), "rank" (the most common; None
+    if no module has one), "modules_without_rank" (LoKr with both factors full), "alphas" (sorted,
+    distinct), "alpha" (the most common), "modules_without_alpha" (alpha = rank: a scale of 1),
+    "target": {"name": "sd1" | "sd2" | "sdxl" | "generic", "description", "how"},
+    "components": {name: row}, "blocks": [{"name", **row}], row = {"modules", "tensors", "params",
+    "bytes"}, "unmatched": [modules the target has no layer for] | None (generic: not checked),
+    "stray_tensors": [tensors of no module], "kohya": {ss_* key: value, those present}}.
+    """
+    lora = read_lora(_names_only(header), 0)
+    if not lora.modules or sum(len(m.roles) for m in lora.modules) < len(lora.stray):
+        return None
+    shapes = {m.name: {role: header.tensors[t].shape for role, t in m.roles.items()} for m in lora.modules}
+    labels = Counter(m.label(shapes[m.name]) for m in lora.modules)
+    naming = "peft" if any(m.roles.get("lora_down", "").endswith(".lora_A.weight") for m in lora.modules) else "kohya"
+    ranks = Counter(lf.rank_of(m.fmt, shapes[m.name]) for m in lora.modules)
+    without_rank = ranks.pop(None, 0)
+    alphas = Counter(a for a in _alpha_values(header, lora.modules) if a is not None)
+    target, how, places = lora_target(lora.modules, shapes, header.metadata)
+    components, blocks, unmatched = _lora_rows(header, lora.modules, architectures()[target], places)
+    return {
+        "format": _headline(labels, naming),
+        "naming": naming,
+        "module_formats": dict(sorted(labels.items())),
+        "modules": len(lora.modules),
+        "ranks": sorted(ranks),
+        "rank": _most_common(ranks),
+        "modules_without_rank": without_rank,
+        "alphas": sorted(alphas),
+        "alpha": _most_common(alphas),
+        "modules_without_alpha": sum("alpha" not in m.roles for m in lora.modules),
+        "target": {"name": target, "description": architectures()[target].description, "how": how},
+        "components": components,
+        "blocks": blocks,
+        "unmatched": None if target == "generic" else unmatched,
+        "stray_tensors": sorted(lora.stray),
+        "kohya": {k: header.metadata[k] for k in KOHYA_KEYS if k in header.metadata},
+    }
+
+
+def _names_only(header) -> SimpleNamespace:
+    """What read_lora asks of a build context, from a header: the input's name and tensor names."""
+    return SimpleNamespace(spec=SimpleNamespace(inputs=[str(header.path)]), names=lambda i: list(header.tensors))
+
+
+def _headline(labels: Counter, naming: str) -> str:
+    """One format for the file: module labels are "LoRA", "LoCon", "LoCon-CP", "LoHa", "LoKr",
+    each maybe "+DoRA"; linear modules of a LoCon are plain "LoRA", hence the ranking."""
+    kinds = {label.split("+")[0].removesuffix("-CP") for label in labels}
+    kinds |= {"DoRA"} if any(label.endswith("+DoRA") for label in labels) else set()
+    kinds |= {"PEFT"} if naming == "peft" else set()
+    return next(k for k in FORMAT_ORDER if k in kinds)
+
+
+def _most_common(counts: Counter):
+    # ties go to the smaller value, so that the answer does not depend on the file's key order
+    return min(counts, key=lambda v: (-counts[v], v)) if counts else None
+
+
+def _alpha_values(header, modules) -> list[float | None]:
+    """Each module's alpha, read from the file (a scalar: a few bytes); None where it has none
+    or one that is not a readable scalar."""
+    out = []
+    with open(header.path, "rb") as f:
+        for m in modules:
+            entry = header.tensors.get(m.roles.get("alpha", ""))
+            out.append(None if entry is None else _scalar(f, entry))
+    return out
+
+
+def _scalar(f, entry) -> float | None:
+    if _numel(entry.shape) != 1 or (entry.dtype not in SCALARS and entry.dtype != "BF16"):
+        return None
+    f.seek(entry.begin)
+    raw = f.read(entry.nbytes)
+    # bfloat16 is the upper half of a float32
+    value = struct.unpack("<f", b"\0\0" + raw)[0] if entry.dtype == "BF16" else struct.unpack(SCALARS[entry.dtype], raw)[0]
+    value = float(value)
+    return value if value == value and abs(value) != float("inf") else None
+
+
+@lru_cache(maxsize=None)
+def layout_module_names(arch: str) -> dict[str, ModuleName]:
+    """{name: ModuleName} of every LoRA module name a checkpoint of `arch` answers to."""
+    keys = load_layout(LORA_LAYOUTS[arch])["keys"]
+    return {m.name: m for m in module_names({k: tuple(v["shape"]) for k, v in keys.items()}, arch)}
+
+
+def lora_target(modules: list[Module], shapes: dict, metadata: dict) -> tuple[str, str, dict[str, ModuleName]]:
+    """The checkpoint a LoRA was made for, from its module names (what baking it looks up):
+    (architecture name, how it was told, {module: its ModuleName in that checkpoint})."""
+    hits = {arch: {m.name: layout_module_names(arch)[m.name] for m in modules if m.name in layout_module_names(arch)}
+            for arch in LORA_LAYOUTS}
+    hint, hint_why = _base_model_hint(metadata)
+    best = max(LORA_LAYOUTS, key=lambda a: (len(hits[a]), a == hint or (a, hint) == ("sd1", "sd2")))
+    if not hits[best]:
+        return "generic", "no module name is one of an SD1, SD2 or SDXL checkpoint", {}
+    how = f"{len(hits[best])} of {len(modules)} module names are {best}'s"
+    tied = [a for a in LORA_LAYOUTS if a != best and len(hits[a]) == len(hits[best])]
+    if tied:
+        how += f" (as many are {tied[0]}'s" + (f"; {hint_why})" if hint else ")")
+    if best == "sd1":
+        why = hint_why if hint == "sd2" else _sd2_evidence(modules, shapes)
+        if why:
+            return "sd2", f"{how}; SD2 by {why}", hits[best]
+    return best, how, hits[best]
+
+
+def _base_model_hint(metadata: dict) -> tuple[str | None, str | None]:
+    """kohya's word on the base model: ss_base_model_version ("sd_v1", "sd_v2_768_v",
+    "sdxl_base_v1-0"), or ss_v2 in files from before it existed."""
+    base = metadata.get("ss_base_model_version", "")
+    why = f"ss_base_model_version {base}"
+    if base.startswith("sdxl"):
+        return "sdxl", why
+    if base.startswith("sd_v2"):
+        return "sd2", why
+    if metadata.get("ss_v2") == "True":
+        return "sd2", "ss_v2 True"
+    return ("sd1", why) if base.startswith("sd_v1") else (None, None)
+
+
+def _sd2_evidence(modules: list[Module], shapes: dict) -> str | None:
+    """Why a LoRA with SD1's module names is for SD2, if it is: SD2 names its modules as SD1
+    does, but its text encoder is deeper and wider, and its cross-attention reads wider context."""
+    for m in modules:
+        layer = TE_LAYER.match(m.name)
+        if layer and int(layer.group(1)) >= SD1_TE_LAYERS:
+            return f"text-encoder layer {layer.group(1)} (SD1 has {SD1_TE_LAYERS})"
+        down = shapes[m.name].get("lora_down") or shapes[m.name].get("hada_w1_b")
+        reads = down[1] if down is not None and len(down) == 2 else None
+        if reads == SD2_WIDTH and (layer or CROSS_ATTN_KV.search(m.name)):
+            return f"{m.name} reading {SD2_WIDTH} features (SD1: 768)"
+    return None
+
+
+def _lora_rows(header, modules: list[Module], arch: Architecture, places: dict) -> tuple[dict, list, list]:
+    """Modules, tensors, parameters and bytes per component and per block (or layer) of the
+    target, and the modules that have no place in it."""
+    components: dict[str, dict] = {}
+    groups: dict[str, dict] = {}
+    unmatched = []
+    for m in modules:
+        component, group = _place(arch, m.name, places)
+        if (component, group) == (OTHER, OTHER):
+            unmatched.append(m.name)
+        for row in (components.setdefault(component, _lora_row()), groups.setdefault(group, _lora_row())):
+            row["modules"] += 1
+            for tensor in m.roles.values():
+                entry = header.tensors[tensor]
+                row["tensors"] += 1
+                row["params"] += _numel(entry.shape)
+                row["bytes"] += entry.nbytes
+    return ({name: components[name] for name in component_order(arch, components)},
+            [{"name": name, **groups[name]} for name in group_order(arch, groups)], sorted(unmatched))
+
+
+def _place(arch: Architecture, name: str, places: dict) -> tuple[str, str]:
+    """(component, block or layer) of a LoRA module in the target checkpoint."""
+    if name in places:
+        key = places[name].target.key
+        return _component(arch, key), group_of(arch, key)
+    if arch.name == "generic":  # no layout to look names up in: read the layer off the name
+        layer = arch.layer_of(name)
+        return arch.component_of(name) or ("layers" if layer is not None else OTHER), group_of(arch, name)
+    if arch.name == "sd2" and TE_LAYER.match(name):  # layers 12-22, which SD1's layout lacks
+        return "text_encoder", arch.block_of("cond_stage_model.") or OTHER
+    return OTHER, OTHER
+
+
+def _component(arch: Architecture, key: str) -> str:
+    """The most specific component a key is in (SDXL: clip_l or clip_g, not text_encoder)."""
+    found = [(len(p), name) for name, prefixes in arch.components.items() for p in prefixes if key.startswith(p)]
+    return max(found)[1] if found else OTHER
+
+
+def _lora_row() -> dict:
+    return {"modules": 0, "tensors": 0, "params": 0, "bytes": 0}
