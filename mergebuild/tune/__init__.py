@@ -18,8 +18,8 @@ from mergebuild.tune.config import check_python_scorer, tune_config
 from mergebuild.tune.display import TrialView, fmt, short, trial_doc, write_plots
 from mergebuild.tune.runner import Evaluation, Runner
 from mergebuild.tune.scoring import Scorer
-from mergebuild.tune.study import (INTERRUPTED, TRIAL_ATTR, Deadline, clean_params, counted, fail_stale_trials, grid_size,
-                                   make_sampler, open_study, storage_path, study_lock, study_name, suggest)
+from mergebuild.tune.study import (INTERRUPTED, TRIAL_ATTR, Deadline, counted, fail_stale_trials, grid_size,
+                                   make_sampler, open_study, rounder, storage_path, study_lock, study_name, suggest)
 
 __all__ = ["TuneOptions", "run_tune", "run_greedy_soup", "best_path"]
 
@@ -58,6 +58,7 @@ def run_tune(opts: TuneOptions) -> tuple[dict, int]:
     name = study_name(mf.path, text)
     storage = storage_path(cache, name)
     view = TrialView([r.id for r in ranges], cfg.scorer.maximize, opts.quiet)
+    rounded = rounder(ranges)  # Optuna's raw params -> the values each trial built
     interrupted = None
     with study_lock(storage):
         study = open_study(storage, name, cfg.scorer.direction)
@@ -76,24 +77,24 @@ def run_tune(opts: TuneOptions) -> tuple[dict, int]:
         try:
             with view:
                 for t in earlier:
-                    view.add(trial_doc(t), earlier=True)
+                    view.add(trial_doc(t, rounded), earlier=True)
                 deadline = Deadline(cfg.timeout)
                 for _ in range(todo):
                     if deadline.passed():
                         view.note(f"timeout: {cfg.timeout} s passed, no new trial started")
                         break
-                    view.add(trial_doc(_run_trial(study, runner, mf, ranges, text, cfg)))
+                    view.add(trial_doc(_run_trial(study, runner, mf, ranges, text, cfg), rounded))
         except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: report the study, then stop as asked
             interrupted = e
         finally:
             scorer.close()
             runner.close()
         all_trials = study.get_trials(deepcopy=False)
-        doc = {"study": name, "best": None, "trials": [trial_doc(t) for t in all_trials]}
+        doc = {"study": name, "best": None, "trials": [trial_doc(t, rounded) for t in all_trials]}
         complete = [t for t in all_trials if t.state == TrialState.COMPLETE]
         if complete:
             best = study.best_trial
-            values = clean_params(best.params)
+            values = rounded(best.params)
             doc["best"] = {"number": best.number, "params": values, "value": best.value}
             doc.update(_write_best(opts, path, text, values, view))
             if not interrupted:
@@ -121,7 +122,7 @@ def _run_trial(study, runner: Runner, mf, ranges, text: str, cfg):
     trial = study.ask()
     try:
         values = suggest(trial, mf, ranges)
-        ev = runner.evaluate(substitute(text, values), cfg.target, cfg.output)
+        ev = runner.evaluate(substitute(text, values), cfg.target)  # its outputs go to runner.scratch
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             trial.set_user_attr(INTERRUPTED, True)
@@ -162,7 +163,8 @@ def _write_best(opts: TuneOptions, path: Path, text: str, values: dict, view: Tr
 
 
 def _rebuild(runner: Runner, text: str, target: str, view: TrialView) -> None:
-    """Leave the best point in the target's output (from the cache: only the file is written)."""
+    """Leave the best point in the target's real output (trials wrote theirs in runner.scratch;
+    from the cache: only the file is written)."""
     try:
         runner.build(text, target)
     except Exception as e:  # noqa: BLE001 (the study's results stand; say why the file is not the best)

@@ -27,10 +27,11 @@ def fmt(value) -> str:
     return str(value)
 
 
-def trial_doc(t) -> dict:
-    """One trial in --json: number, params, value, state, computed, reused, seconds (+ why it failed)."""
+def trial_doc(t, rounding=clean_params) -> dict:
+    """One trial in --json: number, params, value, state, computed, reused, seconds (+ why it failed).
+    `rounding` (study.rounder) turns Optuna's raw params into the values the trial built."""
     a = t.user_attrs.get(TRIAL_ATTR, {})
-    doc = {"number": t.number, "params": clean_params(t.params), "value": t.value, "state": t.state.name,
+    doc = {"number": t.number, "params": rounding(t.params), "value": t.value, "state": t.state.name,
            "computed": a.get("computed"), "reused": a.get("reused"), "seconds": a.get("seconds")}
     if "score_cached" in a:
         doc["score_cached"] = a["score_cached"]

@@ -1,7 +1,9 @@
 """One evaluation: build a Mergefile text (ranges filled in) incrementally, then score the output.
 
 The text is written to a hidden file in the Mergefile's folder, so relative paths and the cache
-resolve as for the Mergefile itself; it and its lock are removed afterwards.
+resolve as for the Mergefile itself; it and its lock are removed afterwards. Its outputs are
+moved to tune's own folder beside the cache (scratch_folder), so a trial never rewrites the
+target's real output, nor another Mergefile's output at the same path.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergebuild.build import BuildOptions, build
-from mergebuild.errors import BuildError, MergefileError
+from mergebuild.project import BuildOptions, build
+from mergebuild.errors import BuildError, MergefileError, UsageError
 from mergebuild.record import lock as lockfile
 from mergebuild.record.lock import lock_path
+from mergebuild.mergefile.model import FILE_SUFFIX
+from mergebuild.tensors.folder import is_folder_output
 from mergebuild.mergefile.parse import parse_mergefile
 from mergebuild.portable import FileLock, is_locked
+from mergebuild.store.hashing import text_digest
 from mergebuild.tune.scoring import Score, Scorer
 
 
@@ -33,6 +38,7 @@ class Evaluation:
     error: str | None = None
     tail: str = ""
     merges: dict = field(default_factory=dict)  # name -> (computed, reused)
+    output: Path | None = None  # what was scored: the trial's output in the scratch folder
 
     @property
     def value(self) -> float | None:
@@ -54,6 +60,8 @@ class Runner:
         self.fresh_cache = fresh_cache
         self.device = device
         self.temp = self.mergefile.parent / f".{self.mergefile.stem}.{tag}-{os.getpid()}.toml"
+        self.scratch = scratch_folder(self.cache_dir, self.mergefile, tag)
+        self._scratch = _lock_scratch(self.scratch)
         self._remove_stale(tag)
         self._alive = FileLock(self.temp.with_suffix(".alive"))  # held while this run lives
         self._alive.acquire()
@@ -70,10 +78,14 @@ class Runner:
     def close(self) -> None:
         self._alive.release()
         self.temp.with_suffix(".alive").unlink(missing_ok=True)
+        self._scratch.release()
 
-    def evaluate(self, text: str, target: str, output: Path) -> Evaluation:
+    def evaluate(self, text: str, target: str) -> Evaluation:
+        """Build `text` with its outputs in the scratch folder, and score the target's there."""
         started = time.perf_counter()
         ev = Evaluation()
+        text, output = redirect_outputs(text, self.scratch, target)
+        ev.output = output
         try:
             plan, results = self.build(text, target)
         except (BuildError, MergefileError) as e:
@@ -103,6 +115,7 @@ class Runner:
         return ev
 
     def build(self, text: str, target: str):
+        """Build `text` as written: its outputs are the real ones (evaluate() redirects first)."""
         parse_mergefile(text, self.mergefile)  # errors name the user's Mergefile, not the hidden copy
         cache = Path(tempfile.mkdtemp(prefix="mergebuild-tune-")) if self.fresh_cache else self.cache_dir
         self.temp.write_text(text, encoding="utf-8")
@@ -123,3 +136,43 @@ def content_digest(plan, target: str) -> str | None:
         return None
     digest = lockfile.content_digest(plan, target)
     return None if digest is None else "tensors:" + digest
+
+
+def scratch_folder(cache_dir: Path, mergefile: Path, tag: str) -> Path:
+    """Where a Mergefile's trial outputs go: <cache's parent>/.<cache name>-tune/<stem>-<digest>.<tag>/.
+    Beside the cache, not in it (a build refuses outputs inside the cache: plan/outputs.py), one
+    folder per Mergefile (by its path) and per tag, reused across studies: the trial output is the
+    cache's copy of its tensors (execute/outputs.py), so keeping it makes the next run cheaper."""
+    cache = Path(cache_dir).absolute()
+    mergefile = Path(mergefile).absolute()
+    name = f"{mergefile.stem}-{text_digest(str(mergefile))[:12]}.{tag}"
+    return cache.parent / f".{cache.name}-tune" / name
+
+
+def _lock_scratch(folder: Path) -> FileLock:
+    """One run per scratch folder: two would replace each other's output under their scorers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / ".lock")
+    if not lock.acquire(blocking=False):
+        raise UsageError(f"another `mergebuild tune` of this Mergefile is running (it holds {folder})")
+    return lock
+
+
+def redirect_outputs(text: str, folder: Path, target: str) -> tuple[str, Path]:
+    """The text with every merge's output moved into `folder` (tomlkit: formatting kept), and the
+    target's new output: trial.safetensors (or a trial/ folder), upstream-<merge>... for the other
+    outputs a build of the target also keeps current."""
+    import tomlkit
+
+    doc = tomlkit.parse(text)
+    moved = {}
+    for name, table in doc.get("merges", {}).items():
+        if "output" not in table:
+            continue
+        suffix = "" if is_folder_output(Path(str(table["output"]))) else FILE_SUFFIX  # a folder stays a folder
+        stem = "trial" if name == target else f"upstream-{name}"
+        moved[name] = Path(folder).absolute() / f"{stem}{suffix}"
+        table["output"] = str(moved[name])
+    if target not in moved:
+        raise BuildError(f"[merges.{target}] has no output to score")
+    return tomlkit.dumps(doc), moved[target]

@@ -85,7 +85,7 @@ def greedy_soup(opts) -> tuple[dict, int]:
         say(f"soup = [{order[0]}]: {fmt(value)}")
         for name in order[1:]:
             candidate = soup + [name]
-            ev = runner.evaluate(soup_text(mf, text, candidate, cfg.output, merge), merge, cfg.output)
+            ev = runner.evaluate(soup_text(mf, text, candidate, cfg.output, merge), merge)  # into runner.scratch
             accepted = ev.ok and cfg.scorer.better_or_equal(ev.value, value)
             step = {"ingredients": candidate, "value": ev.value, "accepted": accepted,
                     "computed": ev.computed, "reused": ev.reused, "seconds": round(ev.seconds, 3)}
@@ -97,7 +97,7 @@ def greedy_soup(opts) -> tuple[dict, int]:
             say(f"+ {name}: {result} vs {fmt(value)}: {verdict}")
             if accepted:
                 soup, value = candidate, ev.value
-        # the output holds the chosen soup (a soup of one model twice is that model)
+        # only now the real output: it holds the chosen soup (a soup of one model twice is that model)
         final = soup if len(soup) > 1 else soup * 2
         runner.build(soup_text(mf, text, final, cfg.output, merge), merge)
     finally:

@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 
 from mergebuild.errors import UsageError
@@ -121,7 +122,7 @@ def grid_space(mf, ranges: list[Range]) -> dict[str, list]:
             space[r.id] = list(range(int(r.low), int(r.high) + 1, int(r.step or 1)))
         else:
             n = int(math.floor((r.high - r.low) / r.step + 1e-9))
-            space[r.id] = [clean(r.low + k * r.step) for k in range(n + 1)]
+            space[r.id] = [on_step(r, k) for k in range(n + 1)]
     return space
 
 
@@ -139,8 +140,37 @@ def suggest(trial, mf, ranges: list[Range]) -> dict[str, float]:
             v = trial.suggest_int(r.id, int(r.low), int(r.high), step=int(r.step or 1), log=r.log)
         else:
             v = trial.suggest_float(r.id, float(r.low), float(r.high), step=r.step, log=r.log)
-        values[r.id] = clean(v)
+        values[r.id] = round_value(r, v)
     return values
+
+
+SIGNIFICANT = 4  # digits kept of a value sampled without a step: 0.4535, not 0.453498858948
+
+
+def round_value(r: Range, value):
+    """The value a trial builds, writes and reports: on the range's step as written (0.45, not
+    0.45000000000000001), else to 4 significant digits (within the bounds). Deterministic, so
+    the raw value Optuna stores always rounds to the number that was built."""
+    if r.choices or not isinstance(value, float):
+        return value  # a choice as written; an integer parameter's whole number
+    if r.step is not None:
+        return on_step(r, round((value - r.low) / r.step))
+    return min(max(float(f"{value:.{SIGNIFICANT}g}"), r.low), r.high)
+
+
+def on_step(r: Range, k: int) -> float:
+    """low + k * step in decimal, so 0.05 * 7 reads 0.35 (floats give 0.35000000000000003)."""
+    return float(Decimal(repr(r.low)) + k * Decimal(repr(r.step)))
+
+
+def rounder(ranges: list[Range]):
+    """params (by Range.id, as Optuna stores them) -> the rounded values that were built."""
+    by_id = {r.id: r for r in ranges}
+
+    def apply(params: dict) -> dict:
+        return {k: round_value(by_id[k], v) if k in by_id else clean(v) for k, v in params.items()}
+
+    return apply
 
 
 def clean(value):

@@ -4,8 +4,10 @@ tiny scripts whose optimum is known: the mean of one tensor should be 0.7 (or 0.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from mergebuild.mergefile.search import Range
+from mergebuild.tune.study import round_value
 from tests.conftest import ROOT, SIM, build_json, load, mergefile, run_cli, small_model, write_model
 
 KEY = "model.diffusion_model.input_blocks.1.1.proj_in.weight"  # the one tensor of block IN01
@@ -36,6 +40,8 @@ if Path("fail").exists() and str(n) in Path("fail").read_text().split():
     else:
         print("boom: the scorer broke", file=sys.stderr)
         sys.exit(3)
+with open("scored.txt", "a") as f:
+    f.write(f"{sys.argv[1]} {os.environ['MERGEBUILD_OUTPUT']}\\n")
 t = load_file(sys.argv[1])["__KEY__"].astype("float64")
 print("epoch 1/1 done")
 print("score", -abs(t.mean() - 0.7))
@@ -235,6 +241,10 @@ def test_greedy_soup_keeps_the_ingredients_that_help(tmp_path):
     assert abs(doc["value"] + 0.025) < 1e-6 and abs(doc["scores"]["near"] + 0.05) < 1e-6
     assert [s["accepted"] for s in doc["steps"]] == [True, True, False, False]
     assert abs(load(tmp_path / "out/soup.safetensors")[KEY].mean().item() - 0.525) < 1e-6
+    scored = [Path(line) for line in (tmp_path / "calls.txt").read_text().splitlines()]
+    candidates = {path.resolve() for path in scored if "models" not in path.parts}
+    assert len(scored) == 7 and len(candidates) == 1  # 4 ingredients alone, then 3 soups: in tune's folder
+    assert candidates.pop().parent.parent == (tmp_path / ".cache-tune").resolve()
     lineage = run_cli("lineage", "out/soup.safetensors", cwd=tmp_path, check=True).stdout
     assert "near.safetensors" in lineage and "far.safetensors" in lineage and "zero" not in lineage
 
@@ -249,3 +259,93 @@ def test_tune_table_errors_are_located(tmp_path):
     assert proc.returncode == 2 and "[tune] target: 'mx' is not a merge (did you mean 'mix'?)" in proc.stderr
     proc = run_cli(cwd=p)  # a plain build points at tune
     assert proc.returncode == 2 and "mergebuild tune" in proc.stderr
+
+
+WATCH = """
+import hashlib
+from pathlib import Path
+from safetensors.numpy import load_file
+
+def score(path):
+    shared = hashlib.sha256(Path("out/mix.safetensors").read_bytes()).hexdigest()
+    with open("watch.txt", "a") as f:
+        f.write(f"{path} {shared}\\n")
+    return -abs(load_file(path)["__KEY__"].astype("float64").mean() - 0.7)
+""".replace("__KEY__", KEY)
+
+OTHER = """
+[models.a]
+path = "models/a.safetensors"
+[models.b]
+path = "models/b.safetensors"
+[merges.other]
+method = "weighted_sum"
+inputs = ["a", "b"]
+alpha = 0.1
+output = "out/mix.safetensors"   # the tuned target's file
+"""
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_trials_never_write_the_targets_output_nor_another_mergefiles(tmp_path):
+    p = project(tmp_path, scorer='python = "watch:score"', trials=3)
+    (p / "watch.py").write_text(WATCH)
+    mergefile(p / "other.toml", OTHER)  # another Mergefile on the same cache, whose target is the same file
+    build_json("-f", "other.toml", cwd=p)
+    before = sha256(p / "out/mix.safetensors")
+    doc = tune(cwd=p)
+    rows = [line.split() for line in (p / "watch.txt").read_text().splitlines()]
+    assert len(rows) == 3 and [shared for _, shared in rows] == [before] * 3  # untouched during the trials
+    scored = {Path(path).resolve() for path, _ in rows}
+    assert len(scored) == 1  # every trial writes (and the scorer reads) tune's own file, beside the cache
+    trial = scored.pop()
+    assert trial.name == "trial.safetensors" and trial.parent.parent == (p / ".cache-tune").resolve()
+    # at the end the target's own output holds the best point, as before
+    best = param(doc["best"])
+    assert abs(load(p / "out/mix.safetensors")[KEY].double().mean().item() - best) < 1e-7
+
+
+def significant(value: float, digits: int) -> bool:
+    return float(f"{value:.{digits}g}") == value
+
+
+def test_values_are_rounded_before_they_are_built(tmp_path):
+    # no step: 4 significant digits, in --json, the table, the best file and --apply
+    p = project(tmp_path / "free", trials=3)
+    proc = run_cli("tune", "--json", "--apply", cwd=p)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    values = [param(t) for t in doc["trials"]]
+    assert all(significant(v, 4) for v in values) and len(set(values)) == 3
+    for t in doc["trials"]:  # what was built is the rounded number (float32 tensors: ~6e-8 off)
+        assert abs(t["value"] + abs(param(t) - 0.7)) < 1e-7
+        assert f"mix.alpha.IN01={param(t)}  score" in proc.stderr  # the table shows it rounded
+    best = param(doc["best"])
+    for name in ("mergefile.best.toml", "mergefile.toml"):
+        assert f"IN01 = {best} }}" in (p / name).read_text()
+    # the command scorer got the trial's output, as {output} and as MERGEBUILD_OUTPUT
+    given = [line.split() for line in (p / "scored.txt").read_text().splitlines()]
+    assert len(given) == 3 and all(a == b and Path(a).name == "trial.safetensors" for a, b in given)
+    # with a step: multiples of the step, exactly as written
+    grid = "{ default = 0.5, IN01 = { search = [0.0, 1.0], step = 0.05 } }"
+    p = project(tmp_path / "step", alpha=grid, scorer=PYTHON, trials=6)
+    doc = tune("--apply", cwd=p)
+    allowed = {float(f"{k * 0.05:.2f}") for k in range(21)}  # 0.0, 0.05, ..., 0.35 (not 0.35000000000000003)
+    assert {param(t) for t in doc["trials"]} <= allowed
+    best = param(doc["best"])
+    assert re.search(rf"IN01 = {re.escape(repr(best))} }}", (p / "mergefile.toml").read_text())
+
+
+def test_round_value():
+    free = Range("merges.m.alpha", "m", "alpha", None, 0.0, 1.0)
+    assert round_value(free, 0.453498858948) == 0.4535
+    assert round_value(free, 0.00012345678) == 0.0001235
+    assert round_value(Range("merges.m.alpha", "m", "alpha", None, 0.0, 0.12345), 0.123449) == 0.1234
+    assert round_value(Range("merges.m.alpha", "m", "alpha", None, 0.0, 0.12345), 0.1234499999) <= 0.12345
+    stepped = Range("merges.m.alpha", "m", "alpha", None, 0.05, 0.95, step=0.1)
+    assert round_value(stepped, 0.05 + 3 * 0.1) == 0.35 and round_value(stepped, 0.6499999999) == 0.65
+    assert round_value(Range("merges.m.k", "m", "k", None, 1, 9, step=2), 5) == 5  # an integer stays one
+    assert round_value(Range("merges.m.a", "m", "a", None, choices=(0.2, 0.5)), 0.5) == 0.5
