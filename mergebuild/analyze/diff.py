@@ -69,12 +69,15 @@ def diff_files(a, b) -> dict:
     "total": row, "blocks": [row], "components": [row], "top": [{"key", "block", "component",
     "elements", "cosine", "rel_l2", "changed"}] (the most changed tensors by rel_l2),
     "only_in_a": [key], "only_in_b": [key], "shape_mismatch": [{"key", "a": shape, "b": shape}],
-    "not_compared": [key] (common keys with a non-float dtype)}, where a row is
+    "not_compared": [key] (common keys with a non-float dtype), "architecture_b": {"name", "how"}
+    (detected from B's keys), "mismatch": why the numbers mean nothing ("different architectures:
+    sd1 vs sdxl", "no tensors in common") or None}, where a row is
     {"name", "tensors", "elements", "cosine", "rel_l2", "changed"}.
     """
     a, b = Path(a), Path(b)
     ha, hb = read_header(a), read_header(b)
     arch, how = detect(ha.tensors)
+    arch_b, how_b = detect(hb.tensors)
     only_a = [k for k in ha.tensors if k not in hb.tensors]
     only_b = [k for k in hb.tensors if k not in ha.tensors]
     mismatch, not_compared = [], []
@@ -119,7 +122,17 @@ def diff_files(a, b) -> dict:
         "only_in_b": only_b,
         "shape_mismatch": mismatch,
         "not_compared": not_compared,
+        "architecture_b": {"name": arch_b.name, "how": how_b},
+        "mismatch": _mismatch(arch.name, arch_b.name, total.tensors),
     }
+
+
+def _mismatch(name_a: str, name_b: str, compared: int) -> str | None:
+    """Why a comparison means nothing, in the user's words, or None. Two architectures share a
+    few keys (SD1 and SDXL: the VAE), but per-block numbers across them compare unlike things."""
+    if name_a != name_b:
+        return f"different architectures: {name_a} vs {name_b}"
+    return "no tensors in common" if compared == 0 else None
 
 
 def tensor_sums(path_a: Path, ea, path_b: Path, eb, chunk: int | None = None) -> _Sums:

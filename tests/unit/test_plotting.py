@@ -19,7 +19,7 @@ from mergebuild.testing.fabricate import fabricate_family, llama_keys, make_base
 NODES = [
     {"name": "base", "label": "base\nbase.safetensors", "state": "source"},
     {"name": "real", "label": "real\nreal.safetensors", "state": "source"},
-    {"name": "mix1", "label": "mix1\nweighted_sum(alpha=0.4)", "state": "cached"},
+    {"name": "mix1", "label": "mix1\nweighted_sum(alpha=0.4)", "state": "up to date"},
     {"name": "mix2", "label": "mix2\nadd_difference", "state": "dirty"},
     {"name": "final", "label": "final", "state": "pending"},
 ]
@@ -67,9 +67,9 @@ def test_heatmap_with_undefined_values(tmp_path):
 
 def test_graph_png_and_svg(tmp_path):
     height, width = image_size(plot_graph(NODES, EDGES, tmp_path / "graph.png", title="Mergefile"))
-    assert height > 150 and width > 400  # three generations side by side
+    assert height > width > 300  # four layers, top to bottom
     svg = plot_graph(NODES, EDGES, tmp_path / "graph.svg").read_text()
-    assert "<svg" in svg and "weighted_sum" in svg and "#7fc97f" in svg.lower()
+    assert "<svg" in svg and "weighted_sum" in svg and "#b7e1b0" in svg.lower()  # graph.STATE_COLOURS
 
 
 def test_layered_layout_follows_generations():
