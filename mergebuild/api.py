@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mergebuild import build as _build
+from mergebuild import project as _build
 from mergebuild.errors import UsageError
 from mergebuild.execute.executor import MergeResult, NullProgress
 from mergebuild.mergefile import Mergefile, load_mergefile, parse_mergefile

@@ -15,7 +15,8 @@ from mergebuild import __version__
 from mergebuild.errors import MergebuildError, UsageError
 from mergebuild.failures import Stopped, describe, install_stop_handlers
 
-SUBCOMMANDS = ("build", "status", "explain", "graph", "lineage", "inspect", "diff", "cache", "clean", "methods", "tune")
+SUBCOMMANDS = ("build", "status", "explain", "graph", "lineage", "inspect", "diff", "cache", "clean", "methods", "tune",
+               "report")
 TAKES_VALUE = {"-f", "--file", "--cache-dir", "--device", "--format", "--keep", "--trials", "--plot", "--lock-timeout",
                "-o", "--output"}
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -66,77 +67,177 @@ def _with_subcommand(argv: list[str]) -> list[str]:
     return ["build", *argv]
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-f", "--file", type=Path, default=Path("mergefile.toml"), help="the Mergefile (default ./mergefile.toml)")
-    common.add_argument("--cache-dir", type=Path, help="the cache folder (overrides MERGEBUILD_CACHE and [settings] cache)")
-    common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
-    common.add_argument("-v", "--verbose", action="store_true", help="say why merges are rebuilt (and show tracebacks)")
-    common.add_argument("--lock-timeout", type=float, metavar="SECONDS",
-                        help="wait at most this long for another build holding the cache (default: as long as it takes)")
+EXAMPLES = {
+    "build": """examples:
+  mergebuild                      build every target (every merge with an output)
+  mergebuild final mix2           build these merges and what they need
+  mergebuild -n -v                what a build would do, and why
+  mergebuild --force --device cuda""",
+    "status": """examples:
+  mergebuild status               what a build would change, and why
+  mergebuild status --check       exit 1 when a target is out of date (a CI gate, like make -q)""",
+    "explain": """examples:
+  mergebuild explain final        per merge: tensors to recompute by block, and why""",
+    "graph": """examples:
+  mergebuild graph                the DAG as an indented tree, with states
+  mergebuild graph --format png -o lineage.png
+  mergebuild graph --format mermaid >> README.md""",
+    "lineage": """examples:
+  mergebuild lineage out/final.safetensors
+  mergebuild lineage model.safetensors --format dot | dot -Tpng > lineage.png""",
+    "inspect": """examples:
+  mergebuild inspect model.safetensors
+  mergebuild inspect lora.safetensors --no-hashes --json""",
+    "diff": """examples:
+  mergebuild diff base.safetensors out/final.safetensors --plot diff.png""",
+    "cache": """examples:
+  mergebuild cache stats          bytes on disk by kind, and the limit
+  mergebuild cache gc --keep 0    drop all but what the Mergefiles using this cache need
+  mergebuild cache verify --cache-dir D:/merges/cache""",
+    "clean": """examples:
+  mergebuild clean                remove the outputs (only what mergebuild wrote)""",
+    "methods": """examples:
+  mergebuild methods              every method, one line each
+  mergebuild methods ties         one method: its inputs and parameters""",
+    "report": """examples:
+  mergebuild report               report.html beside the Mergefile
+  mergebuild report -o /tmp/lineage.html""",
+    "tune": """examples:
+  mergebuild tune --trials 30 --plot plots
+  mergebuild tune --apply         also write the best values into the Mergefile
+  mergebuild tune --greedy-soup""",
+}
+DESCRIPTIONS = {
+    "build": "Build the targets and everything they need, recomputing only the tensors a change reaches.",
+    "status": "Say, per target, whether a build would change its output, and why: the same answer the build uses.",
+    "explain": "Per merge a target needs: how many tensors are dirty or pending, by block, and why.",
+    "graph": "Show the merge DAG as text, Graphviz dot, Mermaid, or a picture.",
+    "lineage": "Show how a file (or model folder) was made, from its metadata alone, across generations.",
+    "inspect": "Show a file's architecture, blocks, components, dtypes, LoRA modules, metadata and hashes.",
+    "diff": "Show where two models differ, per block and component (cosine, relative L2, changed share).",
+    "cache": "Look after the cache: its size by kind, garbage collection, verification of every stored tensor.",
+    "clean": "Remove the declared outputs: only what mergebuild wrote, never a file of yours.",
+    "methods": "List the merge methods, or show one with its inputs and parameters.",
+    "report": "Write one self-contained HTML page: the DAG, each merge's parameters and block weights, its last "
+              "build, how far it moved from its inputs by block, each output's lineage, the cache.",
+    "tune": "Search the Mergefile's open ranges with Optuna (each trial an incremental build), or make a greedy soup.",
+}
 
-    p = argparse.ArgumentParser(prog="mergebuild", description="Merge checkpoints as a build, with a per-tensor cache.")
+
+def _sub(sub, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=DESCRIPTIONS[name], epilog=EXAMPLES[name],
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
+def _project_options(p, lock: bool = False) -> None:
+    """Which Mergefile and cache (the commands that work on a project)."""
+    p.add_argument("-f", "--file", type=Path, default=Path("mergefile.toml"), help="the Mergefile (default ./mergefile.toml)")
+    p.add_argument("--cache-dir", type=Path, help="the cache folder (overrides MERGEBUILD_CACHE and [settings] cache)")
+    if lock:
+        p.add_argument("--lock-timeout", type=float, metavar="SECONDS",
+                       help="wait at most this long for another build holding the cache (default: as long as it takes)")
+
+
+def _output_options(p, quiet: bool = True) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    if quiet:
+        p.add_argument("-q", "--quiet", action="store_true", help="print nothing but warnings and errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="say more (why merges rebuild); on an error, the traceback")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mergebuild", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Merge checkpoints as a build: a DAG in mergefile.toml, a cache key per tensor, lineage in "
+                    "every file.\n\n  mergebuild [build options] [TARGET...]   builds (the default command)",
+        epilog="build options: -n/--dry-run  --force  --device DEV  --progress  -f/--file PATH  --cache-dir DIR\n"
+               "               --lock-timeout SECONDS  --json  -q  -v   (mergebuild build --help says more)\n\n"
+               "Exit codes: 0 ok, 1 the build failed, 2 a usage or Mergefile error, 130/143/129 stopped by a signal.")
     p.add_argument("--version", action="version", version=f"mergebuild {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    b = sub.add_parser("build", parents=[common], help="build targets (the default command)")
+    b = _sub(sub, "build", "build targets (the default command)")
     b.add_argument("targets", nargs="*", metavar="TARGET", help="merges to build (default: every merge with an output)")
     b.add_argument("-n", "--dry-run", action="store_true", help="say what would be computed, compute nothing")
     b.add_argument("--force", action="store_true", help="recompute every tensor, ignoring cached results")
     b.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (overrides [settings] device)")
     b.add_argument("--progress", action="store_true", help="draw progress bars even when stderr is not a terminal")
+    _project_options(b, lock=True)
+    _output_options(b)
     b.set_defaults(run=_cmd_build)
 
-    st = sub.add_parser("status", parents=[common], help="compare the Mergefile and files with mergefile.lock")
+    st = _sub(sub, "status", "what a build would change, and why")
     st.add_argument("targets", nargs="*", metavar="TARGET")
     st.add_argument("--check", action="store_true", help="exit 1 when a target is out of date (as make -q)")
+    _project_options(st)
+    _output_options(st)
     st.set_defaults(run=_cmd_status)
 
-    ex = sub.add_parser("explain", parents=[common], help="per merge: dirty tensors by block, and why")
+    ex = _sub(sub, "explain", "per merge: dirty tensors by block, and why")
     ex.add_argument("targets", nargs="*", metavar="TARGET")
+    _project_options(ex)
+    _output_options(ex, quiet=False)
     ex.set_defaults(run=_cmd_explain)
 
-    g = sub.add_parser("graph", parents=[common], help="show the merge DAG")
+    g = _sub(sub, "graph", "show the merge DAG")
     g.add_argument("--format", choices=("text", "dot", "mermaid", "png", "svg"), default="text")
     g.add_argument("-o", "--output", type=Path, help="png/svg: the picture to write (default graph.png / graph.svg)")
+    _project_options(g)
+    _output_options(g, quiet=False)
     g.set_defaults(run=_cmd_graph)
 
-    lin = sub.add_parser("lineage", parents=[common], help="show how a file was made, from its metadata alone")
+    lin = _sub(sub, "lineage", "show how a file was made, from its metadata alone")
     lin.add_argument("path", type=Path, metavar="FILE")
     lin.add_argument("--format", choices=("tree", "mermaid", "dot"), default="tree")
+    _output_options(lin, quiet=False)
     lin.set_defaults(run=_cmd_lineage)
 
-    ins = sub.add_parser("inspect", parents=[common], help="architecture, blocks, metadata and hashes of a file")
+    ins = _sub(sub, "inspect", "architecture, blocks, LoRA modules, metadata and hashes of a file")
     ins.add_argument("path", type=Path, metavar="FILE")
     ins.add_argument("--no-hashes", action="store_true", help="skip hashing (reads the header only)")
+    _output_options(ins, quiet=False)
     ins.set_defaults(run=_cmd_inspect)
 
-    d = sub.add_parser("diff", parents=[common], help="where two models differ, per block and component")
+    d = _sub(sub, "diff", "where two models differ, per block and component")
     d.add_argument("a", type=Path, metavar="A")
     d.add_argument("b", type=Path, metavar="B")
     d.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw a heatmap")
+    _output_options(d, quiet=False)
     d.set_defaults(run=_cmd_diff)
 
-    c = sub.add_parser("cache", parents=[common], help="cache stats | gc | verify")
+    c = _sub(sub, "cache", "cache stats | gc | verify")
     c.add_argument("action", choices=("stats", "gc", "verify"))
     c.add_argument("--keep", type=int, help="gc: keep the entries of the last N builds, 0 or more (default [settings] keep_builds)")
+    _project_options(c, lock=True)
+    _output_options(c)
     c.set_defaults(run=_cmd_cache)
 
-    cl = sub.add_parser("clean", parents=[common], help="remove the declared outputs")
+    cl = _sub(sub, "clean", "remove the declared outputs")
     cl.add_argument("targets", nargs="*", metavar="TARGET")
+    cl.add_argument("-f", "--file", type=Path, default=Path("mergefile.toml"), help="the Mergefile (default ./mergefile.toml)")
+    _output_options(cl)
     cl.set_defaults(run=_cmd_clean)
 
-    m = sub.add_parser("methods", parents=[common], help="list the merge methods")
+    m = _sub(sub, "methods", "list the merge methods, or show one")
+    m.add_argument("name", nargs="?", metavar="METHOD", help="show this method in full")
+    _output_options(m, quiet=False)
     m.set_defaults(run=_cmd_methods)
 
-    t = sub.add_parser("tune", parents=[common], help="search the open ranges ([tune]) or make a greedy soup ([soup])")
+    r = _sub(sub, "report", "write an HTML report of the project")
+    r.add_argument("-o", "--output", type=Path, help="the page to write (default report.html beside the Mergefile)")
+    _project_options(r)
+    _output_options(r)
+    r.set_defaults(run=_cmd_report)
+
+    t = _sub(sub, "tune", "search the open ranges ([tune]) or make a greedy soup ([soup])")
     t.add_argument("--trials", type=int, metavar="N", help="trials in the study in all (overrides [tune] trials)")
     t.add_argument("--apply", action="store_true", help="also write the best values into the Mergefile itself")
     t.add_argument("--plot", type=Path, metavar="DIR", help="save history.png and importances.png in DIR")
     t.add_argument("--greedy-soup", action="store_true", help="the greedy model soup of [soup] ingredients")
     t.add_argument("--no-cache", action="store_true", help="build every trial in a fresh cache (for comparisons)")
-    t.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides [settings] device)")
+    t.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (overrides [settings] device)")
+    _project_options(t)
+    _output_options(t)
     t.set_defaults(run=_cmd_tune)
     return p
 
@@ -147,14 +248,14 @@ def _options(args):
     device = getattr(args, "device", None)
     if device is not None and not DEVICE.match(device):
         raise UsageError(f"--device {device!r}: expected auto, cpu, mps, cuda or cuda:N")
-    timeout = args.lock_timeout
+    timeout = getattr(args, "lock_timeout", None)
     if timeout is not None and not 0 <= timeout <= 10**7:
         raise UsageError(f"--lock-timeout takes seconds, 0 or more, got {timeout:g}")
     return BuildOptions(
         mergefile=args.file,
         targets=tuple(getattr(args, "targets", ()) or ()),
         force=getattr(args, "force", False),
-        cache_dir=args.cache_dir,
+        cache_dir=getattr(args, "cache_dir", None),
         device=device,
         lock_timeout=timeout,
     )
@@ -340,22 +441,50 @@ def _cmd_clean(args) -> int:
 
 
 def _cmd_methods(args) -> int:
-    from mergebuild.render import console as report
     from mergebuild.methods import all_methods
+    from mergebuild.methods.registry import get_method, suggest
+    from mergebuild.render import console as report
 
+    if args.name is not None:
+        method = get_method(args.name)
+        if method is None:
+            raise UsageError(f"unknown method {args.name!r}{suggest(args.name)} (mergebuild methods lists them)")
+        if args.json:
+            report.print_json(report.method_doc(method))
+        else:
+            report.print_method(method)
+        return 0
     methods = all_methods()
     if args.json:
         report.print_json({m.name: {"version": m.version, "inputs": list(m.inputs),
                                     "params": {p.name: None if p.required else p.default for p in m.params}}
                            for m in methods})
         return 0
-    from rich.markup import escape
+    report.print_methods(methods)
+    return 0
 
-    for m in methods:
-        params = ", ".join(p.name if p.required else f"{p.name}={p.default}" for p in m.params)
-        inputs = ", ".join(m.inputs) + (", ..." if m.variadic else "")
-        summary = (m.doc or "").strip().splitlines()[0] if m.doc else ""
-        report.out.print(f"[bold]{escape(m.name)}[/] v{m.version} " + escape(f"[{inputs}] {params}: {summary}"))
+
+def _cmd_report(args) -> int:
+    import tempfile
+
+    from mergebuild import project
+    from mergebuild.render import console as report
+    from mergebuild.render import graph as graphviz
+    from mergebuild.render import plots
+    from mergebuild.render.html import write_report
+
+    mf, runs, usage, limit = project.report_data(_options(args))
+    path = args.output or mf.path.with_name("report.html")
+    with tempfile.TemporaryDirectory() as tmp:  # the DAG drawn as SVG, inlined into the page
+        svg = Path(tmp) / "dag.svg"
+        plots.plot_graph(*graphviz.to_nodes(mf, {}), svg)
+        dag = svg.read_text(encoding="utf-8")
+    dag = dag[dag.find("<svg"):] if "<svg" in dag else None  # without the XML prologue
+    written = write_report(mf, runs, usage, limit, path, dag)
+    if args.json:
+        report.print_json({"report": str(written), "merges": len(mf.merges), "built": sorted(runs)})
+    elif not args.quiet:
+        report.err.print(f"wrote {written}", markup=False)
     return 0
 
 

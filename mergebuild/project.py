@@ -297,3 +297,15 @@ def explain_target(opts: BuildOptions) -> dict:
         out[s.name] = {"state": s.state, "tensors": s.tensors, "dirty": s.dirty if s.needed else 0,
                        "pending": s.pending if s.needed else 0, "by_block": by_block, "reasons": s.reasons}
     return out
+
+
+def report_data(opts: BuildOptions) -> tuple[Mergefile, dict, dict[str, int], int]:
+    """What `mergebuild report` shows, from records only (no model is read): the Mergefile,
+    each merge's last run, the cache's bytes by kind and its limit."""
+    mf, cache = open_project(opts, readonly=True)
+    try:
+        runs = cache.index.runs(str(mf.path))
+        limit = eviction.effective_limit(cache, str(mf.path), eviction.own_limit(mf.settings.cache_limit))
+        return mf, runs, cache.usage(), limit
+    finally:
+        cache.close()

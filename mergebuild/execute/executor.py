@@ -27,6 +27,7 @@ from mergebuild.errors import BuildError, InputError
 from mergebuild.execute.batching import Batch, group_small
 from mergebuild.execute.outputs import OutputSink
 from mergebuild.execute.records import Records
+from mergebuild.execute.stats import sample_stats
 from mergebuild.execute.tensorio import OpenFiles, read_ref
 from mergebuild.plan.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
 from mergebuild.mergefile.model import Settings
@@ -112,7 +113,7 @@ class Executor:
             finally:
                 self.committer.cancel()
         self.files.close()
-        self.records.save_state([n for n, r in results.items() if r.ran])
+        self.records.save_state({n: r for n, r in results.items() if r.ran})
         return results
 
     @property
@@ -333,6 +334,7 @@ class Executor:
         except Exception as e:
             raise BuildError(f"[merges.{self._merge_name}] {task.method.name} failed on {task.name!r}: {e}") from e
         self._check_finite(task, xs, result)
+        task.stats = sample_stats(result, xs, [n for n, _ in task.inputs])
         return self.transfer.download(result, task.dtype)
 
     def _compute_batch(self, batch: Batch, uploaded):
@@ -350,6 +352,9 @@ class Executor:
         if not bool(torch.isfinite(result.sum())):  # find the tensor, and the input, it came from
             for task, begin, n in batch.spans():
                 self._check_finite(task, [x[begin : begin + n] for x in xs], result[begin : begin + n])
+        for task, begin, n in batch.spans():
+            task.stats = sample_stats(result[begin : begin + n], [x[begin : begin + n] for x in xs],
+                                      [node for node, _ in task.inputs])
         return self.transfer.download(result, first.dtype)
 
     def _compute_chunked(self, task: TensorTask, xs, kwargs):
@@ -374,6 +379,7 @@ class Executor:
         if not math.isfinite(total):
             full = [x.to(self.transfer.compute_dtype) for x in xs]
             self._check_finite(task, full, task.method.fn(*full, **kwargs))
+        task.stats = sample_stats(out, xs, [n for n, _ in task.inputs])
         return out
 
     def _scratch(self, n: int) -> list:

@@ -21,6 +21,7 @@ class Records:
     def __init__(self, plan, cache, build_id: int):
         self.plan, self.cache, self.build_id = plan, cache, build_id
         self._rows: list[tuple] = []  # (key, digest, dtype, shape) with stored bytes
+        self._stats: list[tuple[str, dict]] = []  # (key, statistics) of computed tensors
         self._blobs: list[tuple[str, int, str]] = []
         self._pending: dict[str, dict[str, tuple]] = {}  # merge -> tensor -> row, awaiting its output
         self._read_from: set[Path] = set()  # recorded files copied from (outputs, packs)
@@ -32,21 +33,29 @@ class Records:
     def stored(self, task, digest: str, disk: int) -> None:
         with self._lock:
             self._rows.append((task.key, digest, task.dtype, task.shape))
+            if task.stats is not None:
+                self._stats.append((task.key, task.stats))
             if disk:
                 self._blobs.append((digest, disk, "merge"))
 
     def in_output(self, merge: str, task, digest: str) -> None:
         with self._lock:
-            self._pending.setdefault(merge, {})[task.name] = (task.key, digest, task.dtype, task.shape)
+            self._pending.setdefault(merge, {})[task.name] = (task.key, digest, task.dtype, task.shape, task.stats)
 
     def committed(self, merge: str, sink) -> None:
         with self._lock:
-            self._rows += self._pending.pop(merge, {}).values()
+            self._take(self._pending.pop(merge, {}).values())
 
     def salvaged(self, merge, kept: dict[str, str]) -> None:
         with self._lock:
             pending = self._pending.pop(merge.spec.name, {})
-            self._rows += [pending[n] for n in kept if n in pending]
+            self._take(pending[n] for n in kept if n in pending)
+
+    def _take(self, rows) -> None:
+        for key, digest, dtype, shape, stats in rows:
+            self._rows.append((key, digest, dtype, shape))
+            if stats is not None:
+                self._stats.append((key, stats))
 
     def read_from(self, path: Path) -> None:
         with self._lock:
@@ -70,7 +79,7 @@ class Records:
 
     def discard(self) -> None:
         with self._lock:
-            self._rows, self._blobs, self._pending = [], [], {}
+            self._rows, self._blobs, self._pending, self._stats = [], [], {}, []
 
     @staticmethod
     def changed_error(changed: list[Path]) -> BuildError:
@@ -88,11 +97,14 @@ class Records:
 
     def flush(self) -> None:
         with self._lock:
-            rows, blobs, self._rows, self._blobs = self._rows, self._blobs, [], []
+            rows, blobs, stats = self._rows, self._blobs, self._stats
+            self._rows, self._blobs, self._stats = [], [], []
         if blobs:
             self.cache.index.save_blobs(blobs, self.build_id)
         if rows:
             self.cache.index.record(rows, self.build_id)
+        if stats:
+            self.cache.index.save_stats(stats)
 
     def used(self, merge) -> None:
         with self._lock:
@@ -106,13 +118,15 @@ class Records:
                     self._used_digests.append(self.plan.sources[node].tensors[tensor].digest)
 
     # after the build ----------------------------------------------------------------------
-    def save_state(self, ran: list[str]) -> None:
-        """Touch what was used; per merge that ran, what it needs and what it was made from."""
+    def save_state(self, ran: dict) -> None:
+        """Touch what was used; per merge that ran, what it needs, what it was made from, and its
+        run (counts, seconds, statistics by block) for the report."""
         index = self.cache.index
         index.touch(self._used_keys, self._used_digests, self.build_id)
         mergefile = str(self.plan.mergefile.path)
         keep = set(self.plan.mergefile.merges)
-        for name in ran:
+        for name, result in ran.items():
+            index.save_run(mergefile, name, self.build_id, self._run(name, result))
             merge = self.plan.merges[name]
             needs = {t.digest for t in merge.tasks.values() if t.digest}
             needs |= {self.plan.ref(n, t).digest for task in merge.tasks.values() for n, t in task.inputs
@@ -121,6 +135,22 @@ class Records:
             closure = self.plan.recipe.closure_identities(name)
             nodes = {i: self._stored_node(n) for n, i in closure.items()}
             index.save_closure(mergefile, name, closure, nodes)
+
+    def _run(self, name: str, result) -> dict:
+        from mergebuild.execute.stats import add, metrics
+        from mergebuild.layouts.blocks import group_of
+
+        merge = self.plan.merges[name]
+        base = self.plan.mergefile.settings.time_embed == "BASE"
+        keyed = {t.key: t for t in merge.tasks.values() if t.key}
+        known = self.cache.index.stats_of(list(keyed))
+        blocks: dict[str, dict] = {}
+        for key, stats in known.items():
+            group = group_of(merge.arch, keyed[key].name, base) if merge.arch else "other"
+            add(blocks.setdefault(group, {}), stats)
+        return {"computed": result.computed, "reused": result.reused, "tensors": result.tensors,
+                "seconds": round(result.seconds, 3), "architecture": result.architecture, "written": result.written,
+                "blocks": {g: metrics(total) for g, total in blocks.items()}}
 
     def _stored_node(self, name: str) -> dict:
         node = dict(self.plan.recipe.nodes[name])

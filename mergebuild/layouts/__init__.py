@@ -14,10 +14,15 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
+def layout_names() -> list[str]:
+    """The layouts there are (architectures.json describes architectures, not a layout)."""
+    return sorted(p.stem for p in HERE.glob("*.json") if p.stem != "architectures")
+
+
 @lru_cache(maxsize=None)
 def load_layout(name: str) -> dict:
     path = HERE / f"{name}.json"
     if not path.exists():
-        known = ", ".join(sorted(p.stem for p in HERE.glob("*.json")))
+        known = ", ".join(layout_names())
         raise ValueError(f"unknown layout {name!r} (known: {known})")
     return json.loads(path.read_text())

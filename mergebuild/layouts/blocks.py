@@ -70,6 +70,16 @@ def architectures() -> dict[str, Architecture]:
     return out
 
 
+def group_of(arch: Architecture, key: str, time_embed_in_base: bool = False) -> str:
+    """The block of a key (SD models), else its layer ("layer 12"), else "other": how explain,
+    the build's statistics and the report group tensors."""
+    block = arch.block_of(key, time_embed_in_base)
+    if block is not None:
+        return block
+    layer = arch.layer_of(key)
+    return f"layer {layer}" if layer is not None else "other"
+
+
 def detect(keys) -> tuple[Architecture, str]:
     """The architecture of a model from its key names, and how it was recognised."""
     keys = list(keys)

@@ -25,6 +25,8 @@ def copy(a):
 
 ALPHA = Param("alpha", float, doc="B's share (weighted_sum) or the difference's multiplier (add_difference)")
 
+# whose numbers these methods reproduce (shown by `mergebuild methods NAME`)
+FOLLOWS = "A1111's checkpoint merger"
 METHODS = [
     Method("weighted_sum", 1, weighted_sum, ("A", "B"), (ALPHA,), weighted_sum.__doc__, elementwise=True),
     Method("add_difference", 1, add_difference, ("A", "B", "C"), (ALPHA,), add_difference.__doc__, elementwise=True),

@@ -192,6 +192,8 @@ def _method(fn, inputs, *params, version=1):
     return Method(fn.__name__, version, fn, inputs, params, fn.__doc__, elementwise=fn.__name__ in ELEMENTWISE)
 
 
+# whose numbers these methods reproduce (shown by `mergebuild methods NAME`)
+FOLLOWS = "supermerger and sd-meh (where they differ: docs/methods.md)"
 METHODS = [
     _method(sum_twice, ("A", "B", "C"), ALPHA, BETA),
     _method(triple_sum, ("A", "B", "C"), ALPHA, BETA),

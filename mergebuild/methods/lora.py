@@ -365,6 +365,8 @@ def extract_fn(*tensors, op: str, **params):
 
 STRENGTHS = Param("strengths", list, [], "one multiplier per LoRA, in input order (default: all 1)")
 CLAMP = Param("clamp_quantile", float, 1.0, "clamp up and down to this quantile of their |values| (kohya: 0.99; 1: off)")
+# whose numbers these methods reproduce (shown by `mergebuild methods NAME`)
+FOLLOWS = "kohya's sd-scripts and LyCORIS"
 METHODS = [
     Method("lora", 1, lf.bake, ("model", "lora"), (
         Param("strength", float, 1.0, "multiplier of every module; may vary by block"),

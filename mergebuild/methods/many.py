@@ -112,6 +112,8 @@ def _method(fn, inputs, *params):
                   elementwise=fn.__name__ in ELEMENTWISE)
 
 
+# whose numbers these methods reproduce (shown by `mergebuild methods NAME`)
+FOLLOWS = "the model-soup and Fisher-merging papers; mergekit's linear for soups"
 METHODS = [
     _method(soup, ("A", "B"), Param("weights", list, (), "one weight per model, normalised to sum 1; empty: uniform",
                                     count=lambda n: n)),

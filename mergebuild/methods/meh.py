@@ -129,6 +129,8 @@ def _method(fn, inputs, *params):
 ALPHA = Param("alpha", float, doc="B's share")
 BETA = Param("beta", float, doc="see docs/methods.md")
 
+# whose numbers these methods reproduce (shown by `mergebuild methods NAME`)
+FOLLOWS = "sd-meh"
 METHODS = [
     _method(multiply_difference, ("A", "B", "C"), Param("alpha", float, doc="exponent of |B - C| (0..1)"),
             Param("beta", float, doc="B's share in the lerp that gives the sign")),

@@ -60,15 +60,19 @@ def position_ids(*, shape: list[int]):
 
 POSITION_IDS = Method("fix_clip_position_ids", 1, position_ids, (), (), position_ids.__doc__)
 
+# whose numbers these methods reproduce (shown by `mergebuild methods NAME`)
+FOLLOWS = "supermerger's and A1111's component swaps"
 METHODS = [
     Method("swap", 1, take_b, ("A", "B"), (
-        Param("component", str, "", "a component of the detected architecture: text_encoder, unet, vae (SDXL: clip_l, clip_g)"),
-        Param("match", str, "", "a regular expression: keys it finds are taken from B"),
+        Param("component", str, "", "taken from B: text_encoder, unet or vae (SD1/SD2 also ema; SDXL also "
+              "clip_l, clip_g; other models embeddings, lm_head)"),
+        Param("match", str, "", "a regular expression (re.search on the key): the keys it finds are taken from B"),
     ), "Take a component (text encoder, UNet, VAE) or the keys matching a pattern from B.",
        select=_swap_selects, elementwise=True, reads=(1,)),
     Method("attention_swap", 1, take_b, ("A", "B"), (
-        Param("blocks", str, "", "MBW blocks, e.g. 'IN04-IN08 M00'; empty: all"),
-        Param("parts", str, "attn1 attn2", "which layers: attn1 (self-attention), attn2 (cross-attention), ff"),
+        Param("blocks", str, "", "MBW blocks as in rules, names and ranges: 'IN04-IN08 M00'; empty: every block"),
+        Param("parts", str, "attn1 attn2", "which layers, space-separated: attn1 (self-attention), attn2 "
+              "(cross-attention), ff (feed-forward)"),
     ), "Take attention (attn1 / attn2) or feed-forward (ff) layers of chosen blocks from B.",
        select=_attention_selects, elementwise=True, reads=(1,)),
     Method("bake_vae", 1, take_b, ("A", "VAE"), (),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 REQUIRED = object()
@@ -59,6 +59,12 @@ class Param:
             return " | ".join(repr(c) for c in self.choices)
         return {list: "a list of numbers"}.get(self.kind, self.kind.__name__)
 
+    def as_dict(self) -> dict:
+        """For `mergebuild methods NAME --json`."""
+        return {"type": {list: "list of numbers"}.get(self.kind, self.kind.__name__),
+                "default": None if self.required else self.default, "required": self.required,
+                "choices": list(self.choices), "varies_by_block": self.numeric, "doc": self.doc}
+
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -93,6 +99,7 @@ class Method:
     # the inputs fn reads, by position, when only some: fn then receives those alone, and a
     # tensor's cache key hashes only them (a swap that takes B does not depend on A)
     reads: tuple[int, ...] | None = None
+    follows: str = ""  # whose semantics it follows (A1111, supermerger, sd-meh, mergekit...): the module's FOLLOWS
     extra: dict = field(default_factory=dict)
 
     def arity_ok(self, n: int) -> bool:
@@ -144,8 +151,10 @@ def _load() -> None:
         return
     _loaded = True
     for module_name in BUILTIN_MODULES:
-        for method in importlib.import_module(module_name).METHODS:
-            register(method)
+        module = importlib.import_module(module_name)
+        for method in module.METHODS:
+            follows = method.follows or getattr(module, "FOLLOWS", "")
+            register(replace(method, follows=follows) if follows != method.follows else method)
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):

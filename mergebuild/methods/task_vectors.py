@@ -200,6 +200,8 @@ def _normalize(default: bool) -> Param:
     return Param("normalize", bool, default, "divide by the summed weights of the deltas kept at each element")
 
 
+# whose numbers these methods reproduce (shown by `mergebuild methods NAME`)
+FOLLOWS = "mergekit's generalized task arithmetic (where mergebuild differs: docs/methods.md)"
 METHODS = [
     _member("task_arithmetic", "base + lambda * sum_i w_i (model_i - base) (Ilharco et al.; mergekit task_arithmetic).",
             sparsify="none", fixed={"sign": "none", "normalize": False}, params=(WEIGHTS, LAMBDA)),

@@ -51,6 +51,7 @@ class TensorTask:
     key: str | None = None
     digest: str | None = None
     state: str = PENDING
+    stats: dict | None = None  # how far the result moved from each input (execute/stats.py), once computed
 
     @property
     def nbytes(self) -> int:

@@ -19,6 +19,11 @@ class FullWidthConsole(Console):
     wraps, whatever terminal the process itself runs in (rich alone would use that terminal's
     width, found through stdin)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if kwargs.get("width") is None:
+            self._width = None  # rich took COLUMNS as a fixed width: it may only size a terminal
+
     @property
     def size(self) -> ConsoleDimensions:
         if self._width is None and not self.is_terminal:
@@ -52,11 +57,11 @@ class RichProgress:
         if self.enabled:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(bar_width=24),
-                TextColumn("{task.fields[tensors]}/{task.fields[of]} tensors"),
-                TextColumn("wrote {task.fields[wrote]} of {task.fields[size]}, read {task.fields[read]}"),
-                TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=False)
+            self._progress = Progress(  # fits 80 columns: tensors, bytes written of all, bytes read, speed, ETA
+                TextColumn("[bold]{task.description}"), BarColumn(bar_width=12),
+                TextColumn("{task.fields[tensors]}/{task.fields[of]}"),
+                TextColumn("{task.fields[wrote]}/{task.fields[size]} read {task.fields[read]}"),
+                TransferSpeedColumn(), TimeRemainingColumn(compact=True), console=err, transient=False)
             self._progress.__enter__()
         return self
 
@@ -89,7 +94,9 @@ class RichProgress:
 def summary_table(results) -> Table:
     table = Table(title="mergebuild", title_justify="left")
     for col in ("merge", "arch", "status", "tensors", "computed", "reused", "seconds", "output"):
-        table.add_column(col, justify="right" if col in ("tensors", "computed", "reused", "seconds") else "left")
+        # fold: a long value goes on more lines in a narrow terminal rather than losing its end
+        table.add_column(col, justify="right" if col in ("tensors", "computed", "reused", "seconds") else "left",
+                         overflow="fold")
     for r in results.values():
         output = "" if r.output is None else _shown_path(r.output) + ("" if r.written else " (up to date)")
         status = r.status if r.ran else "up to date"
@@ -217,6 +224,48 @@ def _label(node: dict) -> str:
     return f"{name}[green]{escape(str(node.get('method')))}[/]({escape(params)}){tail}{via}"
 
 
+def print_methods(methods) -> None:
+    for m in methods:
+        params = ", ".join(p.name if p.required else f"{p.name}={p.default}" for p in m.params)
+        inputs = ", ".join(m.inputs) + (", ..." if m.variadic else "")
+        summary = (m.doc or "").strip().splitlines()[0] if m.doc else ""
+        out.print(f"[bold]{escape(m.name)}[/] v{m.version} " + escape(f"[{inputs}] {params}: {summary}"))
+
+
+def method_doc(method) -> dict:
+    """One method in full: what `mergebuild methods NAME` shows, as JSON."""
+    return {"name": method.name, "version": method.version, "inputs": list(method.inputs),
+            "variadic": method.variadic, "follows": method.follows, "doc": (method.doc or "").strip(),
+            "elementwise": method.elementwise, "params": {p.name: p.as_dict() for p in method.params}}
+
+
+def print_method(method) -> None:
+    doc = method_doc(method)
+    inputs = ", ".join(doc["inputs"]) + (", ... (any number more)" if doc["variadic"] else "")
+    out.print(f"[bold]{escape(method.name)}[/] (version {method.version})")
+    out.print(escape(f"inputs: {inputs}"))
+    if doc["follows"]:
+        out.print(escape(f"follows: {doc['follows']}"))
+    if doc["doc"]:
+        out.print()
+        for line in doc["doc"].splitlines():
+            out.print(escape(line.strip()))
+    if not method.params:
+        out.print("\nparameters: none")
+        return
+    table = Table(title="parameters", title_justify="left", box=None, show_header=True, pad_edge=False)
+    for col in ("name", "type", "default", "meaning"):
+        table.add_column(col, overflow="fold")
+    for name, p in doc["params"].items():
+        kind = " | ".join(repr(c) for c in p["choices"]) if p["choices"] else p["type"]
+        if p["varies_by_block"]:
+            kind += ", by block"
+        default = "required" if p["required"] else repr(p["default"])
+        table.add_row(escape(name), escape(kind), escape(default), escape(p["doc"]))
+    out.print()
+    out.print(table)
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -246,8 +295,9 @@ def print_explain(doc: dict) -> None:
 
 
 def print_inspect(doc: dict) -> None:
-    arch = doc["architecture"]
-    out.print(f"[bold]{escape(str(doc['path']))}[/]: {escape(arch['description'])} ({escape(arch['name'])})")
+    arch, lora = doc["architecture"], doc.get("lora")
+    what = _lora_summary(lora) if lora else f"{arch['description']} ({arch['name']})"
+    out.print(f"[bold]{escape(str(doc['path']))}[/]: {escape(what)}")
     totals = doc["totals"]
     dtypes = ", ".join(f"{k} {v}" for k, v in totals["dtypes"].items())
     out.print(f"{totals['tensors']} tensors, {totals['params']:,} parameters, {human_bytes(totals['bytes'])} ({escape(dtypes)})")
@@ -255,24 +305,97 @@ def print_inspect(doc: dict) -> None:
         h = doc["hashes"]
         out.print(f"AutoV1 {h['autov1']}  AutoV2 {h['autov2']}  sha256 {h['sha256']}")
         out.print(f"tensor data sha256 {h['tensor_data_sha256']}")
-    table = Table(title="by " + doc["grouping"], title_justify="left")
-    for col in (doc["grouping"], "tensors", "parameters", "size", "dtypes"):
-        table.add_column(col, justify="left" if col in (doc["grouping"], "dtypes") else "right")
-    for row in doc["blocks"]:
-        table.add_row(escape(row["name"]), str(row["tensors"]), f"{row['params']:,}", human_bytes(row["bytes"]),
-                      escape(", ".join(f"{k} {v}" for k, v in row["dtypes"].items())))
-    out.print(table)
-    comps = ", ".join(f"{k} {v['tensors']} tensors ({human_bytes(v['bytes'])})" for k, v in doc["components"].items())
-    out.print(escape(f"components: {comps}"))
+    if lora:
+        _print_lora_rows(lora, doc["grouping"])
+    else:
+        table = Table(title="by " + doc["grouping"], title_justify="left")
+        for col in (doc["grouping"], "tensors", "parameters", "size", "dtypes"):
+            table.add_column(col, justify="left" if col in (doc["grouping"], "dtypes") else "right")
+        for row in doc["blocks"]:
+            table.add_row(escape(row["name"]), str(row["tensors"]), f"{row['params']:,}", human_bytes(row["bytes"]),
+                          escape(", ".join(f"{k} {v}" for k, v in row["dtypes"].items())))
+        out.print(table)
+        comps = ", ".join(f"{k} {v['tensors']} tensors ({human_bytes(v['bytes'])})" for k, v in doc["components"].items())
+        out.print(escape(f"components: {comps}"))
     if doc.get("lineage"):
         out.print("lineage:")
         out.print(lineage_tree({"kind": "model", "name": str(doc["path"]), "made_by": doc["lineage"]}))
-    keys = sorted(k for k in doc["metadata"] if k not in ("mergebuild.recipe", "sd_merge_recipe", "sd_merge_models"))
-    if keys:
-        out.print(escape("metadata: " + ", ".join(keys)))
+    if doc["metadata"]:
+        out.print("metadata:")
+        for key in sorted(doc["metadata"]):  # recipes too, cut short: --json has them whole
+            out.print(escape(_metadata_line(key, doc["metadata"][key])))
+
+
+META_VALUE = 60  # most characters of a metadata value shown on its line
+
+
+def _metadata_line(key: str, value: str) -> str:
+    """'  key: value' on one line of the terminal; a long value (a recipe: thousands of
+    characters) is cut, with its full length. One barely too long (a hash) is kept whole:
+    cutting it would save less than the note of its length costs."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in value).split())
+    room = max(24, min(META_VALUE, out.width - len(key) - 4))
+    more = f"... ({len(value):,} chars)"
+    if len(flat) > room + len(more):
+        flat = flat[: room - len(more)] + more
+    return f"  {key}: {flat}"
+
+
+def _lora_summary(lora: dict) -> str:
+    """'LoRA (LoCon) for sdxl: 722 modules, rank 32, alpha 16'."""
+    kind = "LoRA" if lora["format"] == "LoRA" else f"LoRA ({lora['format']})"
+    target = lora["target"]["name"]
+    target = "generic models (LLMs)" if target == "generic" else target
+    return f"{kind} for {target}: {lora['modules']} modules, {_rank_text(lora)}, {_alpha_text(lora)}"
+
+
+def _rank_text(lora: dict) -> str:
+    full = lora["modules_without_rank"]  # LoKr modules with both factors whole
+    if not lora["ranks"]:
+        return "full-rank factors"
+    return _values("rank", lora["ranks"], lora["rank"]) + (f" ({full} modules full-rank)" if full else "")
+
+
+def _values(word: str, values: list, common) -> str:
+    if len(values) == 1:
+        return f"{word} {values[0]:g}"
+    shown = ", ".join(f"{v:g}" for v in values) if len(values) <= 4 else f"{values[0]:g}-{values[-1]:g}"
+    return f"{word}s {shown} (mostly {common:g})"
+
+
+def _alpha_text(lora: dict) -> str:
+    missing = lora["modules_without_alpha"]
+    if not lora["alphas"]:
+        return "alpha = rank (none stored)" if missing else "no readable alpha"
+    text = _values("alpha", lora["alphas"], lora["alpha"])
+    return text + (f" ({missing} modules without: alpha = rank)" if missing else "")
+
+
+def _print_lora_rows(lora: dict, grouping: str) -> None:
+    """A LoRA's modules by block (or layer) and by component of the model it was made for."""
+    group = "layer" if lora["target"]["name"] == "generic" else "block"
+    table = Table(title=f"modules by {group}", title_justify="left")
+    for col in (group, "modules", "tensors", "parameters", "size"):
+        table.add_column(col, justify="left" if col == group else "right")
+    for row in lora["blocks"]:
+        table.add_row(escape(row["name"]), str(row["modules"]), str(row["tensors"]), f"{row['params']:,}",
+                      human_bytes(row["bytes"]))
+    out.print(table)
+    comps = ", ".join(f"{k} {v['modules']} modules" for k, v in lora["components"].items())  # sizes: the table
+    out.print(escape(f"components: {comps}"))
+    if lora["unmatched"]:
+        out.print(escape(f"{len(lora['unmatched'])} modules match no layer of an {lora['target']['name']} "
+                         f"checkpoint, e.g. {lora['unmatched'][0]}"))
+    if lora["stray_tensors"]:
+        out.print(escape(f"{len(lora['stray_tensors'])} tensors belong to no LoRA module, e.g. {lora['stray_tensors'][0]}"))
 
 
 def print_diff(doc: dict) -> None:
+    if doc.get("mismatch"):  # no tables: their numbers would compare unlike things
+        out.print(escape(f"{doc['a']} vs {doc['b']}: {doc['mismatch']}"))
+        out.print(f"{len(doc['only_in_a'])} keys only in A, {len(doc['only_in_b'])} only in B, "
+                  f"{len(doc['shape_mismatch'])} with other shapes, {doc['total']['tensors']} compared")
+        return
     out.print(escape(f"{doc['a']} vs {doc['b']} ({doc['architecture']['name']})"))
     for title, rows in ((doc["grouping"], doc["blocks"]), ("component", doc["components"])):
         table = Table(title=f"by {title}", title_justify="left")
@@ -289,7 +412,9 @@ def print_diff(doc: dict) -> None:
         if doc[key]:
             out.print(escape(f"{label}: {len(doc[key])} keys, e.g. {doc[key][0]}"))
     if doc["shape_mismatch"]:
-        out.print(escape(f"shape mismatches: {len(doc['shape_mismatch'])}, e.g. {doc['shape_mismatch'][0]}"))
+        first = doc["shape_mismatch"][0]
+        out.print(escape(f"shape mismatches: {len(doc['shape_mismatch'])}, e.g. {first['key']} "
+                         f"{tuple(first['a'])} vs {tuple(first['b'])}"))
 
 
 def _num(value, digits: int) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergebuild.errors import UsageError
+from mergebuild.portable import disk_usage
 from mergebuild.store.cache import Cache
 
 # 50 GB: about seven SDXL-sized intermediates or twenty-five SD1.5 fp16 ones, enough to keep a
@@ -78,28 +79,27 @@ def total_bytes(cache: Cache) -> int:
 
 
 def enforce_limit(cache: Cache, limit: int) -> Eviction:
-    """Evict least recently used, unprotected blobs (and salvaged packs) until under `limit`."""
+    """Evict least recently used, unprotected blobs (and salvaged packs) until under `limit`.
+    The index's own bytes move as it changes, so the total is measured again after each pass."""
     result = Eviction(limit, before=total_bytes(cache))
-    total = result.before
     keep = protected(cache)
     rows = cache.index.blob_rows()
     result.needed = sum(disk for d, disk, _, _ in rows if d in keep)
+    candidates = [(d, disk) for d, disk, _kind, _last in rows if d not in keep]
+    total = result.before
     if total > limit:
         for path in cache.pack_files():  # salvaged work of builds that never finished: first to go
             total -= _remove_pack(cache, path)
-            if total <= limit:
-                break
-    doomed = []
-    for digest, disk, _kind, _last in rows:
-        if total <= limit:
-            break
-        if digest in keep:
-            continue
-        cache.blobs.remove(digest)
-        doomed.append(digest)
-        total -= disk
-    _forget(cache, doomed)
-    result.blobs_removed = len(doomed)
+    while total > limit and candidates:
+        doomed, over = [], total - limit
+        while candidates and over > 0:
+            digest, disk = candidates.pop(0)
+            cache.blobs.remove(digest)
+            doomed.append(digest)
+            over -= disk
+        _forget(cache, doomed)
+        result.blobs_removed += len(doomed)
+        total = total_bytes(cache)
     result.after = total_bytes(cache)
     return result
 
@@ -129,7 +129,7 @@ def collect(cache: Cache, keep_builds: int) -> dict:
 
 def _remove_pack(cache: Cache, path: Path) -> int:
     try:
-        size = path.stat().st_blocks * 512 if hasattr(path.stat(), "st_blocks") else path.stat().st_size
+        size = disk_usage(path.stat())
         path.unlink()
     except OSError:
         size = 0

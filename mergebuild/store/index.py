@@ -18,7 +18,10 @@ Tables:
   cache_limit; live: per Mergefile and merge, the digests its last build needed (protected
   from eviction while that Mergefile exists);
 - recipes / recipe_nodes: per Mergefile and merge, the identities of every node its last build
-  was made from, and those nodes by identity (what -v and explain diff against).
+  was made from, and those nodes by identity (what -v and explain diff against);
+- stats: per cache key, how far the result moved from each input (execute/stats.py);
+  merge_runs: per Mergefile and merge, its last build (counts, seconds, statistics by block):
+  what `mergebuild report` shows without reading a model.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ CREATE INDEX IF NOT EXISTS live_digest ON live(digest);
 CREATE TABLE IF NOT EXISTS recipes(mergefile TEXT NOT NULL, merge TEXT NOT NULL, closure TEXT NOT NULL,
     PRIMARY KEY(mergefile, merge));
 CREATE TABLE IF NOT EXISTS recipe_nodes(identity TEXT PRIMARY KEY, node TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS stats(key TEXT PRIMARY KEY, stats TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS merge_runs(mergefile TEXT NOT NULL, merge TEXT NOT NULL, build INTEGER NOT NULL,
+    finished REAL NOT NULL, run TEXT NOT NULL, PRIMARY KEY(mergefile, merge));
 """
 BATCH = 500
 
@@ -319,6 +325,22 @@ class Index:
 
     def fingerprint_bytes(self) -> int:
         return self.db.execute("SELECT COALESCE(SUM(LENGTH(tensors)), 0) FROM fingerprints").fetchone()[0]
+
+    # statistics and runs, for the report --------------------------------------------------
+    def save_stats(self, rows: list[tuple[str, dict]]) -> None:
+        self._many("INSERT OR REPLACE INTO stats VALUES(?,?)", [(k, json.dumps(v)) for k, v in rows])
+
+    def stats_of(self, keys: list[str]) -> dict[str, dict]:
+        return {k: json.loads(v) for k, v in self._select_in("SELECT key, stats FROM stats WHERE key IN ({})", keys)}
+
+    def save_run(self, mergefile: str, merge: str, build_id: int, run: dict) -> None:
+        if not self.readonly:
+            self.db.execute("INSERT OR REPLACE INTO merge_runs VALUES(?,?,?,?,?)",
+                            (mergefile, merge, build_id, time.time(), json.dumps(run)))
+
+    def runs(self, mergefile: str) -> dict[str, dict]:
+        rows = self.db.execute("SELECT merge, build, finished, run FROM merge_runs WHERE mergefile=?", (mergefile,))
+        return {m: {**json.loads(r), "build": b, "finished": f} for m, b, f, r in rows}
 
     # recipes ------------------------------------------------------------------------------
     def last_closure(self, mergefile: str, merge: str) -> dict[str, str] | None:

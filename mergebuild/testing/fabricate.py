@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mergebuild.layouts import load_layout
+from mergebuild.layouts import layout_names, load_layout
 
 SMALL_DIM = 8  # dims up to this (kernel sizes, latent channels) are kept as they are
 
@@ -97,7 +97,7 @@ def fabricate_family(out: Path, layout: str = "sd1-ldm", shrink: int = 32, dtype
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("examples/models"))
-    p.add_argument("--layout", default="sd1-ldm")
+    p.add_argument("--layout", default="sd1-ldm", choices=layout_names(), help="whose key names and shapes")
     p.add_argument("--shrink", type=int, default=32, help="divide large dims by this (1 = full size)")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--prefix", default="sd15-")
