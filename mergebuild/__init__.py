@@ -7,6 +7,7 @@ build, status, lineage. It is imported on first use, so `import mergebuild` stay
 __version__ = "0.1.0"
 
 _API = ("load", "plan", "dry_run", "build", "status", "lineage", "BuildResult", "Mergefile")
+# (the package that plans builds is mergebuild.planning, so mergebuild.plan is the API's function)
 
 
 def __getattr__(name: str):

@@ -25,7 +25,7 @@ from mergebuild import project as _build
 from mergebuild.errors import UsageError
 from mergebuild.execute.executor import MergeResult, NullProgress
 from mergebuild.mergefile import Mergefile, load_mergefile, parse_mergefile
-from mergebuild.plan.planner import Plan
+from mergebuild.planning.planner import Plan
 from mergebuild.record.lineage import read_lineage
 
 __all__ = ["BuildResult", "MergeResult", "MergeStatus", "Mergefile", "build", "dry_run", "lineage", "load", "plan",

@@ -11,7 +11,7 @@ from mergebuild.execute.commit import lora_files, output_date
 from mergebuild.execute.executor import Executor, MergeResult
 from mergebuild.record.lineage import SourceHashes, build_metadata, header_budget
 from mergebuild.record.lock import write_lock
-from mergebuild.plan.planner import DIRTY, PENDING, Plan, make_plan
+from mergebuild.planning.planner import DIRTY, PENDING, Plan, make_plan
 from mergebuild.record.state import decide_outputs, reasons as merge_reasons
 from mergebuild.mergefile.parse import load_mergefile  # noqa: F401 (part of the facade)
 from mergebuild.mergefile.model import Mergefile

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from mergebuild.plan.planner import DIRTY, TensorTask
+from mergebuild.planning.planner import DIRTY, TensorTask
 
 SMALL = 1 << 16  # elements: tensors up to this size may share a batch
 BATCH = 1 << 22  # elements in one batch at most (the size of a compute chunk)

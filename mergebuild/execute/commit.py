@@ -11,7 +11,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 from mergebuild.record.lineage import SourceHashes, build_metadata, today
-from mergebuild.plan.planner import MergePlan, Plan
+from mergebuild.planning.planner import MergePlan, Plan
 from mergebuild.store.cache import Cache
 from mergebuild.record.hashes import file_sha256, legacy_hash, tensor_data_sha256
 from mergebuild.tensors.folder import output_marker

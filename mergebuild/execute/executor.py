@@ -29,7 +29,7 @@ from mergebuild.execute.outputs import OutputSink
 from mergebuild.execute.records import Records
 from mergebuild.execute.stats import sample_stats
 from mergebuild.execute.tensorio import OpenFiles, read_ref
-from mergebuild.plan.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
+from mergebuild.planning.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
 from mergebuild.mergefile.model import Settings
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import tensor_digest

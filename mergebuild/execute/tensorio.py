@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mergebuild.dtypes import nbytes
 from mergebuild.errors import BuildError
-from mergebuild.plan.sources import TensorRef
+from mergebuild.planning.sources import TensorRef
 from mergebuild.portable import RandomAccess, ShortRead
 from mergebuild.store.cache import Cache
 

@@ -2,7 +2,7 @@
 
 Written keys (safetensors __metadata__ values are strings; JSON is stored as a string):
 - mergebuild.recipe: {"format": 2, "target", "nodes": {id: node}}: the recipe nodes
-  (plan/recipe.py) of the output and everything it is made from, each once, inputs by id, with
+  (planning/recipe.py) of the output and everything it is made from, each once, inputs by id, with
   each source file's sha256 and AutoV2. A source that carries its own lineage brings its nodes
   along under ids prefixed with its name ("real/mix1"), its node pointing at their root through
   "made_by"; so lineage spans generations and stays linear in the size of the DAG;
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergebuild import __version__
-from mergebuild.plan.planner import Plan
-from mergebuild.plan.recipe import FORMAT, IDENTITY_KEY, RECIPE_KEY
+from mergebuild.planning.planner import Plan
+from mergebuild.planning.recipe import FORMAT, IDENTITY_KEY, RECIPE_KEY
 from mergebuild.record.hashes import autov2
 from mergebuild.tensors.folder import read_manifest
 from mergebuild.tensors.header import read_header

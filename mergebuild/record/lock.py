@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 
 from mergebuild import __version__
-from mergebuild.plan.outputs import lock_path
+from mergebuild.planning.outputs import lock_path
 from mergebuild.portable import replace
-from mergebuild.plan.planner import Plan
+from mergebuild.planning.planner import Plan
 from mergebuild.record.hashes import autov2
 from mergebuild.store.hashing import text_digest
 from mergebuild.tensors.folder import output_marker

@@ -2,7 +2,7 @@
 
 A target is current exactly when a build would leave its output byte for byte as it is: the
 output exists, is unchanged since mergebuild wrote it, and was made from the recipe the
-Mergefile describes now (its identity, plan/recipe.py). That holds whatever was built in
+Mergefile describes now (its identity, planning/recipe.py). That holds whatever was built in
 between: intermediates alone, other targets, other Mergefiles on the same cache. The reason a
 merge has work is the difference between the recipe it was last built from and the recipe now.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from mergebuild.plan.recipe import IDENTITY_KEY, changes, recorded_nodes
+from mergebuild.planning.recipe import IDENTITY_KEY, changes, recorded_nodes
 from mergebuild.store.cache import Cache
 from mergebuild.record.hashes import file_sha256, tensor_data_sha256
 from mergebuild.tensors.folder import foreign_files, is_folder_output, output_marker, read_manifest

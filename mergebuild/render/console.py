@@ -205,7 +205,7 @@ def lineage_tree(node: dict) -> Tree:
 
 
 def _label(node: dict) -> str:
-    from mergebuild.plan.recipe import params_text, rules_text, value_text
+    from mergebuild.planning.recipe import params_text, rules_text, value_text
 
     again = " [dim](shown above)[/]" if node.get("same_as") else ""
     if node.get("kind") == "model":

@@ -15,7 +15,7 @@ from pathlib import Path
 from mergebuild import __version__
 from mergebuild.layouts.blocks import PRESETS, architectures, block_values
 from mergebuild.mergefile.model import Mergefile
-from mergebuild.plan.recipe import params_text, rules_text, value_text
+from mergebuild.planning.recipe import params_text, rules_text, value_text
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; padding: 0 1em; }

@@ -137,7 +137,7 @@ def _scorer(mf: Mergefile, where: str, table: dict) -> ScorerSpec:
 
 
 def _check_ranges(mf: Mergefile, ranges: list[Range], target: str, sampler: str) -> None:
-    from mergebuild.plan.graph import build_graph
+    from mergebuild.planning.graph import build_graph
     import networkx as nx
 
     path = mf.path

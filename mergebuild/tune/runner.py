@@ -140,7 +140,7 @@ def content_digest(plan, target: str) -> str | None:
 
 def scratch_folder(cache_dir: Path, mergefile: Path, tag: str) -> Path:
     """Where a Mergefile's trial outputs go: <cache's parent>/.<cache name>-tune/<stem>-<digest>.<tag>/.
-    Beside the cache, not in it (a build refuses outputs inside the cache: plan/outputs.py), one
+    Beside the cache, not in it (a build refuses outputs inside the cache: planning/outputs.py), one
     folder per Mergefile (by its path) and per tag, reused across studies: the trial output is the
     cache's copy of its tensors (execute/outputs.py), so keeping it makes the next run cheaper."""
     cache = Path(cache_dir).absolute()

@@ -43,7 +43,7 @@ def test_the_demo_through_the_api(demo):
     (demo / "mergefile.toml").write_text(text)
     mf = mergebuild.load(demo / "mergefile.toml")
     assert mergebuild.status(mf) == {"final": ["mix1.alpha: 0.4 -> 0.45"]}
-    plan = mergebuild.api.plan(mf)
+    plan = mergebuild.plan(mf)
     assert plan.merges["mix1"].count("dirty") > 0 and not plan.merges["final"].current
     again = mergebuild.build(mf)
     assert again.merges["mix1"].computed > 0 and mergebuild.status(mf) == {"final": []}

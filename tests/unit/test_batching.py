@@ -5,7 +5,7 @@ from __future__ import annotations
 from mergebuild.execute import batching
 from mergebuild.execute.batching import Batch, group_small
 from mergebuild.methods.registry import get_method
-from mergebuild.plan.planner import CACHED, DIRTY, TensorTask
+from mergebuild.planning.planner import CACHED, DIRTY, TensorTask
 
 WS, TIES, DARE = get_method("weighted_sum"), get_method("ties"), get_method("dare")
 

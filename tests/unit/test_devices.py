@@ -8,7 +8,7 @@ import torch
 
 from mergebuild.errors import UsageError
 from mergebuild.execute import device as dev
-from mergebuild.plan.sources import TensorRef
+from mergebuild.planning.sources import TensorRef
 from mergebuild.tensors.convert import to_bytes
 
 

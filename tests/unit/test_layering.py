@@ -14,7 +14,7 @@ LAYERS = {
     "layouts": 1, "mergefile": 1, "methods": 1,
     "tensors": 2,
     "store": 3,
-    "plan": 4,
+    "planning": 4,
     "record": 5,
     "execute": 6, "analyze": 6,
     "project": 7, "tune": 8, "api": 8,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from mergebuild.plan.recipe import changes, params_text, rules_text, value_text
+from mergebuild.planning.recipe import changes, params_text, rules_text, value_text
 from mergebuild.render.console import FullWidthConsole, lineage_tree
 
 GOLDEN = [

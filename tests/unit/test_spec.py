@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mergebuild.errors import MergefileError
-from mergebuild.plan.graph import build_graph, build_order
+from mergebuild.planning.graph import build_graph, build_order
 from mergebuild.mergefile.parse import parse_mergefile
 
 GOOD = """

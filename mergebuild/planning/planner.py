@@ -18,12 +18,12 @@ from mergebuild.dtypes import USER_DTYPES, is_float, nbytes
 from mergebuild.errors import InputError, MergefileError
 from mergebuild.methods.parts import POSITION_IDS
 from mergebuild.methods.registry import Method, get_method
-from mergebuild.plan.graph import build_graph, build_order
+from mergebuild.planning.graph import build_graph, build_order
 from mergebuild.layouts.blocks import Architecture, detect
-from mergebuild.plan.outputs import check_outputs
-from mergebuild.plan.params import ParamResolver
-from mergebuild.plan.recipe import Recipe, merge_node, model_node
-from mergebuild.plan.sources import Source, TensorRef, load_source
+from mergebuild.planning.outputs import check_outputs
+from mergebuild.planning.params import ParamResolver
+from mergebuild.planning.recipe import Recipe, merge_node, model_node
+from mergebuild.planning.sources import Source, TensorRef, load_source
 from mergebuild.mergefile.model import Mergefile, MergeSpec
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import text_digest
@@ -69,7 +69,7 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     output_metadata: dict[str, str] = field(default_factory=dict)
     block_sensitive: bool = False  # a value depends on the block (so [settings] time_embed reaches it)
-    identity: str = ""  # of its recipe node and everything upstream (plan/recipe.py)
+    identity: str = ""  # of its recipe node and everything upstream (planning/recipe.py)
     current: bool = False  # a target whose output a build would leave byte for byte as it is
     needed: bool = True  # the build runs it: its output is stale, or a merge that runs reads it
     stale_why: str = ""  # why its output is not current ("missing", "changed on disk", ...)
