@@ -321,19 +321,27 @@ def _cmd_explain(args) -> int:
     return 0
 
 
+def _states(opts) -> dict[str, str]:
+    """Each merge's state from a dry run, for pictures; none where a source cannot be read."""
+    from mergebuild import project
+    from mergebuild.errors import InputError
+    from mergebuild.render import console as report
+
+    try:
+        _plan, statuses = project.dry_run(opts)
+    except InputError as e:  # a source is missing: still draw the DAG, without states
+        report.err.print(f"note: no tensor states ({e})", markup=False)
+        return {}
+    return {s.name: s.state for s in statuses}
+
+
 def _cmd_graph(args) -> int:
     from mergebuild import project as build
     from mergebuild.render import console as report, graph as graphviz
-    from mergebuild.errors import InputError
 
     opts = _options(args)
     mf = build.load_mergefile(opts.mergefile)
-    try:
-        _plan, statuses = build.dry_run(opts)
-        states = {s.name: s.state for s in statuses}
-    except InputError as e:  # a source is missing: still draw the DAG, without states
-        report.err.print(f"note: no tensor states ({e})", markup=False)
-        states = {}
+    states = _states(opts)
     if args.json:
         nodes, edges = graphviz.to_nodes(mf, states)
         report.print_json({"nodes": [{**n, "state": states.get(n["name"], n["state"])} for n in nodes],
@@ -473,11 +481,13 @@ def _cmd_report(args) -> int:
     from mergebuild.render import plots
     from mergebuild.render.html import write_report
 
-    mf, runs, usage, limit = project.report_data(_options(args))
+    opts = _options(args)
+    mf, runs, usage, limit = project.report_data(opts)
     path = args.output or mf.path.with_name("report.html")
+    states = _states(opts)  # headers and file stamps only: no tensor is read
     with tempfile.TemporaryDirectory() as tmp:  # the DAG drawn as SVG, inlined into the page
         svg = Path(tmp) / "dag.svg"
-        plots.plot_graph(*graphviz.to_nodes(mf, {}), svg)
+        plots.plot_graph(*graphviz.to_nodes(mf, states), svg)
         dag = svg.read_text(encoding="utf-8")
     dag = dag[dag.find("<svg"):] if "<svg" in dag else None  # without the XML prologue
     written = write_report(mf, runs, usage, limit, path, dag)

@@ -190,17 +190,13 @@ def _field_changes(name: str, key: str, before, after) -> list[str]:
             if b == a:
                 continue
             if b is None or a is None:
-                out.append(f"{name}.rules[{i}]: {'added' if b is None else 'removed'} ({_rule_text(a or b)})")
+                out.append(f"{name}.rules[{i}]: {'added' if b is None else 'removed'} ({rule_text(a or b)})")
                 continue
             for k in sorted(b.keys() | a.keys()):
                 if b.get(k) != a.get(k):
                     out.append(f"{name}.rules[{i}].{k}: {_text(b.get(k), 'unset')} -> {_text(a.get(k), 'unset')}")
         return out
     return [f"{name}.{key}: {_text(before, 'unset')} -> {_text(after, 'unset')}"]
-
-
-def _rule_text(rule: dict) -> str:
-    return ", ".join(f"{k} {_text(v)}" for k, v in rule.items() if v not in (None, [], False))
 
 
 # --- one way to write a value, everywhere (reasons, trees, graphs, status) --------------------
@@ -231,6 +227,19 @@ def params_text(params: dict) -> str:
 
 def rules_text(rules: list) -> str:
     return f"{len(rules)} rule{'' if len(rules) == 1 else 's'}" if rules else ""
+
+
+RULE_SELECTORS = ("blocks", "match", "regex", "not")
+
+
+def rule_text(rule: dict) -> str:
+    """One rule as the recipe records it: `blocks IN00-IN05: alpha=0.2`, `regex attn: ...`."""
+    what = [f"blocks {rule['blocks']}"] if rule.get("blocks") else []
+    what += [f"match {value_text(list(rule['match']))}"] if rule.get("match") else []
+    what += [f"regex {rule['regex']}"] if rule.get("regex") else []
+    what += ["not"] if rule.get("not") else []
+    params = {k: v for k, v in rule.items() if k not in RULE_SELECTORS}
+    return (", ".join(what) or "every key") + ": " + params_text(params)
 
 
 def _key_rank(item) -> tuple:

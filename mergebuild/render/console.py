@@ -205,7 +205,7 @@ def lineage_tree(node: dict) -> Tree:
 
 
 def _label(node: dict) -> str:
-    from mergebuild.planning.recipe import params_text, rules_text, value_text
+    from mergebuild.render.graph import lineage_details
 
     again = " [dim](shown above)[/]" if node.get("same_as") else ""
     if node.get("kind") == "model":
@@ -213,10 +213,7 @@ def _label(node: dict) -> str:
         return f"[bold cyan]{escape(str(node.get('file') or node.get('name')))}[/]{h}{again}"
     if again:
         return f"{escape(str(node.get('name')))}: [green]{escape(str(node.get('method')))}[/]{again}"
-    params = params_text(node.get("params") or {})
-    extra = [f"dtype {node['dtype']}"] if node.get("dtype") else []
-    extra += [rules_text(node["rules"])] if isinstance(node.get("rules"), list) and node["rules"] else []
-    extra += [f"{k} {value_text(node[k])}" for k in ("discard", "include", "exclude") if node.get(k)]
+    params, *extra = lineage_details(node)
     tail = escape(f" [{', '.join(extra)}]") if extra else ""
     tool = escape(str(node.get("tool", "")))
     name = f"{escape(str(node.get('name')))}: " if node.get("name") else ""

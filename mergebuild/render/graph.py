@@ -192,14 +192,31 @@ def _walk(root: dict, lines: list[str], counter: list[int], dot: bool) -> str:
             lines.append(f'  {me} [shape=box, label="{_quote(label)}"];' if dot else f'  {me}["{_quote(label)}"]')
             children = [node["made_by"]] if node.get("made_by") else []
         else:
-            params = ", ".join(f"{k}={v}" for k, v in (node.get("params") or {}).items())
-            label = f"{node.get('name') or ''}: {node.get('method')}({params})".lstrip(": ")
-            lines.append(f'  {me} [label="{_quote(label)}"];' if dot else f'  {me}(("{_quote(label)}"))')
+            details = lineage_details(node)
+            label = f"{node.get('name') or ''}: {node.get('method')}({details[0]})".lstrip(": ")
+            if dot:
+                text = "\\n".join(_quote(line) for line in [*wrap(label), *details[1:]])
+                lines.append(f'  {me} [label="{text}"];')
+            else:
+                text = "<br>".join(_quote(line) for line in [label, *details[1:]])
+                lines.append(f'  {me}(("{text}"))')
             children = node.get("inputs", [])
         if parent is not None:
             lines.append(f"  {me} -> {parent};" if dot else f"  {me} --> {parent}")
         stack.extend((child, me) for child in reversed(children))
     return top
+
+
+def lineage_details(node: dict) -> list[str]:
+    """A lineage merge node in words: its parameters first, then dtype, rules, discard, include
+    and exclude where it sets them; the same text in the tree, dot and mermaid."""
+    from mergebuild.planning.recipe import params_text, rule_text, value_text
+
+    extra = [f"dtype {node['dtype']}"] if node.get("dtype") else []
+    rules = node.get("rules") if isinstance(node.get("rules"), list) else []
+    extra += [f"rule {rule_text(r)}" for r in rules if isinstance(r, dict)]
+    extra += [f"{k} {value_text(node[k])}" for k in ("discard", "include", "exclude") if node.get(k)]
+    return [params_text(node.get("params") or {}), *extra]
 
 
 def _quote(text: str) -> str:

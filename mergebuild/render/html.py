@@ -15,7 +15,8 @@ from pathlib import Path
 from mergebuild import __version__
 from mergebuild.layouts.blocks import PRESETS, architectures, block_values
 from mergebuild.mergefile.model import Mergefile
-from mergebuild.planning.recipe import params_text, rules_text, value_text
+from mergebuild.planning.recipe import params_text, rule_text, rules_text, value_text
+from mergebuild.render.graph import lineage_details
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; padding: 0 1em; }
@@ -92,11 +93,8 @@ def _merge(mf: Mergefile, name: str, run: dict | None) -> str:
 
 
 def _rule_text(rule) -> str:
-    what = [f"blocks {rule.blocks}"] if rule.blocks else []
-    what += [f"match {value_text(list(rule.match))}"] if rule.match else []
-    what += [f"regex {rule.regex}"] if rule.regex else []
-    what += ["not"] if rule.negate else []
-    return (", ".join(what) or "every key") + ": " + params_text(rule.params)
+    return rule_text({"blocks": rule.blocks, "match": rule.match, "regex": rule.regex, "not": rule.negate,
+                      **rule.params})
 
 
 def _run_text(run: dict | None) -> str:
@@ -227,9 +225,8 @@ def _label(node: dict) -> str:
     if node.get("kind") == "model":
         h = f" <span class=meta>{_e(node['autov2'])}</span>" if node.get("autov2") else ""
         return f"<b>{_e(node.get('file') or node.get('name'))}</b>{h}"
-    params = params_text(node.get("params") or {})
-    rules = rules_text(node.get("rules") or []) if isinstance(node.get("rules"), list) else ""
-    extra = ", ".join(x for x in (rules, f"dtype {node['dtype']}" if node.get("dtype") else "") if x)
+    params, *details = lineage_details(node)
+    extra = ", ".join(details)
     again = " <span class=meta>(shown above)</span>" if node.get("same_as") else ""
     return (f"{_e(node.get('name') or '')}: <code>{_e(node.get('method'))}({_e(params)})</code>"
             + (f" <span class=meta>[{_e(extra)}]</span>" if extra else "") + again)

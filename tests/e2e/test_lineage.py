@@ -93,3 +93,27 @@ def test_modelspec_keys_written_and_merged_from_read(project, tmp_path):
                             metadata={"modelspec.title": "t", "modelspec.merged_from": "a.safetensors, b.safetensors"})
     tree = json.loads(run_cli("lineage", only_spec, "--json", cwd=tmp_path, check=True).stdout)["made_by"]
     assert [c["name"] for c in tree["inputs"]] == ["a.safetensors", "b.safetensors"]
+
+
+def test_rules_and_dtype_are_in_every_lineage_format(project):
+    mergefile(project / "mergefile.toml", """
+        [models.base]
+        path = "models/base.safetensors"
+        [models.anime]
+        path = "models/anime.safetensors"
+        [merges.styled]
+        method = "weighted_sum"
+        inputs = ["base", "anime"]
+        alpha = 0.3
+        dtype = "float16"
+        output = "out/styled.safetensors"
+        [[merges.styled.rules]]
+        blocks = "IN00-IN05"
+        alpha = 0.7
+    """)
+    run_cli(cwd=project, check=True)
+    out = project / "out/styled.safetensors"
+    for fmt in ("tree", "mermaid", "dot"):
+        text = run_cli("lineage", out, "--format", fmt, cwd=project, check=True).stdout
+        assert "dtype float16" in text, (fmt, text)
+        assert "rule blocks IN00-IN05: alpha=0.7" in text, (fmt, text)

@@ -52,7 +52,8 @@ def test_the_report_holds_every_merge_its_weights_its_changes_and_the_lineage(pr
     page = _report(project)
     text = " ".join(page.text)
     assert {"merge-mix1", "merge-mix2", "merge-final"} <= page.ids()
-    assert "match [proj_in]: alpha=0.6" in text and "[1 rule, dtype float16]" in text  # card; lineage
+    assert "match [proj_in]: alpha=0.6" in text  # the merge's card
+    assert "[dtype float16, rule match [proj_in]: alpha=0.6]" in text  # its lineage
     assert "alpha by block" in text.replace("\n", " ") or "by block" in text
     curves = [s for s in page.tags("svg") if s.get("aria-label") == "alpha by block"]
     assert len(curves) == 1  # final's block table drawn as a curve
@@ -71,6 +72,22 @@ def test_a_project_never_built_has_a_report_too(project):
     assert "wrote" in proc.stderr
     text = " ".join(Page((project / "out.html").read_text()).text)
     assert "not built yet" in text and "never" in text
+
+
+def test_the_dag_shows_each_merge_state_as_a_dry_run_sees_it(project):
+    from mergebuild.render.graph import STATE_COLOURS
+
+    mergefile(project / "mergefile.toml", chain())
+    run_cli(cwd=project, check=True)
+    run_cli("report", cwd=project, check=True)
+    dag = (project / "report.html").read_text().lower()
+    assert dag.count(STATE_COLOURS["up to date"]) > 1  # built: merges drawn up to date, not just the legend
+    built = dag.count(STATE_COLOURS["up to date"])
+    mergefile(project / "mergefile.toml", chain().replace("alpha = 0.25", "alpha = 0.35"))
+    run_cli("report", cwd=project, check=True)
+    edited = (project / "report.html").read_text().lower()
+    assert edited.count(STATE_COLOURS["dirty"]) > dag.count(STATE_COLOURS["dirty"])  # the edited merge
+    assert edited.count(STATE_COLOURS["up to date"]) < built
 
 
 @pytest.fixture(scope="session")
