@@ -232,7 +232,8 @@ def to_nodes(mf: Mergefile, states: dict[str, str]) -> tuple[list[dict], list[tu
     edges = []
     for name, merge in mf.merges.items():
         label = "\n".join([name, *merge_lines(merge, states.get(name))])
-        state = state_class(states.get(name)) if name in states else "pending"
+        # no states at all (a source is missing): drawn in no state's colour rather than a guess
+        state = state_class(states[name]) if name in states else ("pending" if states else "unknown")
         nodes.append({"name": name, "label": label, "state": state, "target": merge.output is not None})
         edges += [(i, name) for i in merge.inputs]
     return nodes, edges
