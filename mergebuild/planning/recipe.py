@@ -205,13 +205,12 @@ def _text(value, missing: str = "unset") -> str:
 
 
 def value_text(value, missing: str = "unset") -> str:
-    """A parameter's value, short and the same wherever it is shown: `0.4`,
-    `{default = 0.5, IN05 = 0.2}` (blocks in their order), `[0, 0.1, 0.2, 0.3, ... 26 values]`."""
+    """A parameter's value, whole and the same wherever it is shown: `0.4`,
+    `{default = 0.5, IN05 = 0.2}` (blocks in their order), `[0.0, 0.1, ..., 1.0]` (every value:
+    this is the recipe; pictures summarise with graph.param_summary instead)."""
     if value is None:
         return missing
     if isinstance(value, list):
-        if len(value) > 8:
-            return "[" + ", ".join(value_text(v) for v in value[:4]) + f", ... {len(value)} values]"
         return "[" + ", ".join(value_text(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {value_text(v)}" for k, v in sorted(value.items(), key=_key_rank)) + "}"

@@ -14,6 +14,7 @@ from tests.conftest import ROOT, SIM, chain, mergefile
 
 LONG = chain().replace('output = "out/final.safetensors"',
                        'output = "out/a-rather-long-output-name-that-does-not-fit-a-narrow-table.safetensors"')
+MBW = [round(0.0371 * i + 0.0123, 4) for i in range(26)]  # a 26-value block list: every value is the recipe
 
 
 def _env(**extra) -> dict:
@@ -55,7 +56,7 @@ def _in_terminal(cwd, *args, columns: int = 80) -> str:
 
 @pytest.mark.slow
 def test_piped_output_is_never_cut(project):
-    mergefile(project / "mergefile.toml", LONG)
+    mergefile(project / "mergefile.toml", LONG.replace("alpha = 0.4", f"alpha = {MBW}"))
     build = _piped(project)
     assert build.returncode == 0, build.stderr
     assert "out/a-rather-long-output-name-that-does-not-fit-a-narrow-table.safetensors" in build.stderr
@@ -64,6 +65,7 @@ def test_piped_output_is_never_cut(project):
     lineage = _piped(project, "lineage", out)
     assert "…" not in lineage.stdout and all(len(line) < 400 for line in lineage.stdout.splitlines())
     assert any(line.strip().startswith("└── final: weighted_sum(alpha=0.25)") for line in lineage.stdout.splitlines())
+    assert all(str(v) in lineage.stdout for v in MBW)  # mix1's whole block list, none dropped
     error = _piped(project, "-f", "nope/" + "deep/" * 30 + "mergefile.toml")
     lines = error.stderr.strip().splitlines()
     assert error.returncode == 2 and len(lines) == 1 and len(lines[0]) > 80  # one line, not wrapped at 80
