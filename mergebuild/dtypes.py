@@ -22,8 +22,14 @@ SAFETENSORS_DTYPES: dict[str, tuple[int, bool]] = {
 }
 
 # the names a Mergefile uses for output and compute dtypes
-USER_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
-OUTPUT_DTYPES = ("float16", "bfloat16", "float32")
+USER_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
+               "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+COMPUTE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+OUTPUT_DTYPES = ("float16", "bfloat16", "float32", "float8_e4m3fn", "float8_e5m2")
+
+# the largest finite value of each float8 format: a result beyond it is written as it, sign kept
+# (execute/casting.py), where torch's own cast gives inf or NaN
+FLOAT8_MAX = {"F8_E4M3": 448.0, "F8_E5M2": 57344.0}
 
 TORCH_NAMES = {
     "F64": "float64",

@@ -11,7 +11,9 @@ does not import torch; calling it does.
 
 from __future__ import annotations
 
+from mergebuild.dtypes import FLOAT8_MAX
 from mergebuild.errors import UsageError
+from mergebuild.execute.casting import cast
 from mergebuild.tensors.convert import from_bytes
 from mergebuild.torchlazy import torch, torch_dtype
 
@@ -96,8 +98,8 @@ class CpuTransfer:
         return uploaded
 
     def download(self, result, dtype: str):
-        """On the main thread: start moving a result back, cast to its dtype."""
-        return result.to(torch_dtype(dtype))
+        """On the main thread: start moving a result back, cast to its dtype (casting.py)."""
+        return cast(result, dtype)
 
     def fetch(self, handle):
         """In a writer thread: the result on the CPU."""
@@ -117,7 +119,9 @@ class DeviceTransfer(CpuTransfer):
         return raw.to(self.device)
 
     def download(self, result, dtype: str):
-        return result.to(torch_dtype(dtype)).to("cpu")
+        if dtype in FLOAT8_MAX:  # MPS has no float8: cast after the copy back
+            return cast(result.to("cpu"), dtype)
+        return cast(result, dtype).to("cpu")
 
 
 class CudaTransfer(CpuTransfer):
@@ -159,7 +163,7 @@ class CudaTransfer(CpuTransfer):
         return tensors
 
     def download(self, result, dtype: str):
-        out = result.to(torch_dtype(dtype))
+        out = cast(result, dtype)
         host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
         host.copy_(out, non_blocking=True)
         return host, self._recorded(torch.cuda.current_stream(self.device))

@@ -46,7 +46,7 @@ class MergeSpec:
     inputs: tuple[str, ...]
     params: dict = field(hash=False)  # method parameters as written (plain values for now)
     output: Path | None = None  # absolute; a merge with an output is a target
-    dtype: str | None = None  # float16 | bfloat16 | float32; None: the first input's, per tensor
+    dtype: str | None = None  # an OUTPUT_DTYPES name (float16 ... float8_e5m2); None: the first input's, per tensor
     discard: str | None = None  # regex: keys to leave out of the result
     rules: tuple[Rule, ...] = ()
     include: tuple[str, ...] = ()  # regexes: only these keys are merged (others pass through from A)
