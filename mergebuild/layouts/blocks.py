@@ -1,33 +1,45 @@
 """Architectures: detect one from key names, map a key to its block (MBW) or layer index.
 
-The data lives in architectures.json; this module only interprets it.
+Each architecture is one data file, archs/<name>.json (docs/architecture.md, "Adding an
+architecture", lists its fields); this module only interprets them. No architecture is named
+in code: what differs between them is in their files.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BLOCK_NAME = re.compile(r"^(BASE|IN\d\d|M00|OUT\d\d)$")
+ARCHS = HERE / "archs"
 
 
 @dataclass(frozen=True)
 class Architecture:
     name: str
     description: str
-    detect: tuple[str, ...]
-    blocks: tuple[str, ...]  # in supermerger order; empty for generic models
+    detect: tuple[tuple[str, ...], ...]  # alternatives: every prefix of one must start some key
+    blocks: tuple[str, ...]  # in supermerger order (a block list's order); empty: no blocks
     rules: tuple[tuple[re.Pattern, str, str | None], ...]
     default_block: str | None
     components: dict[str, tuple[str, ...]]
     layer_pattern: re.Pattern | None = None
+    component_match: str = "prefix"  # or "substring" (a component's names anywhere in the key)
+    aliases: dict[str, str] = field(default_factory=dict)  # another tool's name -> one of blocks
+    groups: dict[str, re.Pattern] = field(default_factory=dict)  # a name for part of a block's keys
+    list_conversions: dict[int, dict] = field(default_factory=dict)  # n values -> {kept, note}
+    modelspec: dict[str, str] = field(default_factory=dict)  # architecture, implementation ids
+    merge_keys: dict = field(default_factory=dict)  # which keys merge (A1111's "model" rule)
+    passthrough: tuple[re.Pattern, ...] = ()  # keys copied from the first input, never merged
+    inpainting: dict = field(default_factory=dict)  # latent_channels, wider_channels
+    lora: dict = field(default_factory=dict)  # the LoRA name scheme (layouts/lora_names.py)
+    extra: dict = field(default_factory=dict)  # room for later fields (layers, permutations)
 
     def block_of(self, key: str, time_embed_in_base: bool = False) -> str | None:
-        """The MBW block of a key (SD models); None for generic models."""
+        """The MBW block of a key (models with blocks); None for the others."""
         if not self.blocks:
             return None
         for pattern, template, tag in self.rules:
@@ -38,6 +50,19 @@ class Architecture:
                 return template.format(*(int(g) for g in m.groups()))
         return self.default_block
 
+    def group_of(self, key: str) -> str | None:
+        """The narrower group (another tool's name for part of a block) a key is in, if any."""
+        return next((name for name, pattern in self.groups.items() if pattern.search(key)), None)
+
+    def canonical_block(self, name: str) -> str:
+        """A block or group name as this architecture calls it (aliases resolved; ComfyUI's
+        trailing dot, as in "double_blocks.3.", allowed)."""
+        name = name[:-1] if name.endswith(".") and name not in self.blocks else name
+        return self.aliases.get(name, name)
+
+    def knows_block(self, name: str) -> bool:
+        return self.canonical_block(name) in self.blocks or name in self.groups
+
     def layer_of(self, key: str) -> int | None:
         if self.layer_pattern is None:
             return None
@@ -45,34 +70,81 @@ class Architecture:
         return int(m.group(1)) if m else None
 
     def component_of(self, key: str) -> str | None:
+        anywhere = self.component_match == "substring"
         for name, prefixes in self.components.items():
-            if any(key.startswith(p) or (self.name == "generic" and p in key) for p in prefixes):
+            if any(key.startswith(p) or (anywhere and p in key) for p in prefixes):
                 return name
         return None
+
+    def merges_key(self, key: str, keys_sample_prefixes: bool) -> bool:
+        """Whether a key of this architecture is merged (else copied from the first input).
+        keys_sample_prefixes: whether the model has a key starting with merge_keys'
+        `when_any_key_starts_with` (A1111's rule holds for SD checkpoints only)."""
+        if any(p.search(key) for p in self.passthrough):
+            return False
+        substring = self.merge_keys.get("substring")
+        return substring in key if substring and keys_sample_prefixes else True
+
+    def rule_applies(self, keys) -> bool:
+        """Whether merge_keys' substring rule applies to a model with these keys."""
+        prefix = self.merge_keys.get("when_any_key_starts_with")
+        if not self.merge_keys.get("substring"):
+            return False
+        return prefix is None or any(k.startswith(prefix) for k in keys)
+
+
+def _load(path: Path, files: dict[str, dict]) -> dict:
+    """An architecture file, with the fields of the one it `extends` (one level or more)."""
+    doc = files[path.stem]
+    parent = doc.get("extends")
+    if parent is None:
+        return doc
+    if parent not in files:
+        raise ValueError(f"{path.name}: extends unknown architecture {parent!r}")
+    return {**_load(ARCHS / f"{parent}.json", files), **{k: v for k, v in doc.items() if k != "extends"}}
+
+
+KNOWN_FIELDS = {"name", "description", "detect_order", "detect", "blocks", "aliases", "groups", "rules",
+                "default_block", "components", "component_match", "layer_pattern", "list_conversions",
+                "modelspec", "merge_keys", "passthrough_keys", "passthrough_patterns", "inpainting", "lora", "extends", "_comment"}
+
+
+def _architecture(name: str, a: dict) -> Architecture:
+    return Architecture(
+        name=name,
+        description=a["description"],
+        detect=tuple(tuple(alt) for alt in a.get("detect", [])),
+        blocks=tuple(a.get("blocks", [])),
+        rules=tuple((re.compile(p), t, tag) for p, t, tag in a.get("rules", [])),
+        default_block=a.get("default_block"),
+        components={k: tuple(v) for k, v in a.get("components", {}).items()},
+        layer_pattern=re.compile(a["layer_pattern"]) if a.get("layer_pattern") else None,
+        component_match=a.get("component_match", "prefix"),
+        aliases=dict(a.get("aliases", {})),
+        groups={k: re.compile(v) for k, v in a.get("groups", {}).items()},
+        list_conversions={int(n): dict(c) for n, c in a.get("list_conversions", {}).items()},
+        modelspec=dict(a.get("modelspec", {})),
+        merge_keys=dict(a.get("merge_keys", {})),
+        passthrough=tuple([re.compile("^" + re.escape(k) + "$") for k in a.get("passthrough_keys", [])]
+                          + [re.compile(p) for p in a.get("passthrough_patterns", [])]),
+        inpainting=dict(a.get("inpainting", {})),
+        lora=dict(a.get("lora", {})),
+        extra={k: v for k, v in a.items() if k not in KNOWN_FIELDS},
+    )
 
 
 @lru_cache(maxsize=None)
 def architectures() -> dict[str, Architecture]:
-    doc = json.loads((HERE / "architectures.json").read_text())
-    out = {}
-    for name in doc["order"]:
-        a = doc["architectures"][name]
-        out[name] = Architecture(
-            name=name,
-            description=a["description"],
-            detect=tuple(a["detect"]),
-            blocks=tuple(a["blocks"]),
-            rules=tuple((re.compile(p), t, tag) for p, t, tag in a["rules"]),
-            default_block=a["default_block"],
-            components={k: tuple(v) for k, v in a["components"].items()},
-            layer_pattern=re.compile(a["layer_pattern"]) if a.get("layer_pattern") else None,
-        )
-    return out
+    """Every architecture, in the order detection tries them (detect_order; generic last)."""
+    files = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(ARCHS.glob("*.json"))}
+    docs = {name: _load(ARCHS / f"{name}.json", files) for name in files}
+    order = sorted(docs, key=lambda n: (docs[n].get("detect_order", 10**9), n))
+    return {name: _architecture(name, docs[name]) for name in order}
 
 
 def group_of(arch: Architecture, key: str, time_embed_in_base: bool = False) -> str:
-    """The block of a key (SD models), else its layer ("layer 12"), else "other": how explain,
-    the build's statistics and the report group tensors."""
+    """The block of a key (models with blocks), else its layer ("layer 12"), else "other": how
+    explain, the build's statistics and the report group tensors."""
     block = arch.block_of(key, time_embed_in_base)
     if block is not None:
         return block
@@ -83,10 +155,14 @@ def group_of(arch: Architecture, key: str, time_embed_in_base: bool = False) -> 
 def detect(keys) -> tuple[Architecture, str]:
     """The architecture of a model from its key names, and how it was recognised."""
     keys = list(keys)
+    fallback = None
     for arch in architectures().values():
-        if arch.detect and all(any(k.startswith(p) for k in keys) for p in arch.detect):
-            return arch, f"keys start with {' and '.join(repr(p) for p in arch.detect)}"
-    generic = architectures()["generic"]
+        if not arch.detect:
+            fallback = fallback or arch
+        for alternative in arch.detect:
+            if all(any(k.startswith(p) for k in keys) for p in alternative):
+                return arch, f"keys start with {' and '.join(repr(p) for p in alternative)}"
+    generic = fallback
     layers = {generic.layer_of(k) for k in keys} - {None}
     how = f"{len(layers)} layers found by {generic.layer_pattern.pattern!r}" if layers else "no layer indices found"
     return generic, how
@@ -97,21 +173,23 @@ def expand_blocks(text: str, arch: Architecture) -> set[str]:
     out: set[str] = set()
     for word in text.replace(",", " ").split():
         if "-" in word:
-            first, last = word.split("-", 1)
-            for name in (first, last):
-                _check_block(name, arch)
+            first, last = (_check_block(name, arch, in_range=True) for name in word.split("-", 1))
             i, j = arch.blocks.index(first), arch.blocks.index(last)
             out.update(arch.blocks[min(i, j) : max(i, j) + 1])
         else:
-            _check_block(word, arch)
-            out.add(word)
+            out.add(_check_block(word, arch))
     return out
 
 
-def _check_block(name: str, arch: Architecture) -> None:
-    if name not in arch.blocks:
-        have = f"{arch.blocks[0]}..{arch.blocks[-1]}" if arch.blocks else "no blocks (use gradient or match)"
-        raise ValueError(f"block {name!r} does not exist in {arch.name} ({have})")
+def _check_block(name: str, arch: Architecture, in_range: bool = False) -> str:
+    """The block (or group) `name` stands for in `arch`; a ValueError if it has none."""
+    block = arch.canonical_block(name)
+    if block in arch.blocks or (name in arch.groups and not in_range):
+        return block
+    have = f"{arch.blocks[0]}..{arch.blocks[-1]}" if arch.blocks else "no blocks (use gradient or match)"
+    what = "a group, which a range cannot start or end at" if name in arch.groups else "does not exist in"
+    raise ValueError(f"block {name!r} {what} {arch.name} ({have})" if name not in arch.groups
+                     else f"block {name!r} is {what} ({arch.name})")
 
 
 # supermerger presets: 26 values, BASE first (GRAD_V: 0, then 1 -> 0 in steps of 1/12 down to M00,
@@ -137,11 +215,26 @@ def block_values(values: list[float], arch: Architecture) -> dict[str, float]:
     n = len(arch.blocks)
     if len(values) == n:
         return dict(zip(arch.blocks, values))
-    if n == 20 and len(values) == 26:
-        kept = values[:10] + values[13:23]
+    if len(values) in arch.list_conversions:
+        kept = [values[i] for i in arch.list_conversions[len(values)]["kept"]]
         return dict(zip(arch.blocks, kept))
     raise ValueError(f"{arch.name} has {n} blocks ({', '.join(arch.blocks[:3])}, ...), got {len(values)} values")
 
 
+@lru_cache(maxsize=None)
+def _all_block_names() -> frozenset[str]:
+    names = set()
+    for arch in architectures().values():
+        names |= {*arch.blocks, *arch.aliases, *arch.groups}
+    return frozenset(names)
+
+
 def is_block_name(name: str) -> bool:
-    return bool(BLOCK_NAME.match(name))
+    """A block (or alias, or group) name of some architecture: a Mergefile is parsed before
+    its models' architectures are known."""
+    return name in _all_block_names() or name.removesuffix(".") in _all_block_names()
+
+
+def block_name_examples() -> str:
+    """What an error about a block name suggests."""
+    return "BASE, IN00, M00, OUT00 for SD; CLIP, T5, IN, D00, S00, OUT for Flux; docs/blocks.md lists them all"

@@ -11,11 +11,11 @@ import re
 import sys
 from pathlib import Path
 
-from mergebuild.dtypes import OUTPUT_DTYPES, USER_DTYPES
+from mergebuild.dtypes import COMPUTE_DTYPES, OUTPUT_DTYPES
 from mergebuild.errors import MergefileError
 from mergebuild.portable import WINDOWS
 from mergebuild.methods.registry import get_method, suggest
-from mergebuild.layouts.blocks import PRESETS, is_block_name
+from mergebuild.layouts.blocks import PRESETS, block_name_examples, is_block_name
 from mergebuild.mergefile.model import MODEL_SUFFIXES, Mergefile, MergeSpec, ModelSpec, Rule, Settings
 from mergebuild.mergefile.search import check_range, is_range
 
@@ -107,8 +107,8 @@ def _settings(path, base: Path, table: dict) -> Settings:
     if not DEVICE.match(device):
         raise MergefileError(path, where, "device", f"{device!r} is not auto, cpu, mps, cuda or cuda:N")
     compute = _string(path, where, "compute_dtype", table.get("compute_dtype", "float32"))
-    if compute not in USER_DTYPES:
-        raise MergefileError(path, where, "compute_dtype", f"{compute!r} is not one of {', '.join(USER_DTYPES)}")
+    if compute not in COMPUTE_DTYPES:
+        raise MergefileError(path, where, "compute_dtype", f"{compute!r} is not one of {', '.join(COMPUTE_DTYPES)}")
     keep = table.get("keep_builds", 3)
     if not isinstance(keep, int) or isinstance(keep, bool) or not 0 <= keep <= MAX_COUNT:
         raise MergefileError(path, where, "keep_builds", f"expected a whole number from 0 to {MAX_COUNT}, got {keep!r}")
@@ -271,7 +271,7 @@ def _rule(path, where: str, index: int, method, table) -> Rule:
         blocks = _string(path, where, "blocks", blocks)
         for word in blocks.replace(",", " ").replace("-", " ").split():
             if not is_block_name(word):
-                raise MergefileError(path, where, "blocks", f"{word!r} is not a block name (BASE, IN00, M00, OUT00...)")
+                raise MergefileError(path, where, "blocks", f"{word!r} is not a block name ({block_name_examples()})")
     match = table.get("match", [])
     match = [match] if isinstance(match, str) else match
     if not isinstance(match, list) or not all(isinstance(m, str) and m for m in match):
@@ -375,7 +375,7 @@ def _check_varying(path, where: str, key: str, param, value) -> None:
                     raise MergefileError(path, where, f"{key}.{name}", f"expected a number, got {v!r}")
             else:
                 raise MergefileError(path, where, f"{key}.{name}",
-                                     "not a block name (BASE, IN00..IN11, M00, OUT00..OUT11), default or gradient")
+                                     f"not a block name ({block_name_examples()}), default or gradient")
     else:
         raise MergefileError(path, where, key, f"expected {param.describe()}, a block table, a list or a preset, got {value!r}")
 

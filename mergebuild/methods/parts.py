@@ -8,9 +8,6 @@ from mergebuild.layouts.blocks import expand_blocks
 from mergebuild.methods.registry import Method, Param
 from mergebuild.torchlazy import torch
 
-VAE_PREFIX = "first_stage_model."
-
-
 def take_b(*tensors, **_params):
     """B's tensor, for the keys the method selects (A's everywhere else). Called with B alone
     (the method reads only B), or with A and B where A is needed (inpainting channels, clip)."""
@@ -41,13 +38,21 @@ def _attention_selects(key: str, params: dict, arch, block) -> bool:
     return block in expand_blocks(params["blocks"], arch)
 
 
+def _vae_prefixes(arch) -> tuple[str, ...]:
+    prefixes = arch.components.get("vae")
+    if not prefixes:
+        raise ValueError(f"{arch.name} models have no VAE component")
+    return prefixes
+
+
 def _vae_selects(key: str, params: dict, arch, block) -> bool:
-    return key.startswith(VAE_PREFIX)
+    return key.startswith(_vae_prefixes(arch))
 
 
-def _vae_names(key: str, i: int) -> tuple[str, ...]:
+def _vae_names(key: str, i: int, arch) -> tuple[str, ...]:
     # a standalone VAE file has no prefix; a full checkpoint has it
-    return (key.removeprefix(VAE_PREFIX), key)
+    prefix = next((p for p in _vae_prefixes(arch) if key.startswith(p)), None)
+    return (key.removeprefix(prefix), key) if prefix else (key,)
 
 
 def position_ids(*, shape: list[int]):
@@ -76,6 +81,6 @@ METHODS = [
     ), "Take attention (attn1 / attn2) or feed-forward (ff) layers of chosen blocks from B.",
        select=_attention_selects, elementwise=True, reads=(1,)),
     Method("bake_vae", 1, take_b, ("A", "VAE"), (),
-           "Replace A's VAE (first_stage_model.*) with a VAE file's; only keys A has are written.",
+           "Replace A's VAE (first_stage_model.* in SD, vae.* in Flux) with a VAE file's; only keys A has are written.",
            select=_vae_selects, input_names=_vae_names, elementwise=True, reads=(1,)),
 ]

@@ -89,7 +89,7 @@ class Method:
     # select(key, params, arch) -> bool: which keys the method changes (others pass through
     # from the first input); None: every mergeable key (swap and attention_swap select)
     select: Callable | None = None
-    # input_names(key, i) -> candidate tensor names in input i (bake_vae: VAE files lack the
+    # input_names(key, i, arch) -> candidate tensor names in input i (bake_vae: VAE files lack the
     # "first_stage_model." prefix); None: the same key in every input
     input_names: Callable | None = None
     # plan_tasks(context) -> iterable of PlannedTensor: the method plans its output tensors itself

@@ -29,8 +29,8 @@ class _CompiledRule:
     regex: re.Pattern | None
     hits: int = 0  # keys it selected: a rule that selects none is a mistake worth a warning
 
-    def selects(self, key: str, block: str | None) -> bool:
-        if self.blocks is not None and block not in self.blocks:
+    def selects(self, key: str, block: str | None, group: str | None = None) -> bool:
+        if self.blocks is not None and block not in self.blocks and group not in self.blocks:
             return False
         if not self.rule.match and self.regex is None:
             self.hits += 1
@@ -81,8 +81,9 @@ class ParamResolver:
         out = dict(self.defaults)
         for name, value in self.values.items():
             out[name] = value(key, block) if callable(value) else value
+        group = self.arch.group_of(key) if self.arch.groups else None
         for rule in self.rules:
-            if rule.selects(key, block):
+            if rule.selects(key, block, group):
                 out.update(rule.rule.params)
         for name, value in out.items():
             if value is None:
@@ -105,22 +106,36 @@ class ParamResolver:
     def _block_list(self, name: str, values: list) -> dict:
         if not self.arch.blocks:
             self._fail(name, f"{self.arch.name} models have no blocks; use {{ gradient = [...] }} or rules")
-        if len(values) != len(self.arch.blocks):
+        conversion = self.arch.list_conversions.get(len(values))
+        if len(values) != len(self.arch.blocks) and conversion:
             self.warnings.append(f"{name}: {len(values)} values read as {self.arch.name}'s {len(self.arch.blocks)} "
-                                 "blocks, as supermerger converts them (IN09-IN11 and OUT09-OUT11 are dropped)")
+                                 f"blocks, as supermerger converts them ({conversion['note']})")
         try:
             return block_values(values, self.arch)
         except ValueError as e:
             self._fail(name, str(e))
 
     def _table(self, name: str, table: dict):
-        blocks = {k: v for k, v in table.items() if k != "default"}
-        for block in blocks:
+        """A block table: a key takes its group's value (a narrower name, such as ComfyUI's
+        img_in inside Flux's IN), else its block's, else the default."""
+        blocks, groups = {}, {}
+        for written, value in table.items():
+            if written == "default":
+                continue
+            if written in self.arch.groups:
+                groups[written] = value
+                continue
+            block = self.arch.canonical_block(written)
             if block not in self.arch.blocks:
                 have = f"{self.arch.blocks[0]}..{self.arch.blocks[-1]}" if self.arch.blocks else "no blocks"
-                self._fail(f"{name}.{block}", f"block {block} does not exist in {self.arch.name} ({have})")
+                self._fail(f"{name}.{written}", f"block {written} does not exist in {self.arch.name} ({have})")
+            if block in blocks:
+                self._fail(f"{name}.{written}", f"block {block} is given twice (once by another name)")
+            blocks[block] = value
         default = table.get("default")
-        return lambda key, block: blocks.get(block, default)
+        if not groups:
+            return lambda key, block: blocks.get(block, default)
+        return lambda key, block: groups.get(self.arch.group_of(key), blocks.get(block, default))
 
     def _gradient(self, name: str, table: dict):
         points = table["gradient"]

@@ -29,10 +29,6 @@ from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import text_digest
 from mergebuild.tensors.folder import is_folder_output
 
-# A1111 never merges these; they are copied from the first input
-SKIP_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
-SD_UNET_PREFIX = "model.diffusion_model."
-LATENT_CHANNELS, INPAINT_CHANNELS = 4, (8, 9)
 POSITION_IDS_SUFFIX = "embeddings.position_ids"
 
 CACHED, DIRTY, PENDING, PASSTHROUGH = "cached", "dirty", "pending", "passthrough"
@@ -229,9 +225,9 @@ def _keep_markers(plan: Plan, spec: MergeSpec, names: list[str], tasks: dict, ct
 
 
 def _key_by_key(plan: Plan, spec: MergeSpec, method: Method, names: list[str], resolver) -> dict[str, TensorTask]:
-    sd_checkpoint = any(n.startswith(SD_UNET_PREFIX) for n in names)
+    substring_rule = resolver.arch.rule_applies(names)
     others = [set(plan.tensor_names(i)) for i in spec.inputs[1:]]
-    return {name: _task(plan, spec, method, name, sd_checkpoint, resolver, others) for name in sorted(names)}
+    return {name: _task(plan, spec, method, name, substring_rule, resolver, others) for name in sorted(names)}
 
 
 def _method_planned(ctx: MergeContext, method: Method) -> dict[str, TensorTask]:
@@ -251,11 +247,11 @@ def _method_planned(ctx: MergeContext, method: Method) -> dict[str, TensorTask]:
     return dict(sorted(tasks.items()))
 
 
-def _input_names(method: Method, name: str, others: list[set]) -> list[str] | None:
+def _input_names(method: Method, name: str, others: list[set], arch: Architecture) -> list[str] | None:
     """The tensor each other input contributes to key `name`, or None if one has none."""
     found = []
     for i, names in enumerate(others, start=1):
-        candidates = method.input_names(name, i) if method.input_names else (name,)
+        candidates = method.input_names(name, i, arch) if method.input_names else (name,)
         hit = next((c for c in candidates if c in names), None)
         if hit is None:
             return None
@@ -263,13 +259,13 @@ def _input_names(method: Method, name: str, others: list[set]) -> list[str] | No
     return found
 
 
-def _task(plan: Plan, spec: MergeSpec, method: Method, name: str, sd_checkpoint: bool,
+def _task(plan: Plan, spec: MergeSpec, method: Method, name: str, substring_rule: bool,
           resolver: ParamResolver, others: list[set]) -> TensorTask:
     a = plan.ref(spec.inputs[0], name)
     out_dtype = USER_DTYPES[spec.dtype] if spec.dtype and is_float(a.dtype) else a.dtype
-    mergeable = (method.merges_tensors and _mergeable_name(name, sd_checkpoint) and is_float(a.dtype)
+    mergeable = (method.merges_tensors and resolver.arch.merges_key(name, substring_rule) and is_float(a.dtype)
                  and resolver.selected(name))
-    other_names = _input_names(method, name, others) if mergeable else None
+    other_names = _input_names(method, name, others, resolver.arch) if mergeable else None
     refs = [a] + [plan.ref(n, t) for n, t in zip(spec.inputs[1:], other_names or [])]
     mergeable = other_names is not None and all(is_float(r.dtype) for r in refs)
     params = resolver.params(name) if mergeable else {}
@@ -281,7 +277,7 @@ def _task(plan: Plan, spec: MergeSpec, method: Method, name: str, sd_checkpoint:
     if spec.fix_clip_position_ids and name.endswith(POSITION_IDS_SUFFIX):
         return TensorTask(name, "I64", a.shape, (), POSITION_IDS, {"shape": list(a.shape)})
     if mergeable:
-        channels = _check_shapes(plan, spec, name, refs)
+        channels = _check_shapes(spec, name, refs, resolver.arch.inpainting)
         inputs = ((spec.inputs[0], name),) + tuple(zip(spec.inputs[1:], other_names))
         if method.reads is not None and channels is None and not spec.clip_to_inputs:
             inputs = tuple(inputs[i] for i in method.reads)  # its key depends on these alone
@@ -292,16 +288,10 @@ def _task(plan: Plan, spec: MergeSpec, method: Method, name: str, sd_checkpoint:
     return TensorTask(name, out_dtype, a.shape, ((spec.inputs[0], name),), cast, {})
 
 
-def _mergeable_name(name: str, sd_checkpoint: bool) -> bool:
-    if name in SKIP_KEYS:
-        return False
-    # A1111 merges only keys containing "model" (scheduler buffers such as alphas_cumprod are
-    # copied); we keep that rule for SD checkpoints only: LLM keys such as lm_head.weight merge.
-    return "model" in name if sd_checkpoint else True
-
-
-def _check_shapes(plan: Plan, spec: MergeSpec, name: str, refs: list[TensorRef]) -> int | None:
-    """None when all shapes agree; the channel count to merge for inpainting-style mismatches."""
+def _check_shapes(spec: MergeSpec, name: str, refs: list[TensorRef], inpainting: dict) -> int | None:
+    """None when all shapes agree; the channel count to merge for inpainting-style mismatches
+    (the architecture's `inpainting` entry: latent and wider input channels)."""
+    latent, wider = inpainting.get("latent_channels"), tuple(inpainting.get("wider_channels", ()))
     a = refs[0].shape
     channels = None
     for other_name, ref in zip(spec.inputs[1:], refs[1:]):
@@ -310,11 +300,11 @@ def _check_shapes(plan: Plan, spec: MergeSpec, name: str, refs: list[TensorRef])
             continue
         same_but_dim1 = len(a) == len(b) >= 2 and a[:1] + a[2:] == b[:1] + b[2:]
         # A1111's rule: an inpainting (9) or instruct-pix2pix (8) conv_in against a plain one (4)
-        if same_but_dim1 and a[1] in INPAINT_CHANNELS and b[1] == LATENT_CHANNELS:
-            channels = LATENT_CHANNELS
+        if same_but_dim1 and a[1] in wider and b[1] == latent:
+            channels = latent
             continue
         detail = f"{spec.inputs[0]} {list(a)} vs {other_name} {list(b)}"
-        if same_but_dim1 and b[1] in INPAINT_CHANNELS and a[1] == LATENT_CHANNELS:
+        if same_but_dim1 and b[1] in wider and a[1] == latent:
             raise InputError(
                 f"[merges.{spec.name}] key {name!r}: {detail}: the first input must be the "
                 "inpainting / instruct-pix2pix model (the one with more input channels)"

@@ -107,17 +107,11 @@ def header_budget(metadata: dict[str, str]) -> list[tuple[str, int]]:
     return sorted(parts, key=lambda p: -p[1])
 
 
-# ModelSpec 1.0.1 (Stability AI): architecture and implementation ids by detected layout
-MODELSPEC_ARCH = {
-    "sd1": ("stable-diffusion-v1", "https://github.com/CompVis/stable-diffusion"),
-    "sd2": ("stable-diffusion-v2", "https://github.com/Stability-AI/stablediffusion"),
-    "sdxl": ("stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models"),
-}
-
-
 def modelspec(plan: Plan, merge: str, data_sha256: str, date: str) -> dict[str, str]:
     arch = plan.merges[merge].arch
-    architecture, implementation = MODELSPEC_ARCH.get(arch.name if arch else "", ("unknown", "unknown"))
+    # ModelSpec 1.0.1 (Stability AI) ids, from the architecture's file
+    ids = arch.modelspec if arch else {}
+    architecture, implementation = ids.get("architecture", "unknown"), ids.get("implementation", "unknown")
     spec = plan.mergefile.merges[merge]
     title = spec.output.stem if spec.output is not None else merge
     merged_from = ", ".join(plan.sources[i].path.name if i in plan.sources else i for i in spec.inputs)
