@@ -57,6 +57,7 @@ class ParamResolver:
         self.exclude = [re.compile(p) for p in merge.exclude]
         self.pattern_hits: dict[str, int] = {p.pattern: 0 for p in self.include + self.exclude}
         self.defaults = method.defaults()
+        self.outside_blocks: dict[str, int] = {}  # keys in no block, left unmerged: by their group
         # whether any value depends on the block of a key: then the block map (and its
         # [settings] time_embed) reaches the tensors
         self.block_sensitive = bool(
@@ -76,7 +77,9 @@ class ParamResolver:
             return False
         return not any(p.search(key) for p in self.exclude)
 
-    def params(self, key: str) -> dict:
+    def params(self, key: str) -> dict | None:
+        """The parameters of one key; None for a key outside every block (a Flux VAE key, say)
+        that a block list gives no value: it stays the first input's, as supermerger keeps it."""
         block = self.block_of(key)
         out = dict(self.defaults)
         for name, value in self.values.items():
@@ -86,6 +89,9 @@ class ParamResolver:
             if rule.selects(key, block, group):
                 out.update(rule.rule.params)
         for name, value in out.items():
+            if value is None and self.arch.blocks and block not in self.arch.blocks:
+                self.outside_blocks[block] = self.outside_blocks.get(block, 0) + 1
+                return None
             if value is None:
                 self._fail(name, f"no value for block {block or 'of ' + key} (add default = ...)")
         return out

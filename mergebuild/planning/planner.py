@@ -194,6 +194,9 @@ def _plan_merge(plan: Plan, spec: MergeSpec) -> MergePlan:
     if method.plan_tasks is None and method.input_names is None:
         _keep_markers(plan, spec, names, tasks, ctx)
     ctx.warnings += resolver.unused(names)
+    for group, count in resolver.outside_blocks.items():
+        ctx.note(f"{count} {group} keys are in no block and the block values have no default: kept from "
+                 f"{spec.inputs[0]} (add default = ... to merge them)")
     merge = MergePlan(spec, method, tasks, arch=arch, arch_how=how, warnings=ctx.warnings, notes=ctx.notes,
                       output_metadata=ctx.output_metadata, block_sensitive=resolver.block_sensitive)
     if method.merges_tensors and not any(t.method is method for t in tasks.values()) and not merge.warnings:
@@ -269,6 +272,8 @@ def _task(plan: Plan, spec: MergeSpec, method: Method, name: str, substring_rule
     refs = [a] + [plan.ref(n, t) for n, t in zip(spec.inputs[1:], other_names or [])]
     mergeable = other_names is not None and all(is_float(r.dtype) for r in refs)
     params = resolver.params(name) if mergeable else {}
+    if params is None:  # in no block, and the block list has no value for it
+        mergeable, params = False, {}
     if mergeable and method.select is not None:
         try:
             mergeable = method.select(name, params, resolver.arch, resolver.block_of(name))
