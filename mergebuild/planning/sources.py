@@ -1,24 +1,29 @@
 """Source models: their tensors' dtypes, shapes, locations and digests, fingerprinted by stamp.
 
 A safetensors source is hashed once, straight from its byte ranges, and remembered under its
-stamp (size, mtime_ns, ctime_ns, inode). A legacy pickled checkpoint is loaded once with
-weights_only=True and its tensors are imported into the cache as blobs, so from then on it
-streams like the rest. Sources are verified, not trusted: `changed_parts` re-checks every file
-before anything computed from it is recorded.
+stamp (size, mtime_ns, ctime_ns, inode). A source whose tensors must be converted to be merged
+is imported into the cache as blobs once, tensor by tensor, so from then on it streams like the
+rest: a legacy pickled checkpoint (loaded with weights_only=True), a GGUF (tensors/gguf.py), and
+the scaled weights of a ComfyUI scaled-fp8 safetensors file (tensors/scaled_fp8.py). Sources are
+verified, not trusted: `changed_parts` re-checks every file before anything computed from it is
+recorded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 from mergebuild.errors import BuildError, InputError
 from mergebuild.portable import file_stamp, is_regular_file
 from mergebuild.mergefile.model import ModelSpec
 from mergebuild.store.cache import Cache
-from mergebuild.store.hashing import digest_safetensors, text_digest
+from mergebuild.store.hashing import digest_safetensors, tensor_digest, text_digest
+from mergebuild.tensors import gguf, scaled_fp8
 from mergebuild.tensors.header import read_header
 from mergebuild.tensors.legacy import LEGACY_SUFFIXES
 
@@ -47,6 +52,7 @@ class Source:
     content: str  # identity of what the source holds: every tensor's digest and the metadata
     parts: list[tuple[Path, tuple]] = field(default_factory=list)  # every file read, with its stamp
     addnet_hash: str | None = None  # sha256 of the tensor data (kohya's hash), for LoRA inputs
+    notes: list[str] = field(default_factory=list)  # what reading it left out or kept as it was
 
     @property
     def path(self) -> Path:
@@ -72,10 +78,15 @@ def load_source(spec: ModelSpec, cache: Cache, table: str) -> Source:
     if spec.path.is_dir():
         return _folder_source(spec, cache, table)
     st = _stat(spec.path, table)
-    if spec.path.suffix.lower() in LEGACY_SUFFIXES:
-        return _legacy_source(spec, cache, st)
+    suffix = spec.path.suffix.lower()
+    if suffix in LEGACY_SUFFIXES:
+        return _imported_source(spec, cache, st, _legacy_import)
+    if suffix == gguf.GGUF_SUFFIX:
+        return _imported_source(spec, cache, st, _gguf_import, gguf.READER)
     tensors, metadata, sha256, content = _safetensors(spec.path, st, cache)
-    return Source(spec, tensors, metadata, st, sha256, spec.path, content, [(spec.path, st)])
+    source = Source(spec, tensors, metadata, st, sha256, spec.path, content, [(spec.path, st)])
+    layout = scaled_fp8.scaled_layout(spec.path, tensors)
+    return _scaled_source(source, layout, cache) if layout else source
 
 
 def _stat(path: Path, table: str) -> tuple:
@@ -127,6 +138,9 @@ def _folder_source(spec: ModelSpec, cache: Cache, table: str) -> Source:
         path = folder / shard
         st = _stat(path, table)
         found, meta, _, content = _safetensors(path, st, cache)
+        if any(scaled_fp8.is_marker(n) for n in found):
+            raise InputError(f"{path}: a ComfyUI scaled-fp8 shard; mergebuild reads scaled fp8 as a single file "
+                             "(name the file as the source)")
         for name in found.keys() & tensors.keys():
             raise InputError(f"{folder}: tensor {name!r} is in two shards")
         tensors.update(found)
@@ -159,35 +173,89 @@ def _index_shards(index: Path, folder: Path) -> list[str]:
     return shards
 
 
-def _legacy_source(spec: ModelSpec, cache: Cache, st: tuple) -> Source:
-    known = cache.index.fingerprint(str(spec.path), st)
-    if known is not None and all(cache.blobs.has(t[2]) for t in known[0].values()):
-        table, content, sha256 = known
+# (name, dtype, shape, bytes) of each tensor, made as it is asked for
+Tensors = Iterable[tuple[str, str, tuple, object]]
+
+
+@dataclass
+class _Imported:
+    tensors: Tensors
+    metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _imported_source(spec: ModelSpec, cache: Cache, st: tuple, read: Callable[[Path], _Imported],
+                     reader: str = "") -> Source:
+    """A source converted as it is read: imported once, then remembered under the file's stamp.
+    `reader` names the conversion; its own row (reader:path) keeps the metadata and notes, so a
+    cached import never opens the file and a changed conversion imports again."""
+    path = spec.path
+    known = cache.index.fingerprint(str(path), st)
+    side = cache.index.fingerprint(f"{reader}:{path}", st) if reader else ({}, "{}", None)
+    if known is not None and side is not None and all(cache.blobs.has(t[2]) for t in known[0].values()):
+        (table, content, sha256), noted = known, json.loads(side[1])
     else:
-        table, sha256 = _import_legacy(spec.path, cache), None
-        if _stat(spec.path, "models") != st:
-            raise BuildError(f"{spec.path}: the file changed while it was being read; run the build again")
-        content = _content(table, {})
-        cache.index.save_fingerprint(str(spec.path), st, table, content, None)
+        imported = read(path)
+        table, sha256 = _import(imported.tensors, cache), None
+        if _stat(path, "models") != st:
+            raise BuildError(f"{path}: the file changed while it was being read; run the build again")
+        noted = {"metadata": imported.metadata, "notes": imported.notes}
+        content = _content(table, imported.metadata)
+        cache.index.save_fingerprint(str(path), st, table, content, None)
+        if reader:
+            cache.index.save_fingerprint(f"{reader}:{path}", st, {}, json.dumps(noted), None)
     tensors = {n: TensorRef(dt, tuple(shape), d) for n, (dt, shape, d) in table.items()}
-    return Source(spec, tensors, {}, st, sha256, spec.path, content, [(spec.path, st)])
+    return Source(spec, tensors, noted.get("metadata", {}), st, sha256, path, content, [(path, st)],
+                  notes=noted.get("notes", []))
 
 
-def _import_legacy(path: Path, cache: Cache) -> dict:
-    from mergebuild.store.hashing import tensor_digest
-    from mergebuild.tensors.convert import code_of, to_bytes
-    from mergebuild.tensors.legacy import load_legacy
-
+def _import(tensors: Tensors, cache: Cache) -> dict:
+    """Store each tensor as a blob as it comes (one in memory at a time); the tensor table."""
     table, stored = {}, []
     cache.alive()
-    for name, tensor in load_legacy(path).items():
+    for name, dtype, shape, data in tensors:
+        digest = tensor_digest(dtype, tuple(shape), data)
+        stored.append((digest, cache.blobs.put(digest, data), "import"))
+        table[name] = (dtype, list(shape), digest)
+    cache.index.save_blobs([r for r in stored if r[1]], 0)
+    return table
+
+
+def _legacy_import(path: Path) -> _Imported:
+    from mergebuild.tensors.legacy import load_legacy
+
+    return _Imported(_legacy_tensors(path, load_legacy(path)))
+
+
+def _legacy_tensors(path: Path, state: dict) -> Tensors:
+    from mergebuild.tensors.convert import code_of, to_bytes
+
+    for name, tensor in state.items():
         try:
             dtype = code_of(tensor)
         except KeyError:
             raise InputError(f"{path}: tensor {name!r} has unsupported dtype {tensor.dtype}") from None
-        data = to_bytes(tensor)
-        digest = tensor_digest(dtype, tuple(tensor.shape), data)
-        stored.append((digest, cache.blobs.put(digest, data), "import"))
-        table[name] = (dtype, list(tensor.shape), digest)
-    cache.index.save_blobs([r for r in stored if r[1]], 0)
-    return table
+        yield name, dtype, tuple(tensor.shape), to_bytes(tensor)
+
+
+def _gguf_import(path: Path) -> _Imported:
+    model = gguf.read_gguf(path)
+    return _Imported(model.tensors(), model.metadata, model.notes)
+
+
+def _scaled_source(source: Source, layout: scaled_fp8.ScaledLayout, cache: Cache) -> Source:
+    """A ComfyUI scaled-fp8 file: its scaled weights dequantised (imported once, remembered in the
+    row reader:path), its scale and marker tensors gone, the rest streamed from the file."""
+    path, st, key = source.path, source.stamp, f"{scaled_fp8.READER}:{source.path}"
+    known = cache.index.fingerprint(key, st)
+    if known is not None and all(cache.blobs.has(t[2]) for t in known[0].values()):
+        table = known[0]
+    else:
+        table = _import(scaled_fp8.dequantized(path, source.tensors, layout), cache)
+        if _stat(path, "models") != st:
+            raise BuildError(f"{path}: the file changed while it was being read; run the build again")
+        cache.index.save_fingerprint(key, st, table, scaled_fp8.READER, None)
+    tensors = {n: ref for n, ref in source.tensors.items() if n not in layout.hidden}
+    tensors.update({n: TensorRef(dt, tuple(shape), d) for n, (dt, shape, d) in table.items()})
+    content = text_digest(json.dumps([source.content, scaled_fp8.READER, sorted(table.items())]))
+    return dataclasses.replace(source, tensors=tensors, content=content)
