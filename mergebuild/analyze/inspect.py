@@ -7,7 +7,9 @@ ever loaded (and torch is never imported).
 
 LoRA / LyCORIS files get a "lora" section: their modules are grouped as mergebuild's lora method
 groups them (methods.lora.read_lora), and the checkpoint they were made for is the one whose
-module names (layouts.lora_names, over the layouts' keys) cover most of theirs.
+module names (layouts.lora_names, over the keys of the layout its "lora" object names) cover
+most of theirs. Architectures that share another's names ("like") are told from it by metadata
+hints and by evidence in the modules (a deeper text encoder, wider inputs, more blocks).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from types import SimpleNamespace
 from mergebuild.dtypes import SAFETENSORS_DTYPES
 from mergebuild.layouts import load_layout
 from mergebuild.layouts.blocks import Architecture, architectures, detect
-from mergebuild.layouts.lora_names import ModuleName, module_names
+from mergebuild.layouts.lora_names import ModuleName, lora_spec, module_names
 from mergebuild.methods import lora_formats as lf
 from mergebuild.methods.lora import Module, read_lora
 from mergebuild.record.lineage import made_by_from_metadata
@@ -34,16 +36,9 @@ from mergebuild.tensors.header import read_header
 CHUNK = 16 << 20
 OTHER = "other"
 
-# the layouts whose LoRA module names tell which checkpoint a LoRA was made for (SD2 shares
-# SD1's names, bar the text encoder's depth and widths: see _sd2_evidence)
-LORA_LAYOUTS = {"sdxl": "sdxl-sgm", "sd1": "sd1-ldm"}
 KOHYA_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version")
 # a file's headline format when its modules differ in kind: the most telling kind first
 FORMAT_ORDER = ("DoRA", "LoHa", "LoKr", "PEFT", "LoCon", "LoRA")
-SD1_TE_LAYERS = 12  # SD2's OpenCLIP text encoder has 23
-SD2_WIDTH = 1024  # SD2's text-encoder width and cross-attention context (SD1: 768)
-TE_LAYER = re.compile(r"^(?:lora_te_|text_encoder\.)text_model[._]encoder[._]layers[._](\d+)[._]")
-CROSS_ATTN_KV = re.compile(r"attn2[._]to_[kv]$")
 SCALARS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i"}
 
 
@@ -184,9 +179,10 @@ def lora_section(header) -> dict | None:
     "module_formats": {label: modules}, "modules", "ranks" (sorted), "rank" (the most common; None
     if no module has one), "modules_without_rank" (LoKr with both factors full), "alphas" (sorted,
     distinct), "alpha" (the most common), "modules_without_alpha" (alpha = rank: a scale of 1),
-    "target": {"name": "sd1" | "sd2" | "sdxl" | "generic", "description", "how"},
+    "target": {"name": an architecture, "description", "how", "grouping": "block" | "layer"},
+    "name_styles": {whose naming the modules use ("kohya", "diffusers", ...): modules},
     "components": {name: row}, "blocks": [{"name", **row}], row = {"modules", "tensors", "params",
-    "bytes"}, "unmatched": [modules the target has no layer for] | None (generic: not checked),
+    "bytes"}, "unmatched": [modules the target has no layer for] | None (no layout: not checked),
     "stray_tensors": [tensors of no module], "kohya": {ss_* key: value, those present}}.
     """
     lora = read_lora(_names_only(header), 0)
@@ -199,7 +195,9 @@ def lora_section(header) -> dict | None:
     without_rank = ranks.pop(None, 0)
     alphas = Counter(a for a in _alpha_values(header, lora.modules) if a is not None)
     target, how, places = lora_target(lora.modules, shapes, header.metadata)
-    components, blocks, unmatched = _lora_rows(header, lora.modules, architectures()[target], places)
+    arch = architectures()[target]
+    components, blocks, unmatched = _lora_rows(header, lora.modules, arch, places)
+    styles = Counter(places[m.name].style for m in lora.modules if m.name in places)
     return {
         "format": _headline(labels, naming),
         "naming": naming,
@@ -211,10 +209,11 @@ def lora_section(header) -> dict | None:
         "alphas": sorted(alphas),
         "alpha": _most_common(alphas),
         "modules_without_alpha": sum("alpha" not in m.roles for m in lora.modules),
-        "target": {"name": target, "description": architectures()[target].description, "how": how},
+        "target": {"name": target, "description": arch.description, "how": how, "grouping": grouping(arch)},
+        "name_styles": dict(sorted(styles.items())),
         "components": components,
         "blocks": blocks,
-        "unmatched": None if target == "generic" else unmatched,
+        "unmatched": unmatched if target in _inspected() else None,
         "stray_tensors": sorted(lora.stray),
         "kohya": {k: header.metadata[k] for k in KOHYA_KEYS if k in header.metadata},
     }
@@ -261,59 +260,98 @@ def _scalar(f, entry) -> float | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
+def _inspected() -> dict[str, dict]:
+    """{architecture: the "inspect" part of its "lora" object}, in detection order."""
+    return {name: lora_spec(name)["inspect"] for name in architectures() if "inspect" in lora_spec(name)}
+
+
+def _like(name: str | None) -> str | None:
+    """The architecture whose layout `name` looks LoRA names up in (itself if it has one)."""
+    spec = _inspected().get(name, {})
+    return spec.get("like", name if "layout" in spec else None)
+
+
 @lru_cache(maxsize=None)
 def layout_module_names(arch: str) -> dict[str, ModuleName]:
     """{name: ModuleName} of every LoRA module name a checkpoint of `arch` answers to."""
-    keys = load_layout(LORA_LAYOUTS[arch])["keys"]
+    keys = load_layout(_inspected()[arch]["layout"])["keys"]
     return {m.name: m for m in module_names({k: tuple(v["shape"]) for k, v in keys.items()}, arch)}
 
 
 def lora_target(modules: list[Module], shapes: dict, metadata: dict) -> tuple[str, str, dict[str, ModuleName]]:
     """The checkpoint a LoRA was made for, from its module names (what baking it looks up):
     (architecture name, how it was told, {module: its ModuleName in that checkpoint})."""
+    layouts = [name for name, spec in _inspected().items() if "layout" in spec]
     hits = {arch: {m.name: layout_module_names(arch)[m.name] for m in modules if m.name in layout_module_names(arch)}
-            for arch in LORA_LAYOUTS}
+            for arch in layouts}
     hint, hint_why = _base_model_hint(metadata)
-    best = max(LORA_LAYOUTS, key=lambda a: (len(hits[a]), a == hint or (a, hint) == ("sd1", "sd2")))
+    best = max(layouts, key=lambda a: (len(hits[a]), a == _like(hint)))
     if not hits[best]:
-        return "generic", "no module name is one of an SD1, SD2 or SDXL checkpoint", {}
+        return _fallback(), f"no module name is one of a {', '.join(layouts)} checkpoint's", {}
     how = f"{len(hits[best])} of {len(modules)} module names are {best}'s"
-    tied = [a for a in LORA_LAYOUTS if a != best and len(hits[a]) == len(hits[best])]
+    tied = [a for a in layouts if a != best and len(hits[a]) == len(hits[best])]
     if tied:
         how += f" (as many are {tied[0]}'s" + (f"; {hint_why})" if hint else ")")
-    if best == "sd1":
-        why = hint_why if hint == "sd2" else _sd2_evidence(modules, shapes)
+    alike = [name for name, spec in _inspected().items() if spec.get("like") == best]
+    for name in alike:  # told by the file's own word first, by its modules after
+        why = _hint_of(name, metadata)
         if why:
-            return "sd2", f"{how}; SD2 by {why}", hits[best]
+            return name, f"{how}; {name} by {why}", hits[best]
+    for name in alike:
+        why = _evidence(_inspected()[name].get("evidence", []), modules, shapes)
+        if why:
+            return name, f"{how}; {name} by {why}", hits[best]
     return best, how, hits[best]
 
 
-def _base_model_hint(metadata: dict) -> tuple[str | None, str | None]:
-    """kohya's word on the base model: ss_base_model_version ("sd_v1", "sd_v2_768_v",
-    "sdxl_base_v1-0"), or ss_v2 in files from before it existed."""
-    base = metadata.get("ss_base_model_version", "")
-    why = f"ss_base_model_version {base}"
-    if base.startswith("sdxl"):
-        return "sdxl", why
-    if base.startswith("sd_v2"):
-        return "sd2", why
-    if metadata.get("ss_v2") == "True":
-        return "sd2", "ss_v2 True"
-    return ("sd1", why) if base.startswith("sd_v1") else (None, None)
+def _fallback() -> str:
+    """The architecture of models no other describes (the one detection falls back to)."""
+    return next(a.name for a in architectures().values() if not a.detect)
 
 
-def _sd2_evidence(modules: list[Module], shapes: dict) -> str | None:
-    """Why a LoRA with SD1's module names is for SD2, if it is: SD2 names its modules as SD1
-    does, but its text encoder is deeper and wider, and its cross-attention reads wider context."""
-    for m in modules:
-        layer = TE_LAYER.match(m.name)
-        if layer and int(layer.group(1)) >= SD1_TE_LAYERS:
-            return f"text-encoder layer {layer.group(1)} (SD1 has {SD1_TE_LAYERS})"
-        down = shapes[m.name].get("lora_down") or shapes[m.name].get("hada_w1_b")
-        reads = down[1] if down is not None and len(down) == 2 else None
-        if reads == SD2_WIDTH and (layer or CROSS_ATTN_KV.search(m.name)):
-            return f"{m.name} reading {SD2_WIDTH} features (SD1: 768)"
+def _hint_of(name: str, metadata: dict) -> str | None:
+    """Why the metadata says the LoRA is for `name` (kohya's ss_base_model_version, ss_v2 in
+    files from before it, ModelSpec's architecture), if it does."""
+    for hint in _inspected()[name].get("hints", []):
+        value = metadata.get(hint["metadata"])
+        if value is None:
+            continue
+        if value == hint.get("equals") or ("prefix" in hint and value.startswith(hint["prefix"])):
+            return f"{hint['metadata']} {value}"
     return None
+
+
+def _base_model_hint(metadata: dict) -> tuple[str | None, str | None]:
+    """The first architecture (in detection order) the metadata names, and why."""
+    for name in _inspected():
+        why = _hint_of(name, metadata)
+        if why:
+            return name, why
+    return None, None
+
+
+def _evidence(rules: list[dict], modules: list[Module], shapes: dict) -> str | None:
+    """Why a LoRA with another architecture's module names is for this one, if it is: a module
+    whose name matches a rule's pattern, with a block index at least index_at_least, or whose
+    down matrix reads `reads` features (an SD2 text encoder deeper than SD1's, wider context)."""
+    for m in modules:
+        for rule in rules:
+            found = re.search(rule["module"], m.name) if "module" in rule else None
+            if "module" in rule and found is None:
+                continue
+            index = found.group(1) if found is not None and found.groups() else None
+            if "index_at_least" in rule and (index is None or int(index) < rule["index_at_least"]):
+                continue
+            if "reads" in rule and _reads(shapes[m.name]) != rule["reads"]:
+                continue
+            return rule["why"].format(index=index, module=m.name)
+    return None
+
+
+def _reads(shapes: dict) -> int | None:
+    """How many features a module reads (linear modules), from its down matrix."""
+    down = shapes.get("lora_down") or shapes.get("hada_w1_b")
+    return down[1] if down is not None and len(down) == 2 else None
 
 
 def _lora_rows(header, modules: list[Module], arch: Architecture, places: dict) -> tuple[dict, list, list]:
@@ -342,11 +380,14 @@ def _place(arch: Architecture, name: str, places: dict) -> tuple[str, str]:
     if name in places:
         key = places[name].target.key
         return _component(arch, key), group_of(arch, key)
-    if arch.name == "generic":  # no layout to look names up in: read the layer off the name
+    if arch.name not in _inspected():  # no layout to look names up in: read the layer off the name
         layer = arch.layer_of(name)
         return arch.component_of(name) or ("layers" if layer is not None else OTHER), group_of(arch, name)
-    if arch.name == "sd2" and TE_LAYER.match(name):  # layers 12-22, which SD1's layout lacks
-        return "text_encoder", arch.block_of("cond_stage_model.") or OTHER
+    for rule in _inspected()[arch.name].get("evidence", []):  # what the layout looked up lacks
+        found = re.search(rule["module"], name) if "place" in rule else None
+        if found is not None:  # e.g. SD2's text-encoder layers 12-22, which SD1's layout lacks
+            key = rule["place"].format(index=found.group(1))
+            return _component(arch, key), group_of(arch, key)
     return OTHER, OTHER
 
 

@@ -1,52 +1,45 @@
 """LoRA module names of a checkpoint's keys: a forward map, never a parse of '_'-joined names.
 
 Every weight key of the checkpoint is converted to each module name a LoRA file may use for it
-(kohya names with Diffusers or LDM/SGM paths, Diffusers-PEFT names, PEFT names); a LoRA module
-is then looked up by name. '_' is ambiguous in kohya names ("to_q", "proj_in", "layers_0"), so
-a name is never split back into a path.
+(kohya names with Diffusers or the checkpoint's own paths, Diffusers-PEFT names, PEFT names,
+...); a LoRA module is then looked up by name. '_' is ambiguous in kohya names ("to_q",
+"proj_in", "layers_0"), so a name is never split back into a path.
 
-A module's target is a checkpoint key plus an optional row slice: OpenCLIP text encoders (SD2,
-SDXL's CLIP-G) fuse q, k and v in one `attn.in_proj_weight` [3d, d]; the q, k and v modules of
-a LoRA are its rows [0, d), [d, 2d) and [2d, 3d), in PyTorch MultiheadAttention order.
+A module's target is a checkpoint key plus an optional row slice: OpenCLIP text encoders fuse
+q, k and v in one `attn.in_proj_weight` [3d, d], whose q, k and v modules are its rows [0, d),
+[d, 2d) and [2d, 3d) (PyTorch MultiheadAttention order); diffusion transformers fuse q, k, v
+(and an MLP) in one weight, which diffusers splits (lora_dit).
+
+What differs between architectures is the "lora" object of their files (archs/*.json; see
+docs/architecture.md, "LoRA name schemes"): a scheme ("ldm", "dit" or "peft", each with its
+code here or in lora_ldm / lora_dit), the key prefixes, the name forms (a prefix, then the
+module path with '.' or '_' between its parts), the text encoders, which form mergebuild writes.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator, Mapping
 
-from mergebuild.layouts.blocks import architectures
+from mergebuild.layouts.blocks import Architecture, architectures
+from mergebuild.layouts.lora_dit import DitModule, compile_module, dit_paths
+from mergebuild.layouts.lora_ldm import ldm_paths
 
-UNET = "model.diffusion_model."
-SD1_TE = "cond_stage_model.transformer."  # + text_model.encoder.layers.N...
-SD2_TE = "cond_stage_model.model.transformer.resblocks."
-SDXL_TE1 = "conditioner.embedders.0.transformer."  # + text_model...
-SDXL_TE2 = "conditioner.embedders.1.model.transformer.resblocks."
-
-# LDM ResBlock children -> Diffusers ResnetBlock2D children
-RESNET_RENAMES = {
-    "in_layers.0": "norm1", "in_layers.2": "conv1", "out_layers.0": "norm2", "out_layers.3": "conv2",
-    "emb_layers.1": "time_emb_proj", "skip_connection": "conv_shortcut",
-}
-TOP_RENAMES = {
-    "input_blocks.0.0": "conv_in", "out.2": "conv_out", "out.0": "conv_norm_out",
-    "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-    "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
-}
 # OpenCLIP residual block children -> Hugging Face CLIP encoder layer children
 OPENCLIP_RENAMES = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-
-# the UNet modules kohya's LoRA trains: children of Transformer2DModel (attention blocks); LoCon
-# adds those of ResnetBlock2D, Downsample2D and Upsample2D
-ATTENTION_PARTS = ("proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+T5_MODULE = re.compile(r"^encoder\.block\.\d+\.layer\.\d+\.(?:SelfAttention\.[qkvo]|DenseReluDense\.w[io](?:_\d)?)$")
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where a LoRA module applies: a checkpoint key, and rows [start, stop) of it (or all)."""
+    """Where a LoRA module applies: a checkpoint key, rows [start, stop) of it (or all), and
+    whether the module sees those rows with their two halves swapped (lora_dit)."""
 
     key: str
     rows: tuple[int, int] | None = None
+    swap: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,83 +47,104 @@ class ModuleName:
     name: str
     target: Target
     # "unet" (attention blocks), "unet_conv" (ResBlocks, samplers: LoCon), "unet_top" (conv_in,
-    # conv_out, embeddings), "te" (text encoders), "linear" (generic models)
+    # conv_out, embeddings), "unet_other" (named, never extracted), "te" (text encoders),
+    # "linear" (models of the peft scheme)
     group: str
-    preferred: bool  # the name mergebuild writes (kohya's for SD, PEFT's for generic models)
+    preferred: bool  # the name mergebuild writes
+    style: str = "kohya"  # whose naming: kohya, diffusers, lycoris, onetrainer, comfyui, peft, ...
 
 
-def ldm_to_diffusers(path: str) -> tuple[str, str] | None:
-    """An LDM UNet module path (no "model.diffusion_model.", no ".weight") -> (Diffusers path,
-    group), or None for modules no LoRA names (norms of the output, ...)."""
-    if path in TOP_RENAMES:  # conv_in, conv_out, time and label embeddings: no LoCon trains them
-        return TOP_RENAMES[path], "unet_top"
-    parts = path.split(".")
-    if len(parts) < 3 or not parts[1].isdigit():
-        return None
-    block, n, rest = parts[0], int(parts[1]), parts[2:]
-    if block == "input_blocks":
-        i, j = divmod(n - 1, 3)
-        if n == 0:
-            return None
-        if j == 2:  # input_blocks.3/6/9.0.op: the downsamplers
-            return (f"down_blocks.{i}.downsamplers.0.conv", "unet_conv") if rest == ["0", "op"] else None
-        return _resnet_or_attention(f"down_blocks.{i}", j, rest)
-    if block == "middle_block":
-        if n == 1:
-            return _resnet_or_attention("mid_block", 0, ["1", *rest])
-        return _resnet_or_attention("mid_block", n // 2, ["0", *rest])
-    if block == "output_blocks":
-        i, j = divmod(n, 3)
-        if rest[0] in ("1", "2") and rest[1:] == ["conv"]:  # output_blocks.(3i+2).(1|2).conv
-            return f"up_blocks.{i}.upsamplers.0.conv", "unet_conv"
-        return _resnet_or_attention(f"up_blocks.{i}", j, rest)
-    return None
+@dataclass(frozen=True)
+class NameForm:
+    """A way to spell a module path: prefix + the path with '.' replaced by sep."""
+
+    prefix: str
+    sep: str
+    style: str
+    write: bool = False
+    path: str = "native"  # which path it spells: "native" (the checkpoint's) or "diffusers"
+
+    def spell(self, path: str) -> str:
+        return self.prefix + path.replace(".", self.sep)
 
 
-def _resnet_or_attention(prefix: str, j: int, rest: list[str]) -> tuple[str, str] | None:
-    kind, inner = rest[0], ".".join(rest[1:])
-    if kind == "0":  # the ResBlock
-        for ldm, diffusers in RESNET_RENAMES.items():
-            if inner == ldm:
-                return f"{prefix}.resnets.{j}.{diffusers}", "unet_conv"
-        return None
-    if kind == "1" and inner:  # the SpatialTransformer: same child names in both layouts
-        return f"{prefix}.attentions.{j}.{inner}", "unet"
-    return None
+@dataclass(frozen=True)
+class TextEncoder:
+    prefix: str  # of its keys in the checkpoint
+    kind: str  # "hf-clip", "openclip" or "t5": how its keys become Hugging Face module paths
+    forms: tuple[NameForm, ...]
 
 
-def _kohya(prefix: str, path: str) -> str:
-    return f"{prefix}_{path.replace('.', '_')}"
+@dataclass(frozen=True)
+class Scheme:
+    kind: str  # "ldm", "dit", "peft" or "" (no LoRA names)
+    prefixes: tuple[str, ...]  # of the diffusion model's keys ("" matches keys without one)
+    exclude: tuple[str, ...]  # prefixes of keys that are no part of it (the VAE, ...)
+    forms: tuple[NameForm, ...]
+    text_encoders: tuple[TextEncoder, ...]
+    modules: tuple[DitModule, ...]
+    layers_only: bool  # extraction keeps weights inside numbered layers only
 
 
-def _unet_names(key: str, arch: str) -> Iterator[ModuleName]:
-    path = key[len(UNET):-len(".weight")]
-    target = Target(key)
-    converted = ldm_to_diffusers(path)
-    if converted is None:
+def _arch(arch: str | Architecture) -> Architecture:
+    return architectures()[arch] if isinstance(arch, str) else arch
+
+
+@lru_cache(maxsize=None)
+def _spec(name: str) -> dict:
+    doc = dict(architectures()[name].lora)
+    parent = doc.pop("extends", None)
+    return {**_spec(parent), **doc} if parent else doc
+
+
+def lora_spec(arch: str | Architecture) -> dict:
+    """The "lora" object of an architecture, with the fields of the one it `extends`."""
+    return _spec(_arch(arch).name)
+
+
+def _forms(items) -> tuple[NameForm, ...]:
+    return tuple(NameForm(f["prefix"], f["sep"], f["style"], bool(f.get("write")), f.get("path", "native")) for f in items)
+
+
+@lru_cache(maxsize=None)
+def _scheme(name: str) -> Scheme:
+    spec = _spec(name)
+    model = spec.get("diffusion_model", {})
+    return Scheme(
+        kind=spec.get("scheme", ""),
+        prefixes=tuple(model.get("prefixes", [])),
+        exclude=tuple(model.get("exclude", [])),
+        forms=_forms(model.get("names", [])),
+        text_encoders=tuple(TextEncoder(t["prefix"], t["kind"], _forms(t["names"])) for t in spec.get("text_encoders", [])),
+        modules=tuple(compile_module(m) for m in model.get("modules", [])),
+        layers_only=bool(spec.get("extract_in_layers_only")),
+    )
+
+
+def _named(forms, paths: dict[str, str], target: Target, group: str) -> Iterator[ModuleName]:
+    for form in forms:
+        if form.path in paths:
+            yield ModuleName(form.spell(paths[form.path]), target, group, form.write, form.style)
+
+
+# text encoders ---------------------------------------------------------------------------------
+
+def _te_names(key: str, shape, te: TextEncoder) -> Iterator[ModuleName]:
+    rest = key[len(te.prefix):]
+    if te.kind == "openclip":
+        yield from _openclip_names(key, rest, shape, te)
         return
-    diffusers, group = converted
-    if group == "unet" and not any(path.endswith("." + p) for p in ATTENTION_PARTS):
-        group = "unet_other"  # norms and the like inside attention blocks: named, never extracted
-    sgm_preferred = arch == "sdxl"  # kohya writes SGM names for SDXL, Diffusers names for SD1/SD2
-    yield ModuleName(_kohya("lora_unet", diffusers), target, group, not sgm_preferred)
-    yield ModuleName(_kohya("lora_unet", path), target, group, sgm_preferred)
-    yield ModuleName(f"unet.{diffusers}", target, group, False)  # Diffusers (PEFT) LoRA files
+    path = rest.removesuffix(".weight")
+    if te.kind == "hf-clip":
+        wanted = path.startswith("text_model.encoder.layers.") and ("self_attn." in path or "mlp." in path)
+    else:  # t5: attention and feed-forward of the encoder's blocks, not the position bias
+        wanted = bool(T5_MODULE.match(path))
+    if wanted and rest.endswith(".weight"):
+        yield from _named(te.forms, {"native": path}, Target(key), "te")
 
 
-def _clip_names(key: str, prefix: str, kohya: str, diffusers: str) -> Iterator[ModuleName]:
-    """Hugging Face CLIP keys (SD1 text encoder, SDXL CLIP-L)."""
-    path = key[len(prefix):-len(".weight")]
-    if not path.startswith("text_model.encoder.layers.") or not ("self_attn." in path or "mlp." in path):
-        return
-    target = Target(key)
-    yield ModuleName(_kohya(kohya, path), target, "te", True)
-    yield ModuleName(f"{diffusers}.{path}", target, "te", False)
-
-
-def _openclip_names(key: str, shape, prefix: str, kohya: str, diffusers: str) -> Iterator[ModuleName]:
-    """OpenCLIP resblocks (SD2 text encoder, SDXL CLIP-G) under Hugging Face CLIP module names."""
-    rest = key[len(prefix):]
+def _openclip_names(key: str, rest: str, shape, te: TextEncoder) -> Iterator[ModuleName]:
+    """OpenCLIP resblocks under Hugging Face CLIP module names."""
     layer, _, inner = rest.partition(".")
     if not layer.isdigit():
         return
@@ -138,58 +152,84 @@ def _openclip_names(key: str, shape, prefix: str, kohya: str, diffusers: str) ->
     if inner == "attn.in_proj_weight":
         d = shape[0] // 3
         for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
-            target = Target(key, (i * d, (i + 1) * d))
-            yield ModuleName(_kohya(kohya, f"{hf}.self_attn.{part}"), target, "te", True)
-            yield ModuleName(f"{diffusers}.{hf}.self_attn.{part}", target, "te", False)
+            yield from _named(te.forms, {"native": f"{hf}.self_attn.{part}"}, Target(key, (i * d, (i + 1) * d)), "te")
         return
     module = inner.removesuffix(".weight")
     if module in OPENCLIP_RENAMES and inner.endswith(".weight"):
-        target = Target(key)
-        yield ModuleName(_kohya(kohya, f"{hf}.{OPENCLIP_RENAMES[module]}"), target, "te", True)
-        yield ModuleName(f"{diffusers}.{hf}.{OPENCLIP_RENAMES[module]}", target, "te", False)
+        yield from _named(te.forms, {"native": f"{hf}.{OPENCLIP_RENAMES[module]}"}, Target(key), "te")
 
 
-def _generic_names(key: str) -> Iterator[ModuleName]:
-    module = key.removesuffix(".weight")
-    yield ModuleName(f"base_model.model.{module}", Target(key), "linear", True)
-    yield ModuleName(module, Target(key), "linear", False)
+# the diffusion model (or the whole model, peft) -------------------------------------------------
+
+def _model_path(key: str, scheme: Scheme) -> str | None:
+    if key.startswith(scheme.exclude):
+        return None
+    prefix = next((p for p in scheme.prefixes if key.startswith(p)), None)
+    return None if prefix is None else key[len(prefix):-len(".weight")]
 
 
-def key_module_names(key: str, shape, arch: str) -> Iterator[ModuleName]:
+def _ldm_names(key: str, scheme: Scheme) -> Iterator[ModuleName]:
+    path = _model_path(key, scheme)
+    converted = ldm_paths(path) if path is not None else None
+    if converted is not None:
+        yield from _named(scheme.forms, converted[0], Target(key), converted[1])
+
+
+def _dit_names(key: str, shape, scheme: Scheme) -> Iterator[ModuleName]:
+    path = _model_path(key, scheme)
+    if path is None:
+        return
+    for kind, module, rows, swap, group in dit_paths(path, shape, scheme.modules):
+        yield from _named([f for f in scheme.forms if f.path == kind], {kind: module}, Target(key, rows, swap), group)
+
+
+def _peft_names(key: str, scheme: Scheme) -> Iterator[ModuleName]:
+    yield from _named(scheme.forms, {"native": key.removesuffix(".weight")}, Target(key), "linear")
+
+
+def key_module_names(key: str, shape, arch: str | Architecture) -> Iterator[ModuleName]:
     """Every LoRA module name that may target this checkpoint key (of an `arch` model)."""
     if len(shape) < 2 or not (key.endswith(".weight") or key.endswith("in_proj_weight")):
         return
-    if key.startswith(UNET) and arch in ("sd1", "sd2", "sdxl"):
-        yield from _unet_names(key, arch)
-    elif key.startswith(SD1_TE) and arch in ("sd1", "sd2"):
-        yield from _clip_names(key, SD1_TE, "lora_te", "text_encoder")
-    elif key.startswith(SD2_TE) and arch == "sd2":
-        yield from _openclip_names(key, shape, SD2_TE, "lora_te", "text_encoder")
-    elif key.startswith(SDXL_TE1) and arch == "sdxl":
-        yield from _clip_names(key, SDXL_TE1, "lora_te1", "text_encoder")
-    elif key.startswith(SDXL_TE2) and arch == "sdxl":
-        yield from _openclip_names(key, shape, SDXL_TE2, "lora_te2", "text_encoder_2")
-    elif arch == "generic" and key.endswith(".weight"):
-        yield from _generic_names(key)
+    scheme = _scheme(_arch(arch).name)
+    te = next((t for t in scheme.text_encoders if key.startswith(t.prefix)), None)
+    if te is not None:
+        yield from _te_names(key, shape, te)
+    elif not key.endswith(".weight"):
+        return
+    elif scheme.kind == "ldm":
+        yield from _ldm_names(key, scheme)
+    elif scheme.kind == "dit":
+        yield from _dit_names(key, shape, scheme)
+    elif scheme.kind == "peft":
+        yield from _peft_names(key, scheme)
 
 
-def module_names(shapes: Mapping[str, tuple], arch: str) -> list[ModuleName]:
+def module_names(shapes: Mapping[str, tuple], arch: str | Architecture) -> list[ModuleName]:
     """All module names of a checkpoint ({key: shape}), preferred or not."""
     return [m for key, shape in shapes.items() for m in key_module_names(key, tuple(shape), arch)]
 
 
-def lora_map(shapes: Mapping[str, tuple], arch: str) -> dict[str, Target]:
+def lora_names_map(shapes: Mapping[str, tuple], arch: str | Architecture) -> dict[str, ModuleName]:
+    """{module name: ModuleName} for every name a LoRA file may use on this checkpoint."""
+    return {m.name: m for m in module_names(shapes, arch)}
+
+
+def lora_map(shapes: Mapping[str, tuple], arch: str | Architecture) -> dict[str, Target]:
     """{module name: target} for every name a LoRA file may use on this checkpoint."""
     return {m.name: m.target for m in module_names(shapes, arch)}
 
 
-def extraction_targets(shapes: Mapping[str, tuple], arch: str, conv: bool) -> list[ModuleName]:
-    """The modules a LoRA usually trains, under the names mergebuild writes: SD attention blocks
-    (Transformer2DModel children) and the text encoders' attention and MLP; with conv, also
-    ResBlocks, down- and upsamplers (LoCon); generic models: every 2-D weight inside a layer."""
+def extraction_targets(shapes: Mapping[str, tuple], arch: str | Architecture, conv: bool,
+                       style: str | None = None) -> list[ModuleName]:
+    """The modules a LoRA usually trains, under the names mergebuild writes (or, with style,
+    under that naming's): SD attention blocks (Transformer2DModel children), transformer
+    blocks, the text encoders' attention and MLP; with conv, also ResBlocks, down- and
+    upsamplers (LoCon); peft-scheme models: every 2-D weight inside a layer."""
+    arch = _arch(arch)
     groups = {"unet", "te", "linear"} | ({"unet_conv"} if conv else set())
-    out = [m for m in module_names(shapes, arch) if m.preferred and m.group in groups]
-    if arch == "generic":
-        layer_of = architectures()["generic"].layer_of
-        out = [m for m in out if layer_of(m.target.key) is not None]
+    chosen = (lambda m: m.preferred) if style is None else (lambda m: m.style == style)
+    out = [m for m in module_names(shapes, arch) if chosen(m) and m.group in groups]
+    if _scheme(arch.name).layers_only:
+        out = [m for m in out if arch.layer_of(m.target.key) is not None]
     return out

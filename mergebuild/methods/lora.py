@@ -15,16 +15,10 @@ from dataclasses import dataclass, field
 
 from mergebuild.dtypes import is_float
 from mergebuild.layouts.blocks import block_values
-from mergebuild.layouts.lora_names import UNET, extraction_targets, lora_map
+from mergebuild.layouts.lora_names import extraction_targets, lora_names_map, lora_spec
 from mergebuild.methods import lora_formats as lf
 from mergebuild.methods.registry import Method, Param, PlannedTensor
 
-TE_PREFIXES = ("cond_stage_model.", "conditioner.")
-# LoRA Block Weight's short forms (hako-mikan sd-webui-lora-block-weight): the blocks that hold
-# attention; blocks they leave out get 0, as that extension's conversion to 26 values does
-LBW_SD17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00",
-            *(f"OUT{i:02d}" for i in range(3, 12)))
-LBW_XL12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6)))
 SHOWN = 5  # unmatched names listed in a message
 
 
@@ -94,12 +88,13 @@ def _listed(names: list[str]) -> str:
 
 
 def lbw_table(values: list, arch) -> dict[str, float]:
-    """LoRA Block Weight values -> {block: weight}: SD1/SD2 17 or 26 values, SDXL 12 or 20 (or
-    26, converted as supermerger does); blocks a short form leaves out get 0."""
+    """LoRA Block Weight values -> {block: weight}: one value per block of the architecture (or
+    a list its list_conversions convert), or one of the short forms of its "lora" object
+    (block_weight_forms: LoRA Block Weight's 17 and 12 values), whose left-out blocks get 0."""
     n = len(values)
-    forms = {"sd1": {17: LBW_SD17}, "sd2": {17: LBW_SD17}, "sdxl": {12: LBW_XL12}}.get(arch.name)
-    if forms is None:
-        raise ValueError(f"block_weights needs an SD1, SD2 or SDXL model; this one is {arch.name}")
+    if not arch.blocks:
+        raise ValueError(f"block_weights needs a model with blocks; {arch.name} models have none")
+    forms = {int(k): v for k, v in lora_spec(arch).get("block_weight_forms", {}).items()}
     if n in forms:
         table = dict.fromkeys(arch.blocks, 0.0)
         table.update(zip(forms[n], map(float, values)))
@@ -107,17 +102,17 @@ def lbw_table(values: list, arch) -> dict[str, float]:
     try:
         return block_values([float(v) for v in values], arch)
     except ValueError:
-        sizes = sorted({*forms, len(arch.blocks), 26})
+        sizes = sorted({*forms, len(arch.blocks), *arch.list_conversions})
         raise ValueError(f"block_weights: {arch.name} takes {', '.join(map(str, sizes))} values, got {n}") from None
 
 
-def _multiplier(ctx, key: str, lbw: dict | None) -> float:
-    """strength x unet/te x block weight, for one checkpoint key."""
+def _multiplier(ctx, key: str, group: str, lbw: dict | None) -> float:
+    """strength x unet/te x block weight, for one checkpoint key (of a module in `group`)."""
     params = ctx.params(key)
     m = float(params["strength"])
-    if key.startswith(UNET):
+    if group.startswith("unet"):
         m *= float(params["unet"])
-    elif key.startswith(TE_PREFIXES):
+    elif group == "te":
         m *= float(params["te"])
     if lbw is not None:
         m *= lbw.get(ctx.resolver.block_of(key), 0.0)
@@ -160,18 +155,19 @@ def plan_bake(ctx):
     lbw = lbw_table(opts["block_weights"], ctx.arch) if opts["block_weights"] else None
     keys = ctx.names(0)
     shapes = {k: tuple(ctx.ref(0, k).shape) for k in keys}
-    names = lora_map(shapes, ctx.arch.name)
+    names = lora_names_map(shapes, ctx.arch)
     hits: dict[str, list] = defaultdict(list)
     for i in range(1, n + 1):
         lora = read_lora(ctx, i)
         unmatched, kinds = [], Counter()
         for mod in lora.modules:
-            target = names.get(mod.name)
-            if target is None:
+            found = names.get(mod.name)
+            if found is None:
                 unmatched.append(mod.name)
                 continue
+            target = found.target
             _check_fits(ctx, lora, mod, target.key, target.rows, shapes[target.key])
-            hits[target.key].append((i, mod, target.rows))
+            hits[target.key].append((i, mod, found))
             kinds[mod.label(_shapes(ctx, i, mod))] += 1
         _problems(ctx, lora, unmatched, bool(opts["allow_unmatched"]))
         applied = sum(kinds.values())
@@ -184,21 +180,28 @@ def plan_bake(ctx):
         if key in hits and ctx.resolver.selected(key):
             if not is_float(ref.dtype):
                 raise ValueError(f"LoRA modules target {key}, which holds {ref.dtype} values")
-            base = _multiplier(ctx, key, lbw)
-            for i, mod, rows in hits[key]:
-                m = base * strengths[i - 1]
+            for i, mod, found in hits[key]:
+                m = _multiplier(ctx, key, found.group, lbw) * strengths[i - 1]
                 if m == 0:
                     continue
                 slots = {}
                 for role, name in sorted(mod.roles.items()):
                     slots[role] = len(inputs) - 1  # position among the tensors after the weight
                     inputs.append((i, name))
-                modules.append({"format": mod.fmt, "tensors": slots, "multiplier": m,
-                                "rows": list(rows) if rows else None})
+                modules.append(_module_task(mod, slots, m, found.target))
         if modules:
             yield PlannedTensor(key, dtype, ref.shape, tuple(inputs), {"modules": modules})
         else:
             yield PlannedTensor(key, dtype, ref.shape, ((0, key),), None)
+
+
+def _module_task(mod: Module, slots: dict, m: float, target) -> dict:
+    """What lora_formats.bake needs of one module (swap only when set: the cache keys of
+    modules that do not swap stay as they were)."""
+    task = {"format": mod.fmt, "tensors": slots, "multiplier": m, "rows": list(target.rows) if target.rows else None}
+    if target.swap:
+        task["swap"] = True
+    return task
 
 
 # making LoRA files ----------------------------------------------------------------------------
@@ -315,7 +318,7 @@ def plan_extract(ctx):
     tuned, base = ctx.names(0), set(ctx.names(1))
     shapes = {k: tuple(ctx.ref(0, k).shape) for k in tuned}
     conv_default = params0.get("conv_rank", -1)
-    targets = extraction_targets(shapes, ctx.arch.name, conv=conv_default != 0)
+    targets = extraction_targets(shapes, ctx.arch, conv=conv_default != 0)
     done, unchanged, missing, ranks, conv = 0, 0, 0, set(), 0
     for m in targets:
         key, rows = m.target.key, m.target.rows
@@ -340,7 +343,7 @@ def plan_extract(ctx):
         up_shape = (out, rank, 1, 1) if kernel else (out, rank)
         down_shape = (rank, shape[1], *kernel)
         common = {"rank": rank, "rows": list(rows) if rows else None,
-                  "clamp_quantile": float(params["clamp_quantile"])}
+                  "clamp_quantile": float(params["clamp_quantile"])} | ({"swap": True} if m.target.swap else {})
         inputs = ((0, key), (1, key))
         dtype = ctx.out_dtype(a.dtype)
         yield from _factor_tasks(m.name, dtype, up_shape, down_shape, rank, inputs, inputs,
@@ -371,9 +374,9 @@ METHODS = [
     Method("lora", 1, lf.bake, ("model", "lora"), (
         Param("strength", float, 1.0, "multiplier of every module; may vary by block"),
         STRENGTHS,
-        Param("unet", float, 1.0, "extra multiplier of UNet modules (SD models)"),
-        Param("te", float, 1.0, "extra multiplier of text-encoder modules (SD models)"),
-        Param("block_weights", list, [], "LoRA Block Weight: SD1/SD2 17 or 26 values, SDXL 12 or 20"),
+        Param("unet", float, 1.0, "extra multiplier of diffusion-model modules (UNet or transformer)"),
+        Param("te", float, 1.0, "extra multiplier of text-encoder modules"),
+        Param("block_weights", list, [], "LoRA Block Weight: a value per block (SD1/SD2 also 17, SDXL 12; Flux 61)"),
         Param("allow_unmatched", bool, False, "true: LoRA modules that match no key are a warning, not an error"),
     ), "Bake LoRA / LoCon / LoHa / LoKr / DoRA files into a model: W + sum_i m_i dW_i.",
         variadic=True, plan_tasks=plan_bake),

@@ -181,9 +181,17 @@ def dora_update(weight, d, dora_scale):
     return merged * (m / norm) - weight
 
 
+def swap_halves(t):
+    """The two row halves exchanged: BFL's [shift; scale] <-> diffusers' [scale; shift]. Its own
+    inverse; on a LoRA's update it equals swapping the up matrix's rows (never the down's)."""
+    half = t.shape[0] // 2
+    return torch.cat([t[half:], t[:half]])
+
+
 def bake(weight, *tensors, modules):
     """W + sum_i m_i dW_i over the modules that target this key; each module names its tensors'
-    positions (tensors[j]), its format, multiplier m and optional row slice [start, stop).
+    positions (tensors[j]), its format, multiplier m, optional row slice [start, stop) and
+    whether it sees the rows' halves swapped (swap: its dW is swapped back before it is added).
     DoRA modules decompose against the original W, so the order of the LoRAs does not matter."""
     w = _f(weight)
     out = w.clone()
@@ -191,9 +199,13 @@ def bake(weight, *tensors, modules):
         t = {role: tensors[j] for role, j in mod["tensors"].items()}
         rows = mod.get("rows")
         base = w[rows[0]:rows[1]] if rows else w
+        if mod.get("swap"):
+            base = swap_halves(base)
         d = delta(mod["format"], t, base.shape)
         if "dora_scale" in t:
             d = dora_update(base, d, t["dora_scale"])
+        if mod.get("swap"):
+            d = swap_halves(d)
         (out[rows[0]:rows[1]] if rows else out).add_(d, alpha=mod["multiplier"])
     return out
 
@@ -253,11 +265,14 @@ def svd_part(*tensors, part, modules, shape, rank, clamp_quantile=1.0):
     return (up if part == "up" else down).reshape(shape)
 
 
-def extract_part(tuned, base, *, part, shape, rank, rows=None, clamp_quantile=1.0):
-    """One factor of the truncated SVD of tuned - base (rows [start, stop) of it if given)."""
+def extract_part(tuned, base, *, part, shape, rank, rows=None, clamp_quantile=1.0, swap=False):
+    """One factor of the truncated SVD of tuned - base (rows [start, stop) of it if given; with
+    swap, its row halves exchanged, for a module that sees them so)."""
     d = _f(tuned) - _f(base)
     if rows:
         d = d[rows[0]:rows[1]]
+    if swap:
+        d = swap_halves(d)
     up, down = svd_factors(d.reshape(d.shape[0], -1), rank, clamp_quantile)
     return (up if part == "up" else down).reshape(shape)
 

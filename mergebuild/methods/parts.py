@@ -69,8 +69,8 @@ POSITION_IDS = Method("fix_clip_position_ids", 1, position_ids, (), (), position
 FOLLOWS = "supermerger's and A1111's component swaps"
 METHODS = [
     Method("swap", 1, take_b, ("A", "B"), (
-        Param("component", str, "", "taken from B: text_encoder, unet or vae (SD1/SD2 also ema; SDXL also "
-              "clip_l, clip_g; other models embeddings, lm_head)"),
+        Param("component", str, "", "taken from B: text_encoder, unet or vae, or one its architecture "
+              "names (clip_l, clip_g, t5xxl, transformer, ema; LLMs embeddings, lm_head): docs/blocks.md"),
         Param("match", str, "", "a regular expression (re.search on the key): the keys it finds are taken from B"),
     ), "Take a component (text encoder, UNet, VAE) or the keys matching a pattern from B.",
        select=_swap_selects, elementwise=True, reads=(1,)),

@@ -178,7 +178,11 @@ def print_warnings(plan, warnings: list[str] = ()) -> None:
 
 
 def print_plan(plan, reasons: dict[str, list[str]], verbose: bool) -> None:
-    """Before a build: notes; with -v the detected architectures and why merges rebuild."""
+    """Before a build: notes (sources' own, then merges'); with -v the detected architectures
+    and why merges rebuild."""
+    for name, source in plan.sources.items():
+        for note in getattr(source, "notes", None) or ():
+            err.print(f"{escape(name)}: {escape(note)}")
     for name, merge in plan.merges.items():
         for note in merge.notes:
             err.print(f"{escape(name)}: {escape(note)}")
@@ -342,7 +346,8 @@ def _lora_summary(lora: dict) -> str:
     """'LoRA (LoCon) for sdxl: 722 modules, rank 32, alpha 16'."""
     kind = "LoRA" if lora["format"] == "LoRA" else f"LoRA ({lora['format']})"
     target = lora["target"]["name"]
-    target = "generic models (LLMs)" if target == "generic" else target
+    if lora["target"].get("grouping") == "layer":  # an architecture without blocks: LLMs and the like
+        target = f"{target} models (LLMs)"
     return f"{kind} for {target}: {lora['modules']} modules, {_rank_text(lora)}, {_alpha_text(lora)}"
 
 
@@ -370,7 +375,7 @@ def _alpha_text(lora: dict) -> str:
 
 def _print_lora_rows(lora: dict, grouping: str) -> None:
     """A LoRA's modules by block (or layer) and by component of the model it was made for."""
-    group = "layer" if lora["target"]["name"] == "generic" else "block"
+    group = lora["target"].get("grouping", "block")
     table = Table(title=f"modules by {group}", title_justify="left")
     for col in (group, "modules", "tensors", "parameters", "size"):
         table.add_column(col, justify="left" if col == group else "right")
@@ -380,6 +385,8 @@ def _print_lora_rows(lora: dict, grouping: str) -> None:
     out.print(table)
     comps = ", ".join(f"{k} {v['modules']} modules" for k, v in lora["components"].items())  # sizes: the table
     out.print(escape(f"components: {comps}"))
+    if lora.get("name_styles"):
+        out.print(escape("module names: " + ", ".join(f"{k} {v}" for k, v in lora["name_styles"].items())))
     if lora["unmatched"]:
         out.print(escape(f"{len(lora['unmatched'])} modules match no layer of an {lora['target']['name']} "
                          f"checkpoint, e.g. {lora['unmatched'][0]}"))

@@ -114,12 +114,13 @@ def fabricate_lora(base: Path, path: Path, layout: str = "sd1-ldm") -> Path:
     """A kohya-format LoRA (rank 4, UNet attention and text encoder) for the model at `base`."""
     from safetensors.torch import load_file
 
+    from mergebuild.layouts.blocks import detect
     from mergebuild.testing.lora import make_lora
 
     if not path.exists():
-        arch = {"sd1-ldm": "sd1", "sdxl-sgm": "sdxl"}[layout]
+        arch = detect(load_layout(layout)["keys"])[0].name
         lora = make_lora(load_file(str(base)), arch, rank=4, seed=7, dtype=torch.float16,
-                         targets=r"(attn[12]\.to_[qkv]|self_attn\.(q|k|v)_proj)")
+                         targets=r"(attn[12]\.to_[qkv]|self_attn\.(q|k|v)_proj|attn\.qkv|linear1)")
         save_file(lora, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": "4"})
     return path
 

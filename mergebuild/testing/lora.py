@@ -11,6 +11,9 @@ convolutions), "lokr" (full w1, w2 = w2_a @ w2_b, or full w2 with decompose_w2=F
 (LoCon plus dora_scale [1, in(, 1, 1)]), "peft" (lora_A / lora_B under PEFT / Diffusers names,
 no alpha). LoHa, LoKr and DoRA target the LoCon modules, as LyCORIS does by default.
 targets: None (the modules of the format), a list of checkpoint keys, or a regular expression.
+naming: None (the names mergebuild writes; "peft": Diffusers names where the model has them), or
+a style of layouts.lora_names ("kohya", "diffusers", "lycoris", "onetrainer", ...): Flux's and
+SD3's Diffusers modules are row slices of the fused ones kohya names.
 """
 
 from __future__ import annotations
@@ -22,9 +25,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mergebuild.layouts.lora_names import extraction_targets, module_names
+from mergebuild.layouts.lora_names import extraction_targets, lora_spec
 
 FORMATS = ("lora", "locon", "loha", "lokr", "dora", "peft")
+
+
+def _te_prefix(arch: str, index: int) -> str:
+    return lora_spec(arch)["text_encoders"][index]["prefix"]
+
+
+# key prefixes of the SD checkpoints' parts (tests group modules by them); from the arch files
+UNET = lora_spec("sd1")["diffusion_model"]["prefixes"][0]
+SD1_TE = _te_prefix("sd1", 0)
+SD2_TE = _te_prefix("sd2", 1)
+SDXL_TE1, SDXL_TE2 = _te_prefix("sdxl", 0), _te_prefix("sdxl", 1)
 
 
 def _shapes(checkpoint) -> dict[str, tuple]:
@@ -41,23 +55,27 @@ def _shapes(checkpoint) -> dict[str, tuple]:
     return out
 
 
-def lora_modules(checkpoint, arch: str, fmt: str = "lora", targets=None) -> list[tuple[str, str, tuple | None]]:
+def lora_modules(checkpoint, arch: str, fmt: str = "lora", targets=None,
+                 naming: str | None = None) -> list[tuple[str, str, tuple | None]]:
     """[(module name, checkpoint key, rows)] that make_lora writes."""
+    return [(m.name, m.target.key, m.target.rows) for m in chosen_modules(checkpoint, arch, fmt, targets, naming)]
+
+
+def chosen_modules(checkpoint, arch: str, fmt: str = "lora", targets=None, naming: str | None = None) -> list:
+    """The layouts.lora_names.ModuleName of each module make_lora writes."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown LoRA format {fmt!r} (known: {', '.join(FORMATS)})")
     shapes = _shapes(checkpoint)
     conv = fmt in ("locon", "loha", "lokr", "dora") or targets is not None
-    chosen = extraction_targets(shapes, arch, conv=conv)
+    if naming is None and fmt == "peft":  # Diffusers-PEFT names (unet.*, transformer.*, text_encoder*.*)
+        naming = "diffusers" if extraction_targets(shapes, arch, conv, style="diffusers") else None
+    chosen = extraction_targets(shapes, arch, conv=conv, style=naming)
     if isinstance(targets, str):
         chosen = [m for m in chosen if re.search(targets, m.target.key)]
     elif targets is not None:
         wanted = set(targets)
         chosen = [m for m in chosen if m.target.key in wanted]
-    if fmt == "peft" and arch != "generic":  # Diffusers-PEFT names (unet.*, text_encoder*.*)
-        peft = {(m.target, m.group): m.name for m in module_names(shapes, arch)
-                if m.name.startswith(("unet.", "text_encoder"))}
-        return [(peft[(m.target, m.group)], m.target.key, m.target.rows) for m in chosen]
-    return [(m.name, m.target.key, m.target.rows) for m in chosen]
+    return chosen
 
 
 def _factor(n: int) -> int:
@@ -67,7 +85,7 @@ def _factor(n: int) -> int:
 
 def make_lora(checkpoint, arch: str, rank: int = 4, fmt: str = "lora", targets=None, seed: int = 0,
               alpha: float | None = None, dtype=torch.float32, scale: float = 0.1, cp: bool = False,
-              tucker: bool = False, decompose_w2: bool = True) -> dict[str, torch.Tensor]:
+              tucker: bool = False, decompose_w2: bool = True, naming: str | None = None) -> dict[str, torch.Tensor]:
     """A LoRA state dict for `checkpoint` (see the module docstring). alpha defaults to rank / 2
     (a scale of 0.5, so that a forgotten alpha / r shows)."""
     g = torch.Generator().manual_seed(seed)
@@ -78,7 +96,7 @@ def make_lora(checkpoint, arch: str, rank: int = 4, fmt: str = "lora", targets=N
     def rand(*shape):
         return torch.randn(shape, generator=g) * scale
 
-    for name, key, rows in lora_modules(checkpoint, arch, fmt, targets):
+    for name, key, rows in lora_modules(checkpoint, arch, fmt, targets, naming):
         shape = shapes[key]
         rows_n = rows[1] - rows[0] if rows else shape[0]
         inn, kernel = shape[1], tuple(shape[2:])

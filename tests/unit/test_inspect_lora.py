@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from mergebuild.analyze.inspect import inspect_file
-from mergebuild.layouts.lora_names import SD1_TE, SDXL_TE1, SDXL_TE2, UNET, module_names
+from mergebuild.layouts.lora_names import module_names
 from mergebuild.testing.fabricate import layout_keys, llama_keys, make_base
-from mergebuild.testing.lora import FORMATS, lora_modules, make_lora, save_lora
+from mergebuild.testing.lora import FORMATS, SD1_TE, SDXL_TE1, SDXL_TE2, UNET, lora_modules, make_lora, save_lora
 from tests.conftest import run_cli
 
 LAYOUTS = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}
