@@ -49,6 +49,8 @@ def section(arch) -> str:
     if arch.groups:
         groups = ", ".join(f"`{g}`" for g in arch.groups)
         lines.append(f"- groups inside a block (a group's value beats its block's): {groups}")
+    if arch.extra.get("presets"):
+        lines.append(f"- presets: {', '.join(f'`{p}`' for p in arch.extra['presets'])}")
     if arch.layer_pattern is not None:
         lines.append(f"- layers (gradients) from `{arch.layer_pattern.pattern}`")
     lines.append(f"- components: {', '.join(f'`{c}`' for c in arch.components)}")

@@ -192,21 +192,19 @@ def _check_block(name: str, arch: Architecture, in_range: bool = False) -> str:
                      else f"block {name!r} is {what} ({arch.name})")
 
 
-# supermerger presets: 26 values, BASE first (GRAD_V: 0, then 1 -> 0 in steps of 1/12 down to M00,
-# then back up to 1 at OUT11)
-def _grad_v() -> list[float]:
-    down = [round(1 - i / 12, 6) for i in range(12)]
-    return [0.0, *down, 0.0, *reversed(down)]
+def _presets() -> dict[str, list[float]]:
+    """Named block lists, from the architecture files that define them (supermerger's 26-value
+    presets live in sd1's; SDXL reads them through its list conversion). Names are unique."""
+    out: dict[str, list[float]] = {}
+    for arch in architectures().values():
+        for name, values in arch.extra.get("presets", {}).items():
+            if name in out:
+                raise ValueError(f"preset {name!r} is defined by two architecture files")
+            out[name] = [float(v) for v in values]
+    return out
 
 
-PRESETS: dict[str, list[float]] = {
-    "ALL_A": [0.0] * 26,
-    "ALL_B": [1.0] * 26,
-    "FLAT_25": [0.0] + [0.25] * 25,
-    "FLAT_75": [0.0] + [0.75] * 25,
-    "GRAD_V": _grad_v(),
-    "GRAD_A": [0.0] + [round(1 - v, 6) for v in _grad_v()[1:]],
-}
+PRESETS: dict[str, list[float]] = _presets()
 
 
 def block_values(values: list[float], arch: Architecture) -> dict[str, float]:
