@@ -16,9 +16,9 @@ from mergebuild.errors import MergebuildError, UsageError
 from mergebuild.failures import Stopped, describe, install_stop_handlers
 
 SUBCOMMANDS = ("build", "status", "explain", "graph", "lineage", "inspect", "diff", "cache", "clean", "methods", "tune",
-               "report")
+               "report", "import")
 TAKES_VALUE = {"-f", "--file", "--cache-dir", "--device", "--format", "--keep", "--trials", "--plot", "--lock-timeout",
-               "-o", "--output"}
+               "-o", "--output", "--models"}
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MAX_KEEP = 10**6
 
@@ -99,6 +99,11 @@ EXAMPLES = {
     "methods": """examples:
   mergebuild methods              every method, one line each
   mergebuild methods ties         one method: its inputs and parameters""",
+    "import": """examples:
+  mergebuild import merge.yml -o mergefile.toml          a mergekit (or mergekit-multi) YAML
+  mergebuild import recipe.mecha > mergefile.toml        an sd-mecha recipe
+  mergebuild import merged.safetensors --models ~/sd/models -o rebuild.toml
+                                  a file's own recipe, its parents found by sha256 in the folders""",
     "report": """examples:
   mergebuild report               report.html beside the Mergefile
   mergebuild report -o /tmp/lineage.html""",
@@ -120,6 +125,9 @@ DESCRIPTIONS = {
     "methods": "List the merge methods, or show one with its inputs and parameters.",
     "report": "Write one self-contained HTML page: the DAG, each merge's parameters and block weights, its last "
               "build, how far it moved from its inputs by block, each output's lineage, the cache.",
+    "import": "Write a Mergefile from another tool's recipe: a mergekit YAML or mergekit-multi file, an sd-mecha .mecha "
+              "recipe, or the recipe a model file records (A1111, supermerger, sd-mecha, mergebuild), with comments "
+              "saying where each value came from and what could not be expressed.",
     "tune": "Search the Mergefile's open ranges with Optuna (each trial an incremental build), or make a greedy soup.",
 }
 
@@ -239,6 +247,16 @@ def _parser() -> argparse.ArgumentParser:
     _project_options(t)
     _output_options(t)
     t.set_defaults(run=_cmd_tune)
+
+    im = _sub(sub, "import", "write a Mergefile from a mergekit, sd-mecha or A1111 recipe")
+    im.add_argument("path", type=Path, metavar="FILE", help="a .yml/.yaml, a .mecha, a .safetensors or a model folder")
+    im.add_argument("-o", "--output", type=Path, help="the Mergefile to write (default: print it)")
+    im.add_argument("--models", type=Path, action="extend", nargs="+", default=[], metavar="DIR",
+                    help="folders to look for the recipe's models in (by sha256, name or path)")
+    im.add_argument("--force", action="store_true", help="replace an existing output file")
+    im.add_argument("-q", "--quiet", action="store_true", help="print nothing but warnings and errors")
+    im.add_argument("-v", "--verbose", action="store_true", help="on an error, the traceback")
+    im.set_defaults(run=_cmd_import)
     return p
 
 
@@ -495,6 +513,39 @@ def _cmd_report(args) -> int:
         report.print_json({"report": str(written), "merges": len(mf.merges), "built": sorted(runs)})
     elif not args.quiet:
         report.err.print(f"wrote {written}", markup=False)
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from mergebuild.record.foreign import import_recipe
+    from mergebuild.render import console as report
+
+    target = args.output
+    if target is not None and (target.exists() or target.is_symlink()) and not args.force:
+        raise UsageError(f"{target} exists: pass --force to replace it")
+    if target is not None and target.is_dir():
+        raise UsageError(f"{target} is a folder: name the Mergefile to write")
+    text, draft = import_recipe(args.path, list(args.models), target or Path.cwd() / "mergefile.toml")
+    for line in draft.unexpressed:
+        report.err.print(f"warning: not expressible: {line}", markup=False, highlight=False, soft_wrap=True)
+    for line in draft.missing:
+        report.err.print(f"warning: parent not found: {line}", markup=False, highlight=False, soft_wrap=True)
+    for line in draft.differences:
+        report.err.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
+    if target is None:
+        sys.stdout.write(text)
+        return 0
+    from mergebuild.portable import replace
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.import-tmp")
+    temp.write_text(text, encoding="utf-8")
+    replace(temp, target)
+    if not args.quiet:
+        models, merges = len(draft.models), len(draft.merges)
+        report.err.print(f"wrote {target}: {models} model{'s' * (models != 1)}, {merges} merge{'s' * (merges != 1)}"
+                         + (f"; {len(draft.unexpressed)} parts not expressible (listed at its top)" if draft.unexpressed
+                            else ""), markup=False, highlight=False)
     return 0
 
 

@@ -2,15 +2,19 @@
 
 Source files' sha256 (lineage, A1111's hashes) and LoRA files' addnet hashes are computed in
 the background while the build runs; an output's commit waits only for the hashes of its own
-sources. The header's space is reserved from a draft whose placeholders are exactly as long as
-those hashes, so its size is known before any compute.
+sources. So are the sha256 of the output files upstream of an output (a merge with a file of its
+own that feeds another): written earlier in the build, or current, their hash recorded in the
+index (else hashed once). Those hashes reach the metadata only, never a tensor's cache key. The
+header's space is reserved from a draft whose placeholders are exactly as long as those hashes,
+so its size is known before any compute.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future
 
-from mergebuild.record.lineage import SourceHashes, build_metadata, today
+from mergebuild.portable import file_stamp
+from mergebuild.record.lineage import SourceHashes, build_metadata, has_file, today
 from mergebuild.planning.planner import MergePlan, Plan
 from mergebuild.store.cache import Cache
 from mergebuild.record.hashes import file_sha256, legacy_hash, tensor_data_sha256
@@ -43,8 +47,11 @@ class Committer:
         self._sha256: dict[str, Future] = {}
         self._addnet: dict[str, Future] = {}
         self.output_sha256: dict[str, Future] = {}
+        self._output_stamps: dict[str, tuple] = {}  # of the files written, as committed
+        self._upstream: dict[str, Future] = {}  # current output files upstream of one written
         if any(m.needed and m.spec.output is not None and not m.current for m in plan.merges.values()):
             self._start_source_hashes()
+            self._start_upstream_hashes()
 
     def _start_source_hashes(self) -> None:
         for name, source in self.plan.sources.items():
@@ -53,6 +60,45 @@ class Committer:
         for name in self.loras:
             self._addnet[name] = self.hashers.submit(tensor_data_sha256, self.plan.sources[name].path)
 
+    def _upstream_files(self, name: str) -> list[str]:
+        return [n for n in self.plan.recipe.closure(name) if n != name and n in self.plan.merges
+                and has_file(self.plan, n)]
+
+    def _start_upstream_hashes(self) -> None:
+        """The sha256 of the current output files that outputs to write are made from: known to
+        the index for the file as it is, else hashed (once: the index keeps it)."""
+        written = [m for m in self.plan.merges.values() if m.needed and m.spec.output is not None and not m.current]
+        for name in sorted({n for m in written for n in self._upstream_files(m.spec.name)}):
+            merge = self.plan.merges[name]
+            if not merge.current:
+                continue  # written by this build, before its readers
+            path = merge.spec.output
+            try:
+                stamp = file_stamp(path)
+            except OSError:
+                continue
+            known = self.cache.index.output_sha256(str(path), stamp)
+            if known is not None:
+                self._upstream[name] = _done(known)
+            else:
+                self._upstream[name] = self.hashers.submit(file_sha256, path)
+                self._output_stamps[name] = stamp
+
+    def _output_hash(self, name: str) -> str:
+        future = self.output_sha256.get(name) or self._upstream.get(name)
+        sha = future.result() if future is not None else file_sha256(self.plan.merges[name].spec.output)
+        self._save_output_hash(name, sha)
+        return sha
+
+    def _save_output_hash(self, name: str, sha: str) -> None:
+        path = self.plan.merges[name].spec.output
+        stamp = self._output_stamps.pop(name, None)
+        try:
+            if stamp is not None and file_stamp(path) == stamp:  # still the file that was hashed
+                self.cache.index.save_output_sha256(str(path), stamp, sha)
+        except OSError:
+            pass
+
     def draft_metadata(self, merge: MergePlan) -> dict[str, str]:
         hashes = SourceHashes.placeholders(self.plan, self.loras)
         return build_metadata(self.plan, merge.spec.name, hashes, "0" * 64, output_date(self.cache, merge))
@@ -60,10 +106,14 @@ class Committer:
     def commit(self, merge: MergePlan, sink) -> None:
         name = merge.spec.name
         sources = [n for n in self.plan.recipe.closure(name) if n in self.plan.sources]
+        upstream = self._upstream_files(name)
         hashes = SourceHashes(
             sha256={n: self._source_sha256(n) for n in sources},
             legacy={n: legacy_hash(self.plan.sources[n].hash_file) for n in sources},
-            addnet={n: self._addnet[n].result() for n in self.loras if n in self._addnet})
+            addnet={n: self._addnet[n].result() for n in self.loras if n in self._addnet},
+            outputs={n: self._output_hash(n) for n in upstream},
+            output_legacy={n: legacy_hash(self.plan.merges[n].spec.output) for n in upstream},
+            loras=self.loras)
         for n, h in hashes.addnet.items():
             self.plan.sources[n].addnet_hash = h
         date = output_date(self.cache, merge)
@@ -73,6 +123,8 @@ class Committer:
         self.cache.index.save_output(str(merge.spec.output), merge.identity, date, str(output_marker(merge.spec.output)))
         self._drop_salvaged(str(merge.spec.output))
         merge.current = True
+        if has_file(self.plan, name):
+            self._output_stamps[name] = file_stamp(merge.spec.output)
         self.output_sha256[name] = self.hashers.submit(file_sha256, output_marker(merge.spec.output))
 
     def _keep_replaced(self, owner: str, new: set[str]) -> None:
@@ -118,11 +170,21 @@ class Committer:
         return source.sha256
 
     def save_source_hashes(self) -> None:
+        """What the build learnt: the sources' sha256, and the sha256 of the output files."""
         for name, future in self._sha256.items():
             source = self.plan.sources[name]
             source.sha256 = future.result()
             self.cache.index.save_sha256(str(source.hash_file), source.stamp, source.sha256)
+        for name, future in list(self.output_sha256.items()) + list(self._upstream.items()):
+            if name in self._output_stamps:
+                self._save_output_hash(name, future.result())
 
     def cancel(self) -> None:
-        for future in list(self._sha256.values()) + list(self._addnet.values()):
+        for future in list(self._sha256.values()) + list(self._addnet.values()) + list(self._upstream.values()):
             future.cancel()
+
+
+def _done(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future

@@ -12,7 +12,7 @@ from mergebuild.methods.common import as_1d, check_range
 from mergebuild.methods.registry import Method, Param
 from mergebuild.torchlazy import torch
 
-COLINEAR = 0.9995  # slerp falls back to lerp when |cos| of the angle is above this (mergekit's threshold)
+COLINEAR = 0.9995  # mergekit's slerp lerps when |cos| of the angle is above this (its DOT_THRESHOLD)
 NORM_EPS = 1e-8  # a tensor whose norm is at most this counts as zero
 
 
@@ -69,31 +69,69 @@ def tensor_sum(a, b, *, alpha: float, beta: float, variant: str = "tensor"):
 
 # --- slerp --------------------------------------------------------------------------------
 
+MERGEKIT_CHUNK = 1024 * 1024  # elements: mergekit 0.1.5 reduces a weight's norms and dot in chunks this long
+
 
 def slerp(a, b, *, alpha: float, variant: str = "mergekit"):
     """Spherical interpolation from A (alpha=0) to B (alpha=1) over the whole tensor.
 
     The angle comes from the normalised tensors: cos(omega) = <A/|A|, B/|B|>, and
     s_a = sin((1-alpha) omega) / sin(omega), s_b = sin(alpha omega) / sin(omega).
-    variant "mergekit": s_a*A + s_b*B (the raw tensors, as mergekit does).
-    variant "mecha": (s_a*A/|A| + s_b*B/|B|) * lerp(|A|, |B|, alpha) (as sd-mecha does).
-    Both fall back to lerp(A, B, alpha) when a norm is zero or |cos| > 0.9995."""
-    na = torch.linalg.vector_norm(a).item()
-    nb = torch.linalg.vector_norm(b).item()
-    if na <= NORM_EPS or nb <= NORM_EPS:
-        return torch.lerp(a, b, alpha)
-    dot = (torch.sum(a * b).item() / na) / nb
-    if abs(dot) > COLINEAR or not math.isfinite(dot):
-        return torch.lerp(a, b, alpha)
-    omega = math.acos(max(-1.0, min(1.0, dot)))
-    s_a = math.sin((1.0 - alpha) * omega) / math.sin(omega)
-    s_b = math.sin(alpha * omega) / math.sin(omega)
+    variant "mergekit": s_a*A + s_b*B (the raw tensors), with mergekit 0.1.5's ops: float32 (float64
+    for float64 inputs) tensors throughout, (1-alpha)*A + alpha*B where |cos| > 0.9995, a zero
+    tensor counted as orthogonal to the other.
+    variant "mecha": (s_a*A/|A| + s_b*B/|B|) * lerp(|A|, |B|, alpha), with sd-mecha 1.1.8's ops in
+    the compute dtype: it slerps however parallel the tensors, and lerps only where that gives NaN."""
     if variant == "mecha":
-        scale = na + alpha * (nb - na)
-        s_a, s_b = s_a * scale / na, s_b * scale / nb
-    out = a * s_a
-    out.add_(b, alpha=s_b)
-    return out
+        return _slerp_mecha(a, b, alpha)
+    if variant != "mergekit":
+        raise ValueError(f"variant must be 'mergekit' or 'mecha', got {variant!r}")
+    return _slerp_mergekit(a, b, alpha)
+
+
+def _slerp_mergekit(v0, v1, alpha: float, dot_threshold: float = COLINEAR, eps: float = NORM_EPS):
+    """mergekit 0.1.5's slerp (merge_methods/slerp.py) of one weight: a batch of one output."""
+    dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    t = torch.tensor([alpha], dtype=dtype, device=v0.device).reshape(-1, 1)
+    if not a.shape[1]:
+        return ((1 - t) * a + t * b).reshape(v0.shape).to(v0.dtype)
+    n = a.shape[1]
+    chunks = [(i, min(i + MERGEKIT_CHUNK, n)) for i in range(0, n, MERGEKIT_CHUNK)]
+    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, i:j].to(dtype), dim=1, keepdim=True)
+                                                   for i, j in chunks]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, i:j].to(dtype), dim=1, keepdim=True)
+                                                   for i, j in chunks]), dim=0)
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    dot = torch.stack([(a[:, i:j].to(dtype) / norm_a * (b[:, i:j].to(dtype) / norm_b)).sum(dim=1, keepdim=True)
+                       for i, j in chunks]).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    result = torch.empty_like(a)
+    for i, j in chunks:
+        result[:, i:j] = coef_a * a[:, i:j].to(dtype) + coef_b * b[:, i:j].to(dtype)
+    return result.reshape(v0.shape)
+
+
+def _slerp_mecha(a, b, alpha: float):
+    """sd-mecha 1.1.8's slerp (extensions/builtin/merge_methods/linear.py), alpha a float32 tensor
+    as sd-mecha casts it."""
+    alpha = torch.tensor(alpha, dtype=torch.float32, device=a.device)
+    a_normalized = a / a.norm()
+    b_normalized = b / b.norm()
+    ab_dot = (a_normalized * b_normalized).sum().clamp(-1, 1)
+    omega = torch.arccos(ab_dot)
+    a_contrib = a_normalized * torch.sin((1 - alpha) * omega)
+    b_contrib = b_normalized * torch.sin(alpha * omega)
+    res = (a_contrib + b_contrib) / torch.sin(omega)
+    res *= torch.lerp(a.norm(), b.norm(), alpha)
+    if res.isnan().any():
+        return torch.lerp(a, b, alpha)
+    return res
 
 
 # --- supermerger calcmodes ----------------------------------------------------------------
@@ -202,9 +240,11 @@ METHODS = [
             Param("beta", float, doc="start of B's slice, a fraction of the dim"),
             Param("variant", str, "tensor", "tensor: slice dim 0; tensor2: slice dim 1 when it has > 100 entries",
                   choices=("tensor", "tensor2"))),
+    # version 2: each variant is its tool's own ops (mergekit 0.1.5, sd-mecha 1.1.8), near-parallel pairs included
     _method(slerp, ("A", "B"), Param("alpha", float, doc="B's share (mergekit's t)"),
-            Param("variant", str, "mergekit", "mergekit: combine the raw tensors; mecha: combine the "
-                  "normalised tensors and rescale to lerp(|A|, |B|, alpha)", choices=("mergekit", "mecha"))),
+            Param("variant", str, "mergekit", "mergekit: combine the raw tensors, as mergekit 0.1.5; mecha: "
+                  "combine the normalised tensors and rescale to lerp(|A|, |B|, alpha), as sd-mecha 1.1.8",
+                  choices=("mergekit", "mecha")), version=2),
     _method(train_difference, ("A", "B", "C"), Param("alpha", float, doc="multiplier of the trained difference")),
     _method(cosine_a, ("A", "B"), Param("alpha", float, doc="shifts k toward B (|alpha| is used)")),
     _method(cosine_b, ("A", "B"), Param("alpha", float, doc="shifts k toward B")),

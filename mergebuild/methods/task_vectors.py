@@ -6,7 +6,8 @@ function, generalized_task_arithmetic (the idea of mergekit's GeneralizedTaskAri
 
     1. sparsify each delta (none | magnitude top-k | random DARE | breadcrumbs band | DELLA),
     2. weight it: w_i * delta_i,
-    3. optionally elect a sign per element (sign "mass" or "count") and keep the agreeing deltas,
+    3. optionally elect a sign per element (sign "mass", "count" or "count_mergekit") and keep the
+       agreeing deltas,
     4. sum them, optionally dividing by the summed weights of those kept (normalize),
     5. base + lambda * that.
 
@@ -20,7 +21,10 @@ from mergebuild.methods.registry import Method, Param
 from mergebuild.torchlazy import torch
 
 SPARSIFIERS = ("none", "magnitude", "random", "breadcrumbs", "della")
-SIGNS = ("none", "mass", "count")
+SIGNS = ("none", "mass", "count", "count_mergekit")
+RESCALES = ("density", "l1", "none")  # how DARE and DELLA rescale what they keep; true / false mean density / none
+TIES_RULES = ("mergebuild", "mergekit")
+L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor leaves the kept entries alone when an L1 norm is below this
 
 
 # --- sparsification: each returns the kept (and possibly rescaled) delta ------------------
@@ -63,16 +67,58 @@ def breadcrumbs_sparsify(delta, density: float, gamma: float):
     return torch.where(mask, delta, torch.zeros_like(delta))
 
 
-def dare_sparsify(delta, density: float, generator, rescale: bool = True):
-    """Keep each entry with probability density (DARE's drop rate p = 1 - density), then divide
-    by density so the expectation is unchanged. density >= 1 keeps all, <= 0 drops all."""
+def magnitude_sparsify_mergekit(delta, density: float):
+    """mergekit 0.1.5's TIES trim (sparsify.magnitude, no rescaling): keep max(1, int(density * n))
+    entries, those first in torch.argsort(|delta|, descending=True) (float32 on the CPU), so a
+    positive density keeps at least one; density <= 0 keeps none. The mask multiplies."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    w = delta.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    mask[torch.argsort(w, descending=True)[:k]] = 1
+    return delta * mask.reshape_as(delta)
+
+
+def rescale_rule(rescale) -> str:
+    """"density", "l1" or "none"; the Mergefile's true and false mean "density" and "none"."""
+    rule = ("density" if rescale else "none") if isinstance(rescale, bool) else rescale
+    if rule not in RESCALES:
+        raise ValueError(f"rescale must be one of {RESCALES} (or true / false), got {rescale!r}")
+    return rule
+
+
+def l1_rescaled(delta, mask):
+    """mergekit 0.1.5's RescaleNorm.l1 (sparsify.rescaled_masked_tensor): delta * mask, times
+    sum|delta| / sum|delta * mask|, so the kept entries have the whole delta's L1 norm; left as it
+    is when either sum is below 1e-7."""
+    masked = delta * mask.to(delta.dtype)
+    before = delta.abs().sum()
+    after = masked.abs().sum()
+    if before < L1_EPS or after < L1_EPS:
+        return masked
+    return masked * (before / after)
+
+
+def dare_sparsify(delta, density: float, generator, rescale="density"):
+    """Keep each entry with probability density (DARE's drop rate p = 1 - density), then rescale:
+    "density" divides by density, so the expectation is unchanged (the paper); "l1" restores the
+    delta's L1 norm (mergekit 0.1.5); "none" keeps the entries as they are. density >= 1 keeps
+    all, <= 0 drops all."""
+    rule = rescale_rule(rescale)
     if density >= 1:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
     mask = bernoulli_mask(delta.shape, density, generator, delta.device)
+    if rule == "l1":
+        return l1_rescaled(delta, mask)
     kept = torch.where(mask, delta, torch.zeros_like(delta))
-    return kept / density if rescale else kept
+    return kept / density if rule == "density" else kept
 
 
 def della_keep_probabilities(delta, density: float, epsilon: float):
@@ -89,9 +135,11 @@ def della_keep_probabilities(delta, density: float, epsilon: float):
     return ((density - epsilon) + 2 * epsilon * spread).reshape(delta.shape)
 
 
-def della_sparsify(delta, density: float, epsilon: float, generator, rescale: bool = True):
-    """DELLA's MagPrune: keep each entry with its della_keep_probabilities p_i, then divide the kept
-    ones by p_i (the paper's rescaling). density >= 1 keeps all."""
+def della_sparsify(delta, density: float, epsilon: float, generator, rescale="density"):
+    """DELLA's MagPrune: keep each entry with its della_keep_probabilities p_i, then rescale:
+    "density" divides each kept one by its p_i (the paper), "l1" restores the delta's L1 norm
+    (mergekit 0.1.5), "none" leaves them. density >= 1 keeps all."""
+    rule = rescale_rule(rescale)
     if density >= 1:
         return delta
     if epsilon < 0 or density - epsilon < 0 or density + epsilon > 1:
@@ -99,8 +147,10 @@ def della_sparsify(delta, density: float, epsilon: float, generator, rescale: bo
                          f"(density={density}, epsilon={epsilon})")
     p = della_keep_probabilities(delta, density, epsilon)
     mask = bernoulli_mask(delta.shape, p, generator, delta.device)
+    if rule == "l1":
+        return l1_rescaled(delta, mask)
     kept = torch.where(mask, delta, torch.zeros_like(delta))
-    if not rescale:
+    if rule == "none":
         return kept
     p = p.to(delta.dtype).to(delta.device)
     return torch.where(mask, kept / torch.where(mask, p, torch.ones_like(p)), kept)
@@ -110,21 +160,35 @@ def della_sparsify(delta, density: float, epsilon: float, generator, rescale: bo
 
 
 def elect_sign(weighted, sign: str):
-    """The elected sign per element (+1 or -1; a tie elects +1) of the stacked weighted deltas:
-    "mass" takes the sign of their sum (TIES), "count" the sign of the sum of their signs."""
-    votes = weighted.sum(dim=0) if sign == "mass" else torch.sign(weighted).sum(dim=0)
+    """The elected sign per element of the stacked weighted deltas: "mass" takes the sign of their
+    sum (TIES; a zero sum elects +1, as mergekit), "count" the sign of the sum of their signs, 0
+    on a tied vote, which keeps nothing (sd-meh, sd-mecha), "count_mergekit" the same vote with a
+    tie electing +1 (mergekit's "count")."""
+    if sign == "mass":
+        votes = weighted.sum(dim=0)
+    else:
+        votes = torch.sign(weighted).sum(dim=0)
+        if sign == "count":
+            return torch.sign(votes).to(weighted.dtype)
     return torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
 
 
 def generalized_task_arithmetic(base, *models, sparsify: str = "none", sign: str = "none",
-                                normalize: bool = False, rescale: bool = True, weights=(),
+                                normalize: bool = False, rescale="density", weights=(),
                                 lam: float = 1.0, density: float = 1.0, gamma: float = 0.01,
-                                epsilon: float = 0.15, seed: int = 0, key: str | None = None):
-    """base + lam * merge(sparsified w_i * delta_i); see the module docstring."""
+                                epsilon: float = 0.15, seed: int = 0, key: str | None = None,
+                                ties_rules: str = "mergebuild"):
+    """base + lam * merge(sparsified w_i * delta_i); see the module docstring. ties_rules
+    "mergekit" trims as mergekit 0.1.5 does (magnitude_sparsify_mergekit) and masks by
+    multiplying, as it does."""
     if sparsify not in SPARSIFIERS:
         raise ValueError(f"sparsify must be one of {SPARSIFIERS}, got {sparsify!r}")
     if sign not in SIGNS:
         raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
+    if ties_rules not in TIES_RULES:
+        raise ValueError(f"ties_rules must be one of {TIES_RULES}, got {ties_rules!r}")
+    rescale = rescale_rule(rescale)
+    mergekit = ties_rules == "mergekit"
     if not models:
         raise ValueError("a task-vector merge needs the base and at least one fine-tune")
     ws = model_weights(weights, len(models), "fine-tune")
@@ -137,7 +201,7 @@ def generalized_task_arithmetic(base, *models, sparsify: str = "none", sign: str
     for model in models:
         delta = model - base
         if sparsify == "magnitude":
-            delta = magnitude_sparsify(delta, density)
+            delta = magnitude_sparsify_mergekit(delta, density) if mergekit else magnitude_sparsify(delta, density)
         elif sparsify == "random":
             delta = dare_sparsify(delta, density, generator, rescale)
         elif sparsify == "breadcrumbs":
@@ -153,17 +217,18 @@ def generalized_task_arithmetic(base, *models, sparsify: str = "none", sign: str
         total = sum(ws)
         divisor = total if abs(total) >= 1e-8 else 1.0
     else:
-        agree = torch.sign(weighted) == elect_sign(weighted, sign)
+        elected = elect_sign(weighted, sign)
+        agree = (torch.sign(weighted) == elected) & (elected != 0)  # a zero delta is never kept
         divisor = torch.where(agree, w, 0.0).sum(dim=0)
         divisor = torch.where(divisor == 0, 1.0, divisor)
-        mixed = weighted.masked_fill_(~agree, 0.0).sum(dim=0)
+        mixed = (weighted * agree).sum(dim=0) if mergekit else weighted.masked_fill_(~agree, 0.0).sum(dim=0)
     if normalize:
         mixed.div_(divisor)
     return mixed.mul_(lam).add_(base)  # base + lam * mixed, in mixed's own memory
 
 
 def _member(name: str, doc: str, *, sparsify: str, params: tuple, fixed: dict | None = None,
-            takes_key: bool = False) -> Method:
+            takes_key: bool = False, version: int = 1) -> Method:
     """A Method that calls generalized_task_arithmetic with its own configuration and parameters."""
     defaults = {p.name: p.default for p in params}
     fixed = dict(fixed or {})
@@ -176,23 +241,28 @@ def _member(name: str, doc: str, *, sparsify: str, params: tuple, fixed: dict | 
 
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = doc
-    return Method(name, 1, fn, ("Base", "A"), params, doc, takes_key=takes_key, variadic=True)
+    return Method(name, version, fn, ("Base", "A"), params, doc, takes_key=takes_key, variadic=True)
 
 
 WEIGHTS = Param("weights", list, (), "one weight per fine-tune (the base has none); empty: 1.0 each",
                 count=lambda n: n - 1)
 LAMBDA = Param("lambda", float, 1.0, "multiplier of the merged task vector")
 SEED = Param("seed", int, 0, "seed of the drop masks; with the tensor's name it gives each tensor its own stream")
-RESCALE = Param("rescale", bool, True, "divide kept entries by their keep probability")
+# the default stays true (= "density"), so the cache keys of Mergefiles from before the words stay as they were
+RESCALE = Param("rescale", str, True, "density (or true, the default): divide kept entries by their keep "
+                "probability (the papers); l1: restore each delta's L1 norm (mergekit 0.1.5); none (or false): "
+                "keep them as they are",
+                choices=RESCALES, aliases=((True, "density"), (False, "none")))
 
 
 def _density(default: float) -> Param:
     return Param("density", float, default, "fraction of each task vector's entries kept")
 
 
-def _sign(default: str, choices=("mass", "count")) -> Param:
+def _sign(default: str, choices=("mass", "count", "count_mergekit")) -> Param:
     return Param("sign", str, default, "sign election: mass = sign of the summed deltas (TIES), "
-                 "count = majority of signs" + (", none = no election" if "none" in choices else ""),
+                 "count = majority of signs, a tie keeping nothing (sd-meh, sd-mecha), count_mergekit = "
+                 "the same with a tie electing + (mergekit)" + (", none = no election" if "none" in choices else ""),
                  choices=choices)
 
 
@@ -207,20 +277,25 @@ METHODS = [
             sparsify="none", fixed={"sign": "none", "normalize": False}, params=(WEIGHTS, LAMBDA)),
     _member("ties", "TIES-merging: keep each delta's top density fraction by magnitude, elect a sign per "
             "element, average the agreeing weighted deltas, add lambda times that to the base.",
-            sparsify="magnitude", params=(_density(0.2), WEIGHTS, LAMBDA, _sign("mass"), _normalize(True))),
+            sparsify="magnitude", version=2,
+            params=(_density(0.2), WEIGHTS, LAMBDA, _sign("mass"), _normalize(True),
+                    Param("ties_rules", str, "mergebuild", "mergebuild: keep exactly int(density * n) entries, "
+                          "equal magnitudes by position; mergekit: mergekit 0.1.5's trim (at least one entry, "
+                          "torch.argsort's order)", choices=TIES_RULES))),
     _member("dare", "DARE (mergekit dare_linear): drop each delta entry with probability 1 - density, divide the "
             "rest by density, base + lambda * sum_i w_i delta_i.", sparsify="random", takes_key=True,
             fixed={"sign": "none", "normalize": False}, params=(_density(0.5), SEED, WEIGHTS, LAMBDA, RESCALE)),
     _member("dare_ties", "DARE drop and rescale, then TIES sign election (mergekit dare_ties: no normalisation by "
-            "default).", sparsify="random", takes_key=True,
+            "default).", sparsify="random", takes_key=True, version=2,
             params=(_density(0.5), SEED, WEIGHTS, LAMBDA, _sign("mass"), _normalize(False), RESCALE)),
     _member("breadcrumbs", "Model Breadcrumbs: drop each delta's gamma largest and its smallest entries, keeping "
             "density, then task arithmetic (sign mass|count = mergekit breadcrumbs_ties).", sparsify="breadcrumbs",
+            version=2,
             params=(_density(0.9), Param("gamma", float, 0.01, "fraction of largest-magnitude entries dropped"),
                     WEIGHTS, LAMBDA, _sign("none", SIGNS), _normalize(False))),
     _member("della", "DELLA: keep entries with probabilities ranked by magnitude within each row, from "
-            "density - epsilon to density + epsilon, rescale by 1/p, elect signs, merge (sign none = della_linear).",
-            sparsify="della", takes_key=True,
+            "density - epsilon to density + epsilon, rescale (by 1/p), elect signs, merge (sign none = della_linear).",
+            sparsify="della", takes_key=True, version=2,
             params=(_density(0.5), Param("epsilon", float, 0.15, "half-width of the keep-probability range"), SEED,
                     WEIGHTS, LAMBDA, _sign("mass", SIGNS), _normalize(True), RESCALE)),
 ]

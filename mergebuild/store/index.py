@@ -13,7 +13,8 @@ Tables:
   has that stamp: an output the user moved, edited or deleted is simply not used;
 - locations: digest -> (file, offset) for tensors stored inside such files;
 - outputs: what each output holds (its identity), the day it was built, the file whose stamp
-  stands for it;
+  stands for it; output_hashes: an output file's stamp -> its sha256 (what the lineage of the
+  merges made from it names it by, A1111's and Civitai's hash), so it is hashed once;
 - builds: one row per build; mergefiles: every Mergefile that used the cache, with its
   cache_limit; live: per Mergefile and merge, the digests its last build needed (protected
   from eviction while that Mergefile exists);
@@ -51,6 +52,8 @@ CREATE TABLE IF NOT EXISTS locations(digest TEXT NOT NULL, path TEXT NOT NULL, o
 CREATE INDEX IF NOT EXISTS locations_path ON locations(path);
 CREATE TABLE IF NOT EXISTS outputs(path TEXT PRIMARY KEY, identity TEXT NOT NULL, date TEXT NOT NULL,
     marker TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS output_hashes(path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, sha256 TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS builds(id INTEGER PRIMARY KEY AUTOINCREMENT, started REAL NOT NULL,
     mergefile TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS mergefiles(path TEXT PRIMARY KEY, last_build INTEGER NOT NULL, cache_limit INTEGER);
@@ -244,6 +247,20 @@ class Index:
     def save_output(self, path: str, identity: str, date: str, marker: str) -> None:
         if not self.readonly:
             self.db.execute("INSERT OR REPLACE INTO outputs VALUES(?,?,?,?)", (path, identity, date, marker))
+
+    def output_sha256(self, path: str, stamp) -> str | None:
+        """The sha256 recorded for an output file in this state (None: not known)."""
+        try:
+            row = self.db.execute("SELECT sha256 FROM output_hashes WHERE path=? AND size=? AND mtime_ns=? "
+                                  "AND ctime_ns=? AND inode=?", (path, *_stamp_row(stamp))).fetchone()
+        except sqlite3.OperationalError:  # a read-only index from before the table
+            return None
+        return row[0] if row else None
+
+    def save_output_sha256(self, path: str, stamp, sha256: str) -> None:
+        if not self.readonly:
+            self.db.execute("INSERT OR REPLACE INTO output_hashes VALUES(?,?,?,?,?,?)",
+                            (path, *_stamp_row(stamp), sha256))
 
     def forget_output(self, path: str) -> None:
         if not self.readonly:

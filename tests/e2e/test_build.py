@@ -230,8 +230,9 @@ def test_lineage_metadata_a1111_keys_and_hashes(project):
     assert recipe["interp_method"] == "Weighted sum" and recipe["multiplier"] == 0.25
     assert recipe["secondary_model_hash"] == real_sha
     assert models[real_sha]["name"] == "real.safetensors"
-    # the intermediate mix2 is listed with its own recipe, and so on down to the sources
-    inner = json.loads(models[recipe["primary_model_hash"]]["sd_merge_recipe"])
+    # the intermediate mix2 is listed with its own recipe (an object, as A1111 nests it), and so
+    # on down to the sources
+    inner = models[recipe["primary_model_hash"]]["sd_merge_recipe"]
     assert inner["interp_method"] == "Add difference"
     mine = json.loads(meta["mergebuild.recipe"])
     assert mine["format"] == 2 and mine["target"] == "final"

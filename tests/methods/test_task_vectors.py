@@ -57,7 +57,9 @@ def ref_merge(base, deltas, weights, lam, sign, normalize):
         divisor = divisor if abs(divisor) >= 1e-8 else 1.0
     else:
         votes = wd.sum(0) if sign == "mass" else np.sign(wd).sum(0)
-        agree = np.sign(wd) == np.where(votes >= 0, 1.0, -1.0)
+        # "count" (sd-meh, sd-mecha): a tied vote elects 0, which keeps nothing; the others elect + on a tie
+        elected = np.sign(votes) if sign == "count" else np.where(votes >= 0, 1.0, -1.0)
+        agree = (np.sign(wd) == elected) & (elected != 0)
         mixed = (wd * agree).sum(0)
         divisor = (np.broadcast_to(w, wd.shape) * agree).sum(0)
         divisor[divisor == 0] = 1
@@ -88,7 +90,8 @@ def dare_masks(shape, n, density, seed, key=KEY):
 
 EXPECTED = {
     "task_arithmetic": (("Base", "A"), {"weights": (), "lambda": 1.0}, False),
-    "ties": (("Base", "A"), {"density": 0.2, "weights": (), "lambda": 1.0, "sign": "mass", "normalize": True}, False),
+    "ties": (("Base", "A"), {"density": 0.2, "weights": (), "lambda": 1.0, "sign": "mass", "normalize": True,
+                             "ties_rules": "mergebuild"}, False),
     "dare": (("Base", "A"), {"density": 0.5, "seed": 0, "weights": (), "lambda": 1.0, "rescale": True}, True),
     "dare_ties": (("Base", "A"), {"density": 0.5, "seed": 0, "weights": (), "lambda": 1.0, "sign": "mass",
                                   "normalize": False, "rescale": True}, True),
@@ -167,7 +170,7 @@ def test_task_arithmetic():
     close(run("task_arithmetic", base, *models), b + sum(ds))
 
 
-@pytest.mark.parametrize("sign", ["mass", "count"])
+@pytest.mark.parametrize("sign", ["mass", "count", "count_mergekit"])
 @pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_ties(sign, density, normalize):
@@ -185,8 +188,10 @@ def test_ties_by_hand():
     m1, m2 = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([-1.0, 1.0, 1.0])
     # mass: sums (0, -1, 4) elect (+, -, +); agreeing means: 1/1, -2/1, (3+1)/2
     assert run("ties", base, m1, m2, density=1.0).tolist() == [1.0, -2.0, 2.0]
-    # count: sign sums (0, 0, 2) elect (+, +, +); agreeing means: 1/1, 1/1, 4/2
-    assert run("ties", base, m1, m2, density=1.0, sign="count").tolist() == [1.0, 1.0, 2.0]
+    # count: sign sums (0, 0, 2) elect (none, none, +); agreeing means: 0, 0, 4/2
+    assert run("ties", base, m1, m2, density=1.0, sign="count").tolist() == [0.0, 0.0, 2.0]
+    # count_mergekit: the tied votes elect +: 1/1, 1/1, 4/2
+    assert run("ties", base, m1, m2, density=1.0, sign="count_mergekit").tolist() == [1.0, 1.0, 2.0]
     # trim to the top third: delta 1 keeps its 3, delta 2 its -1 (three equal magnitudes: the
     # first position wins); each element then has one non-zero delta, which elects its own sign
     assert run("ties", base, m1, m2, density=1 / 3 + 1e-9).tolist() == [-1.0, 0.0, 3.0]
