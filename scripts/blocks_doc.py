@@ -35,10 +35,13 @@ def _ranges(blocks: tuple[str, ...]) -> str:
 
 def section(arch) -> str:
     lines = [f"## {arch.name}", "", arch.description + ".", ""]
+    said = [f"{field} {' / '.join(f'`{v}`' for v in values)}" for field, values in arch.detect_config.items()]
+    if said:
+        lines.append(f"- detected in a model folder by config.json's {' or '.join(said)}")
     if arch.detect:
         alts = " or ".join(" + ".join(f"`{p}`" for p in alt) for alt in arch.detect)
         lines.append(f"- detected by keys starting with {alts}")
-    else:
+    elif arch.is_fallback:
         lines.append("- the fallback: any model no other file detects")
     if arch.blocks:
         lines.append(f"- {len(arch.blocks)} blocks: {_ranges(arch.blocks)}")
@@ -51,8 +54,19 @@ def section(arch) -> str:
         lines.append(f"- groups inside a block (a group's value beats its block's): {groups}")
     if arch.extra.get("presets"):
         lines.append(f"- presets: {', '.join(f'`{p}`' for p in arch.extra['presets'])}")
-    if arch.layer_pattern is not None:
+    if arch.layer_patterns:
+        stacks = "; ".join(f"{c} `{p.pattern}`" for c, p in arch.layer_patterns.items())
+        lines.append(f"- layers, each component's numbered from 0 (a gradient spans the first unless it names "
+                     f"another): {stacks}")
+    elif arch.layer_pattern is not None:
         lines.append(f"- layers (gradients) from `{arch.layer_pattern.pattern}`")
+    if arch.llm.get("embeddings") or arch.llm.get("lm_head"):
+        names = ", ".join(f"`{n}`" for n in arch.llm.get("embeddings", []) + arch.llm.get("lm_head", []))
+        tied = f" (lm_head absent when config.json's `{arch.llm['tied']}`)" if arch.llm.get("tied") else ""
+        lines.append(f"- embeddings and head: {names}{tied}")
+    if arch.llm.get("post_layers"):
+        lines.append(f"- after the layers (a passthrough takes them from its last slice): "
+                     f"{', '.join(f'`{p}`' for p in arch.llm['post_layers'])}")
     lines.append(f"- components: {', '.join(f'`{c}`' for c in arch.components)}")
     if arch.modelspec:
         lines.append(f"- ModelSpec architecture: `{arch.modelspec.get('architecture')}`")

@@ -306,7 +306,7 @@ def lora_target(modules: list[Module], shapes: dict, metadata: dict) -> tuple[st
 
 def _fallback() -> str:
     """The architecture of models no other describes (the one detection falls back to)."""
-    return next(a.name for a in architectures().values() if not a.detect)
+    return next(a.name for a in architectures().values() if a.is_fallback)
 
 
 def _hint_of(name: str, metadata: dict) -> str | None:

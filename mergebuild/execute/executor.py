@@ -30,6 +30,7 @@ from mergebuild.execute.records import Records
 from mergebuild.execute.stats import sample_stats
 from mergebuild.execute.tensorio import OpenFiles, read_ref
 from mergebuild.planning.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
+from mergebuild.planning.vocab import output_files
 from mergebuild.mergefile.model import Settings
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import tensor_digest
@@ -440,7 +441,8 @@ class Executor:
         tensors = [(t.name, t.dtype, t.shape) for t in merge.tasks.values()]
         draft = self.committer.draft_metadata(merge)
         return OutputSink(self.cache, merge.spec.output, tensors, draft, merge.spec.shard_size,
-                          self._config_folder(merge))
+                          self._config_folder(merge), self.plan.written_config(merge.spec.name),
+                          output_files(self.plan, merge))  # a vocab merge's tokenizer (planning/vocab.py)
 
     def _config_folder(self, merge: MergePlan) -> Path | None:
         """The model folder whose config files the output copies: the first input's, up the chain."""

@@ -36,6 +36,13 @@ class Architecture:
     passthrough: tuple[re.Pattern, ...] = ()  # keys copied from the first input, never merged
     inpainting: dict = field(default_factory=dict)  # latent_channels, wider_channels
     lora: dict = field(default_factory=dict)  # the LoRA name scheme (layouts/lora_names.py)
+    # config.json values that name it ({"model_type": [...], "architectures": [...]}): a model
+    # folder is detected by them first (docs/architecture.md, "Extending")
+    detect_config: dict = field(default_factory=dict)
+    # every stack of numbered layers, by component ({"language": ..., "vision": ...}), the main
+    # one (layer_pattern, what a gradient spans unless it names another) first; {}: one stack
+    layer_patterns: dict[str, re.Pattern] = field(default_factory=dict)
+    llm: dict = field(default_factory=dict)  # LLM names: embeddings, lm_head, post_layers, config keys
     extra: dict = field(default_factory=dict)  # room for later fields (layers, permutations)
 
     def block_of(self, key: str, time_embed_in_base: bool = False) -> str | None:
@@ -63,11 +70,39 @@ class Architecture:
     def knows_block(self, name: str) -> bool:
         return self.canonical_block(name) in self.blocks or name in self.groups
 
-    def layer_of(self, key: str) -> int | None:
-        if self.layer_pattern is None:
+    def layer_of(self, key: str, component: str | None = None) -> int | None:
+        """A key's layer index in the main stack of layers (the language model's), or in the
+        stack of `component` (one of layer_patterns: a VLM's "vision"); None outside it."""
+        pattern = self.layer_pattern if component is None else self.layer_patterns[component]
+        if pattern is None:
             return None
-        m = self.layer_pattern.search(key)
+        m = pattern.search(key)
         return int(m.group(1)) if m else None
+
+    @property
+    def is_fallback(self) -> bool:
+        """Detected by nothing: the architecture of models no other file describes (generic)."""
+        return not self.detect and not self.detect_config
+
+    def config_names(self, config) -> str | None:
+        """How a config.json names this architecture ("config.json model_type '...'"), if it does."""
+        if not isinstance(config, dict):
+            return None
+        model_type = config.get("model_type")
+        if isinstance(model_type, str) and model_type in self.detect_config.get("model_type", ()):
+            return f"config.json model_type {model_type!r}"
+        names = config.get("architectures")
+        for name in names if isinstance(names, list) else ():
+            if isinstance(name, str) and name in self.detect_config.get("architectures", ()):
+                return f"config.json architectures {name!r}"
+        return None
+
+    def keys_match(self, keys: list[str]) -> str | None:
+        """How the key names show this architecture ("keys start with ..."), if they do."""
+        for alternative in self.detect:
+            if all(any(k.startswith(p) for k in keys) for p in alternative):
+                return f"keys start with {' and '.join(repr(p) for p in alternative)}"
+        return None
 
     def component_of(self, key: str) -> str | None:
         anywhere = self.component_match == "substring"
@@ -106,10 +141,13 @@ def _load(path: Path, files: dict[str, dict]) -> dict:
 
 KNOWN_FIELDS = {"name", "description", "detect_order", "detect", "blocks", "aliases", "groups", "rules",
                 "default_block", "components", "component_match", "layer_pattern", "list_conversions",
-                "modelspec", "merge_keys", "passthrough_keys", "passthrough_patterns", "inpainting", "lora", "extends", "_comment"}
+                "modelspec", "merge_keys", "passthrough_keys", "passthrough_patterns", "inpainting", "lora", "extends",
+                "detect_config", "layer_patterns", "llm", "_comment"}
 
 
 def _architecture(name: str, a: dict) -> Architecture:
+    stacks = {k: re.compile(v) for k, v in a.get("layer_patterns", {}).items()}
+    main = a.get("layer_pattern") or next(iter(a.get("layer_patterns", {}).values()), None)
     return Architecture(
         name=name,
         description=a["description"],
@@ -118,7 +156,7 @@ def _architecture(name: str, a: dict) -> Architecture:
         rules=tuple((re.compile(p), t, tag) for p, t, tag in a.get("rules", [])),
         default_block=a.get("default_block"),
         components={k: tuple(v) for k, v in a.get("components", {}).items()},
-        layer_pattern=re.compile(a["layer_pattern"]) if a.get("layer_pattern") else None,
+        layer_pattern=re.compile(main) if main else None,
         component_match=a.get("component_match", "prefix"),
         aliases=dict(a.get("aliases", {})),
         groups={k: re.compile(v) for k, v in a.get("groups", {}).items()},
@@ -129,6 +167,9 @@ def _architecture(name: str, a: dict) -> Architecture:
                           + [re.compile(p) for p in a.get("passthrough_patterns", [])]),
         inpainting=dict(a.get("inpainting", {})),
         lora=dict(a.get("lora", {})),
+        detect_config={k: tuple(v) for k, v in a.get("detect_config", {}).items()},
+        layer_patterns=stacks,
+        llm=dict(a.get("llm", {})),
         extra={k: v for k, v in a.items() if k not in KNOWN_FIELDS},
     )
 
@@ -142,6 +183,11 @@ def architectures() -> dict[str, Architecture]:
     return {name: _architecture(name, docs[name]) for name in order}
 
 
+def fallback() -> Architecture:
+    """The architecture of models no file detects (the one without `detect`)."""
+    return next(a for a in architectures().values() if not a.detect)
+
+
 def group_of(arch: Architecture, key: str, time_embed_in_base: bool = False) -> str:
     """The block of a key (models with blocks), else its layer ("layer 12"), else "other": how
     explain, the build's statistics and the report group tensors."""
@@ -149,23 +195,39 @@ def group_of(arch: Architecture, key: str, time_embed_in_base: bool = False) -> 
     if block is not None:
         return block
     layer = arch.layer_of(key)
-    return f"layer {layer}" if layer is not None else "other"
+    if layer is not None:
+        return f"layer {layer}"
+    for component, pattern in arch.layer_patterns.items():  # a VLM's other stacks: "vision layer 3"
+        layer = arch.layer_of(key, component) if pattern.pattern != arch.layer_pattern.pattern else None
+        if layer is not None:
+            return f"{component} layer {layer}"
+    return "other"
 
 
-def detect(keys) -> tuple[Architecture, str]:
-    """The architecture of a model from its key names, and how it was recognised."""
+def detect(keys, config: dict | None = None) -> tuple[Architecture, str]:
+    """The architecture of a model from its key names, and how it was recognised. `config`, a
+    model folder's config.json, is asked first: its model_type or architectures name a file
+    (Mistral's keys are Llama's), which is taken when its key detection, if it has one, agrees."""
     keys = list(keys)
-    fallback = None
+    for arch in architectures().values() if config else ():
+        said = arch.config_names(config)
+        if said and (not arch.detect or arch.keys_match(keys)):
+            return arch, said + _layer_count(arch, keys)
     for arch in architectures().values():
-        if not arch.detect:
-            fallback = fallback or arch
-        for alternative in arch.detect:
-            if all(any(k.startswith(p) for k in keys) for p in alternative):
-                return arch, f"keys start with {' and '.join(repr(p) for p in alternative)}"
-    generic = fallback
+        how = arch.keys_match(keys)
+        if how:
+            return arch, how + _layer_count(arch, keys)
+    generic = next(a for a in architectures().values() if a.is_fallback)
     layers = {generic.layer_of(k) for k in keys} - {None}
     how = f"{len(layers)} layers found by {generic.layer_pattern.pattern!r}" if layers else "no layer indices found"
     return generic, how
+
+
+def _layer_count(arch: Architecture, keys: list[str]) -> str:
+    """"; 32 layers" for an architecture with numbered layers (the main stack's), else ""."""
+    if arch.layer_pattern is None:
+        return ""
+    return f"; {len({arch.layer_of(k) for k in keys} - {None})} layers"
 
 
 def expand_blocks(text: str, arch: Architecture) -> set[str]:

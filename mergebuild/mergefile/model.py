@@ -9,6 +9,25 @@ FILE_SUFFIX = ".safetensors"  # an output with this suffix is one file; any othe
 # model files mergebuild does not write: an output named so is a mistake, not a folder
 MODEL_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
 
+# Metadata keys an output never copies from its inputs ([settings] copy_metadata): the ones
+# mergebuild writes itself, and other tools' lineage of the input, which would be stale in the
+# output (A1111's own keys, sd-mecha's recipe, ComfyUI's workflow, kohya's hashes of that file).
+OWN_METADATA = ("format", "sd_merge_recipe", "sd_merge_models", "modelspec.sai_model_spec",
+                "modelspec.architecture", "modelspec.implementation", "modelspec.title", "modelspec.date",
+                "modelspec.merged_from", "modelspec.hash_sha256")
+STALE_METADATA = ("mecha_recipe", "prompt", "workflow", "sshs_model_hash", "sshs_legacy_hash")
+
+
+def never_copied(key: str) -> str | None:
+    """Why an input's metadata key is never copied into an output, or None if it may be."""
+    if key.startswith("mergebuild."):
+        return "is mergebuild's own lineage"
+    if key in OWN_METADATA:
+        return "is written by mergebuild itself"
+    if key in STALE_METADATA:
+        return "is the input's own lineage, stale in the output"
+    return None
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -19,6 +38,9 @@ class Settings:
     time_embed: str = "IN00"  # the MBW block of time_embed / label_emb: "IN00" (supermerger) or "BASE" (sd-mecha)
     staging: int = 256 * 10**6  # bytes of inputs loaded ahead of compute (device memory on a GPU)
     cache_limit: int | None = None  # bytes the cache may keep outside the outputs (None: the default)
+    # the inputs' metadata an output copies (A1111's rule, later inputs winning): True all of it,
+    # False none, or these keys; never what never_copied() names
+    copy_metadata: bool | tuple[str, ...] = True
 
 
 @dataclass(frozen=True)
@@ -54,6 +76,8 @@ class MergeSpec:
     clip_to_inputs: bool = False  # clamp merged values to the inputs' range (sd-meh weights_clip)
     fix_clip_position_ids: bool = False  # reset CLIP position_ids to 0..76 (int64), as sd-meh does
     shard_size: int = 5_000_000_000  # folder outputs: bytes per safetensors shard at most
+    vocab: str | None = None  # "base" | "union" | "truncate": the vocabulary rows (planning/vocab.py)
+    tokenizer_source: str | None = None  # "base" | "union" | an input: the output's tokenizer (planning/vocab.py)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from mergebuild.errors import MergefileError
 from mergebuild.portable import WINDOWS
 from mergebuild.methods.registry import get_method, suggest
 from mergebuild.layouts.blocks import PRESETS, block_name_examples, is_block_name
-from mergebuild.mergefile.model import MODEL_SUFFIXES, Mergefile, MergeSpec, ModelSpec, Rule, Settings
+from mergebuild.mergefile.model import MODEL_SUFFIXES, Mergefile, MergeSpec, ModelSpec, Rule, Settings, never_copied
 from mergebuild.mergefile.search import check_range, is_range
+from mergebuild.mergefile.vocab_fields import vocab_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,10 +26,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TOP_LEVEL = ("settings", "models", "merges", "tune", "soup")
-SETTINGS_FIELDS = ("cache", "device", "compute_dtype", "keep_builds", "time_embed", "staging", "cache_limit")
+SETTINGS_FIELDS = ("cache", "device", "compute_dtype", "keep_builds", "time_embed", "staging", "cache_limit",
+                   "copy_metadata")
 MODEL_FIELDS = ("path",)
 MERGE_FIELDS = ("method", "inputs", "output", "dtype", "discard", "rules", "include", "exclude", "clip_to_inputs",
-                "fix_clip_position_ids", "shard_size")
+                "fix_clip_position_ids", "shard_size", "vocab", "tokenizer_source")
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)\s*$", re.IGNORECASE)
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 RULE_FIELDS = ("blocks", "match", "regex", "not")
@@ -122,8 +124,24 @@ def _settings(path, base: Path, table: dict) -> Settings:
         raise MergefileError(path, where, "compute_dtype", "MPS (Apple silicon) has no float64: use float32 there, "
                              "or device = \"cpu\"")
     cache = _portable_name(path, where, "cache", _path(path, where, "cache", cache))
+    copy = _copy_metadata(path, where, table.get("copy_metadata", True))
     return Settings(cache=base / cache, device=device, compute_dtype=compute,
-                    keep_builds=keep, time_embed=time_embed, staging=staging, cache_limit=limit)
+                    keep_builds=keep, time_embed=time_embed, staging=staging, cache_limit=limit,
+                    copy_metadata=copy)
+
+
+def _copy_metadata(path, where, value) -> bool | tuple[str, ...]:
+    """true, false, or a list of metadata keys."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, list) or not all(isinstance(k, str) and k for k in value):
+        raise MergefileError(path, where, "copy_metadata", f"expected true, false or a list of metadata keys, "
+                             f"got {value!r}")
+    for key in value:
+        why = never_copied(key)
+        if why:
+            raise MergefileError(path, where, "copy_metadata", f"{key!r} {why}: it is never copied from the inputs")
+    return tuple(dict.fromkeys(value))
 
 
 def _model(path, base: Path, name: str, table: dict) -> ModelSpec:
@@ -167,8 +185,9 @@ def _merge(path, base: Path, name: str, table: dict, allow_search: bool = False)
     exclude = _patterns(path, where, "exclude", table.get("exclude"))
     clip, fix_ids = (_flag(path, where, table, f) for f in ("clip_to_inputs", "fix_clip_position_ids"))
     shard_size = _size(path, where, "shard_size", table.get("shard_size", "5GB"))
+    vocab, tokenizer_source = vocab_fields(path, where, table, inputs, method)
     return MergeSpec(name, method_name, tuple(inputs), params, output, dtype, discard, rules, include, exclude,
-                     clip, fix_ids, shard_size)
+                     clip, fix_ids, shard_size, vocab=vocab, tokenizer_source=tokenizer_source)
 
 
 def _size(path, where, field, value) -> int:
@@ -322,6 +341,9 @@ def _check_params(path, where: str, method, params: dict, allow_search: bool = F
             continue
         if param.numeric and not isinstance(value, (int, float)):
             _check_varying(path, where, key, param, value)
+        elif param.check is not None and param.check(value) is not None:  # a structured value: where it is wrong
+            inner, message = param.check(value)
+            raise MergefileError(path, where, key + inner, message)
         elif not param.accepts(value):
             raise MergefileError(path, where, key, f"expected {param.describe()}, got {value!r}")
     for param in method.params:
@@ -368,6 +390,9 @@ def _check_varying(path, where: str, key: str, param, value) -> None:
             if name == "gradient":
                 if not (isinstance(v, list) and len(v) >= 2 and all(number(x) for x in v)):
                     raise MergefileError(path, where, f"{key}.gradient", "expected a list of two or more numbers")
+            elif name == "component" and "gradient" in value:  # which stack of layers it spans (a VLM's)
+                if not isinstance(v, str) or not v:
+                    raise MergefileError(path, where, f"{key}.component", f"expected a component name, got {v!r}")
             elif name == "default" or is_block_name(name):
                 if is_range(v):
                     continue  # checked by _check_ranges

@@ -16,7 +16,8 @@ from typing import Callable
 REQUIRED = object()
 BUILTIN_MODULES = ("mergebuild.methods.basic", "mergebuild.methods.classic", "mergebuild.methods.meh",
                    "mergebuild.methods.task_vectors", "mergebuild.methods.many",
-                   "mergebuild.methods.parts", "mergebuild.methods.lora")
+                   "mergebuild.methods.parts", "mergebuild.methods.lora",
+                   "mergebuild.methods.mergekit_methods", "mergebuild.methods.passthrough")
 ENTRY_POINT_GROUP = "mergebuild.methods"
 
 
@@ -34,6 +35,17 @@ class Param:
     # list parameters with one value per input model: the length they must have for n inputs
     # (checked when the Mergefile is read; an empty list means "the default for each")
     count: Callable | None = None
+    # other values accepted for a str parameter with choices, each as (value, the choice it means):
+    # the words that replaced a bool keep old Mergefiles working (DARE's rescale = true)
+    aliases: tuple = ()
+    # a parameter added after Mergefiles were written: a tensor's parameters (and so its cache
+    # key) hold it only where the Mergefile sets it, and the function's own default applies
+    # elsewhere, so the keys of files that do not use it stay as they were
+    implicit: bool = False
+    # a value with a structure of its own (passthrough's slices, a list of tables): check(value)
+    # -> None, or (where in the value, what is wrong) for the Mergefile's error; kind is the
+    # type of the whole
+    check: Callable | None = None
 
     @property
     def required(self) -> bool:
@@ -44,26 +56,47 @@ class Param:
         return self.kind in (float, int)
 
     def accepts(self, value) -> bool:
+        if self.check is not None:
+            return isinstance(value, self.kind) and self.check(value) is None
         if self.kind is float:
             return _is_number(value)
         if self.kind is int:
             return isinstance(value, int) and not isinstance(value, bool)
         if self.kind is list:
             return isinstance(value, list) and all(_is_number(v) for v in value)
+        if any(type(value) is type(alias) and value == alias for alias, _ in self.aliases):
+            return True
         if not isinstance(value, self.kind):
             return False
         return not self.choices or value in self.choices
 
     def describe(self) -> str:
+        if self.check is not None:
+            return self.doc
         if self.choices:
-            return " | ".join(repr(c) for c in self.choices)
+            words = " | ".join(repr(c) for c in self.choices)
+            if self.aliases:
+                words += " (" + ", ".join(f"{_toml(a)} = {c!r}" for a, c in self.aliases) + ")"
+            return words
         return {list: "a list of numbers"}.get(self.kind, self.kind.__name__)
 
     def as_dict(self) -> dict:
         """For `mergebuild methods NAME --json`."""
-        return {"type": {list: "list of numbers"}.get(self.kind, self.kind.__name__),
+        names = {} if self.check is not None else {list: "list of numbers"}  # a checked list holds anything
+        kind = names.get(self.kind, self.kind.__name__)
+        return {"type": kind,
                 "default": None if self.required else self.default, "required": self.required,
-                "choices": list(self.choices), "varies_by_block": self.numeric, "doc": self.doc}
+                "choices": list(self.choices), "varies_by_block": self.numeric, "doc": self.doc,
+                **({"aliases": {_toml(a): c for a, c in self.aliases}} if self.aliases else {})}
+
+    def canonical(self, value):
+        """The choice a value means: an alias's choice, else the value itself."""
+        return next((c for a, c in self.aliases if type(value) is type(a) and value == a), value)
+
+
+def _toml(value) -> str:
+    """A value as a Mergefile writes it (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def _is_number(value) -> bool:
@@ -99,6 +132,11 @@ class Method:
     # the inputs fn reads, by position, when only some: fn then receives those alone, and a
     # tensor's cache key hashes only them (a swap that takes B does not depend on A)
     reads: tuple[int, ...] | None = None
+    # input_dtypes(params) -> bool: whether fn also gets dtypes=[each input's stored dtype, as a
+    # safetensors code] for a tensor with these params (A1111's arithmetic is done in the files'
+    # own dtypes, and fn sees them converted to the compute dtype); they join the params, and so
+    # the cache key. None: never
+    input_dtypes: Callable | None = None
     follows: str = ""  # whose semantics it follows (A1111, supermerger, sd-meh, mergekit...): the module's FOLLOWS
     extra: dict = field(default_factory=dict)
 
@@ -115,7 +153,8 @@ class Method:
         return next((p for p in self.params if p.name == name), None)
 
     def defaults(self) -> dict:
-        return {p.name: p.default for p in self.params if not p.required}
+        """The defaults the planner fills in (not those of implicit parameters: see Param)."""
+        return {p.name: p.default for p in self.params if not p.required and not p.implicit}
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ as one of:
     alpha = { default = 0.5, BASE = 0.0, IN05 = 0.2 }   by MBW block (SD models)
     alpha = [0.0, 0.1, ...]                             26 (SD1/SD2) or 20 (SDXL) values, BASE first
     alpha = "GRAD_V"                                    a named preset (26 values)
-    alpha = { gradient = [0.0, 0.5, 1.0] }              over the layer index (generic models)
+    alpha = { gradient = [0.0, 0.5, 1.0] }              over the layer index (LLMs: the language model's)
+    alpha = { gradient = [0.0, 1.0], component = "vision" }   over another stack's layers (a VLM's)
 then [[merges.NAME.rules]] override it for the keys they select, later rules winning.
 """
 
@@ -49,8 +50,8 @@ class ParamResolver:
         self.mf, self.merge, self.method, self.arch = mf, merge, method, arch
         self.warnings: list[str] = []
         self.time_embed_in_base = mf.settings.time_embed == "BASE"
-        layers = [arch.layer_of(k) for k in keys]
-        self.num_layers = max((n for n in layers if n is not None), default=-1) + 1
+        self.keys = keys
+        self.num_layers = self.layer_count(None)
         self.values = {name: self._compile(name, v) for name, v in merge.params.items()}
         self.rules = [self._compile_rule(i, r) for i, r in enumerate(merge.rules)]
         self.include = [re.compile(p) for p in merge.include]
@@ -64,6 +65,11 @@ class ParamResolver:
             any(param_varies_by_block(method, n, v) for n, v in merge.params.items())
             or any(r.blocks for r in merge.rules)
             or merge.params.get("blocks") or merge.params.get("block_weights"))
+
+    def layer_count(self, component: str | None) -> int:
+        """How many layers the main stack (or `component`'s) has: the highest index, plus one."""
+        layers = (self.arch.layer_of(k, component) for k in self.keys)
+        return max((n for n in layers if n is not None), default=-1) + 1
 
     def block_of(self, key: str) -> str | None:
         return self.arch.block_of(key, self.time_embed_in_base)
@@ -146,13 +152,19 @@ class ParamResolver:
     def _gradient(self, name: str, table: dict):
         points = table["gradient"]
         default = table.get("default", points[0])
-        if self.num_layers <= 0:
+        component = table.get("component")  # a stack of layers other than the main one (a VLM's vision)
+        if component is not None and component not in self.arch.layer_patterns:
+            stacks = ", ".join(self.arch.layer_patterns) or "one stack of layers, named by no component"
+            self._fail(f"{name}.component", f"{self.arch.name} has no component {component!r} with layers "
+                       f"(it has {stacks})")
+        count = self.layer_count(component)
+        if count <= 0:
             self.warnings.append(f"{name}: a gradient needs layer indices, and {self.arch.name} keys have none: "
                                  f"every tensor takes {default} (use block values or rules)")
-        span = max(self.num_layers - 1, 1)
+        span = max(count - 1, 1)
 
         def at(key: str, block):
-            layer = self.arch.layer_of(key)
+            layer = self.arch.layer_of(key, component)
             if layer is None:
                 return default
             x = layer / span * (len(points) - 1)

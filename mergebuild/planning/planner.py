@@ -24,6 +24,7 @@ from mergebuild.planning.outputs import check_outputs
 from mergebuild.planning.params import ParamResolver
 from mergebuild.planning.recipe import Recipe, merge_node, model_node
 from mergebuild.planning.sources import Source, TensorRef, load_source
+from mergebuild.planning.vocab import node_fields, plan_vocab, shape_hint, vocab_tasks
 from mergebuild.mergefile.model import Mergefile, MergeSpec
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import text_digest
@@ -69,6 +70,10 @@ class MergePlan:
     current: bool = False  # a target whose output a build would leave byte for byte as it is
     needed: bool = True  # the build runs it: its output is stale, or a merge that runs reads it
     stale_why: str = ""  # why its output is not current ("missing", "changed on disk", ...)
+    # the config.json a folder output writes in place of its first input's, when the method
+    # changes it (passthrough's layer count); None: the first input's config files as they are
+    config: dict | None = None
+    vocab: object = None  # planning/vocab.VocabPlan: the merge's vocabulary (vocab / tokenizer_source)
 
     def count(self, state: str) -> int:
         return sum(1 for t in self.tasks.values() if t.state == state)
@@ -99,6 +104,25 @@ class Plan:
                 return TensorRef(task.dtype, task.shape, task.digest)
             node, tensor = task.inputs[0]
         return self.sources[node].tensors[tensor]
+
+    def config(self, node: str) -> dict | None:
+        """The config.json a node stands for: the one a merge writes (its method changed it),
+        else its first input's, up to a model folder's own (None: no folder has one)."""
+        while node not in self.sources:
+            merge = self.merges[node]
+            if merge.config is not None:
+                return merge.config
+            node = merge.spec.inputs[0]
+        return self.sources[node].config
+
+    def written_config(self, node: str) -> dict | None:
+        """The config.json a folder output of `node` writes instead of copying its first input's:
+        the nearest one a merge up its chain of first inputs changed; None: copied as it is."""
+        while node in self.merges:
+            if self.merges[node].config is not None:
+                return self.merges[node].config
+            node = self.merges[node].spec.inputs[0]
+        return None
 
     def tensor_names(self, node: str) -> list[str]:
         if node in self.sources:
@@ -135,10 +159,15 @@ def _node(plan: Plan, merge: MergePlan) -> dict:
         settings["time_embed"] = plan.mergefile.settings.time_embed
     output = None
     if spec.output is not None:
+        copy = plan.mergefile.settings.copy_metadata
+        if copy is not True:  # the default is left out: identities from before the setting hold
+            settings["copy_metadata"] = copy if isinstance(copy, bool) else list(copy)
         output = {"name": spec.output.name}
         if is_folder_output(spec.output):
             output["shard_size"] = spec.shard_size
-    return merge_node(spec, merge.method.version, settings, output)
+    node = merge_node(spec, merge.method.version, settings, output)
+    node.update(node_fields(merge))  # the tokenizers a vocab / tokenizer_source merge read
+    return node
 
 
 @dataclass
@@ -152,6 +181,7 @@ class MergeContext:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     output_metadata: dict[str, str] = field(default_factory=dict)  # extra __metadata__ of the output
+    config: dict | None = None  # the output's config.json, when the method changes it (MergePlan.config)
 
     def names(self, i: int) -> list[str]:
         return self.plan.tensor_names(self.spec.inputs[i])
@@ -165,6 +195,10 @@ class MergeContext:
 
     def params(self, key: str) -> dict:
         return self.resolver.params(key)
+
+    def input_config(self, i: int) -> dict | None:
+        """Input i's config.json (a model folder's, or what an upstream merge writes), if any."""
+        return self.plan.config(self.spec.inputs[i])
 
     def out_dtype(self, dtype: str) -> str:
         return USER_DTYPES[self.spec.dtype] if self.spec.dtype and is_float(dtype) else dtype
@@ -181,14 +215,17 @@ def _plan_merge(plan: Plan, spec: MergeSpec) -> MergePlan:
     method = get_method(spec.method)
     first = spec.inputs[0]
     names = plan.tensor_names(first)
-    arch, how = detect(names)
+    arch, how = detect(names, plan.config(first))
     resolver = ParamResolver(plan.mergefile, spec, method, arch, names)
     discard = re.compile(spec.discard) if spec.discard else None
     ctx = MergeContext(plan, spec, arch, resolver)
+    vocab = plan_vocab(ctx, method, names)  # None unless the merge sets vocab / tokenizer_source
     if method.plan_tasks is not None:
         tasks = _method_planned(ctx, method)
     else:
-        tasks = _key_by_key(plan, spec, method, names, resolver)
+        tasks = _key_by_key(plan, spec, method, [n for n in names if vocab is None or n not in vocab.keys], resolver)
+    if vocab is not None and vocab.keys:  # vocabulary rows that move: planning/vocab.py
+        tasks = dict(sorted({**tasks, **vocab_tasks(ctx, method, vocab, arch.rule_applies(names))}.items()))
     if discard:
         tasks = {n: t for n, t in tasks.items() if not discard.search(n)}
     if method.plan_tasks is None and method.input_names is None:
@@ -198,7 +235,8 @@ def _plan_merge(plan: Plan, spec: MergeSpec) -> MergePlan:
         ctx.note(f"{count} {group} keys are in no block and the block values have no default: kept from "
                  f"{spec.inputs[0]} (add default = ... to merge them)")
     merge = MergePlan(spec, method, tasks, arch=arch, arch_how=how, warnings=ctx.warnings, notes=ctx.notes,
-                      output_metadata=ctx.output_metadata, block_sensitive=resolver.block_sensitive)
+                      output_metadata=ctx.output_metadata, block_sensitive=resolver.block_sensitive,
+                      config=ctx.config, vocab=vocab)
     if method.merges_tensors and not any(t.method is method for t in tasks.values()) and not merge.warnings:
         merge.warnings.append(f"{spec.method} changed no tensor: no key of {', '.join(spec.inputs[1:])} matched")
     return merge
@@ -286,6 +324,8 @@ def _task(plan: Plan, spec: MergeSpec, method: Method, name: str, substring_rule
         inputs = ((spec.inputs[0], name),) + tuple(zip(spec.inputs[1:], other_names))
         if method.reads is not None and channels is None and not spec.clip_to_inputs:
             inputs = tuple(inputs[i] for i in method.reads)  # its key depends on these alone
+        if method.input_dtypes is not None and method.input_dtypes(params):
+            params = {**params, "dtypes": [r.dtype for r in refs]}
         return TensorTask(name, out_dtype, a.shape, inputs, method, params, channels, spec.clip_to_inputs)
     if out_dtype == a.dtype:
         return TensorTask(name, a.dtype, a.shape, ((spec.inputs[0], name),), None, state=PASSTHROUGH)
@@ -314,7 +354,7 @@ def _check_shapes(spec: MergeSpec, name: str, refs: list[TensorRef], inpainting:
                 f"[merges.{spec.name}] key {name!r}: {detail}: the first input must be the "
                 "inpainting / instruct-pix2pix model (the one with more input channels)"
             )
-        raise InputError(f"[merges.{spec.name}] key {name!r}: shapes differ: {detail}")
+        raise InputError(f"[merges.{spec.name}] key {name!r}: shapes differ: {detail}{shape_hint(name, a, b)}")
     return channels
 
 

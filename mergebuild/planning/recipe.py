@@ -70,6 +70,8 @@ def merge_node(spec, version: int, settings: dict, output: dict | None) -> dict:
         "exclude": list(spec.exclude),
         "clip_to_inputs": spec.clip_to_inputs,
         "fix_clip_position_ids": spec.fix_clip_position_ids,
+        "vocab": getattr(spec, "vocab", None),
+        "tokenizer_source": getattr(spec, "tokenizer_source", None),
         "settings": settings,
         "output": output,
     }
@@ -111,16 +113,22 @@ def changes(name: str, old: dict | None, new: dict, blocks: tuple[str, ...] = ()
         out += _value_changes(f"{name}.{key}", before.get(key), after.get(key), blocks)
     out += setting_changes(old.get("settings"), new.get("settings"))
     for key in ("inputs", "dtype", "discard", "rules", "include", "exclude", "clip_to_inputs",
-                "fix_clip_position_ids", "output"):
+                "fix_clip_position_ids", "output", "vocab", "tokenizer_source"):
         if old.get(key) != new.get(key):
             out += _field_changes(name, key, old.get(key), new.get(key))
+    out += _value_changes(f"{name}.tokenizers", old.get("tokenizers"), new.get("tokenizers"), ())  # planning/vocab.py
     return out
+
+
+# settings a node lists only when they are not their default (so older identities hold)
+SETTING_DEFAULTS = {"copy_metadata": True}
 
 
 def setting_changes(old: dict | None, new: dict | None) -> list[str]:
     """Settings that reach both versions of a merge and differ (a setting that starts or stops
     reaching it does so because of a change that is reported itself)."""
-    old, new = old or {}, new or {}
+    old = {**SETTING_DEFAULTS, **(old or {})}
+    new = {**SETTING_DEFAULTS, **(new or {})}
     return [f"[settings] {k}: {_text(old[k])} -> {_text(new[k])}" for k in sorted(old.keys() & new.keys())
             if old[k] != new[k]]
 

@@ -28,6 +28,8 @@ from mergebuild.tensors.header import read_header
 from mergebuild.tensors.legacy import LEGACY_SUFFIXES
 
 INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+MAX_CONFIG = 16 << 20  # bytes: a config.json larger than this is not one
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class Source:
     parts: list[tuple[Path, tuple]] = field(default_factory=list)  # every file read, with its stamp
     addnet_hash: str | None = None  # sha256 of the tensor data (kohya's hash), for LoRA inputs
     notes: list[str] = field(default_factory=list)  # what reading it left out or kept as it was
+    # a model folder's config.json (None: a file, or a folder without a readable one): detection
+    # reads its model_type, methods that change the layers (passthrough) the per-layer settings
+    config: dict | None = None
 
     @property
     def path(self) -> Path:
@@ -152,8 +157,29 @@ def _folder_source(spec: ModelSpec, cache: Cache, table: str) -> Source:
     if hash_file == index:
         parts.append((index, st))
     known = cache.index.fingerprint(str(hash_file), st)
-    content = text_digest(json.dumps(contents))
-    return Source(spec, tensors, metadata, st, known[2] if known else None, hash_file, content, parts)
+    config, notes = _read_config(folder / CONFIG_NAME)
+    # the config is part of what the folder holds: it decides the architecture and is copied into
+    # folder outputs (passthrough rewrites it), so a changed config.json makes them out of date
+    content = text_digest(json.dumps(contents if config is None else [contents, config], sort_keys=True))
+    if config is not None:
+        parts.append((folder / CONFIG_NAME, _stat(folder / CONFIG_NAME, table)))
+    return Source(spec, tensors, metadata, st, known[2] if known else None, hash_file, content, parts,
+                  notes=notes, config=config)
+
+
+def _read_config(path: Path) -> tuple[dict | None, list[str]]:
+    """A folder's config.json as an object, and a note when it is there but cannot be used."""
+    try:
+        if not path.is_file():
+            return None, []
+        if path.stat().st_size > MAX_CONFIG:
+            raise ValueError(f"larger than {MAX_CONFIG >> 20} MB")
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        return doc, []
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        return None, [f"{path}: not a readable config.json ({e}): the architecture is told by the key names alone"]
 
 
 def _index_shards(index: Path, folder: Path) -> list[str]:

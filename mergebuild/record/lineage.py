@@ -7,7 +7,11 @@ Written keys (safetensors __metadata__ values are strings; JSON is stored as a s
   along under ids prefixed with its name ("real/mix1"), its node pointing at their root through
   "made_by"; so lineage spans generations and stays linear in the size of the DAG;
 - mergebuild.identity: what the output holds (status compares it); mergebuild.version;
-- sd_merge_recipe / sd_merge_models: A1111's keys, so A1111-family UIs show the lineage;
+- sd_merge_recipe / sd_merge_models: A1111's keys, written as A1111's run_modelmerger writes
+  them (each model's own recipe nested as an object; models by the sha256 of their file, a merge
+  of this build that has an output file too, one without a file under a stand-in hash named
+  "NAME (intermediate)"), so A1111-family UIs and Civitai read the lineage;
+- the inputs' own metadata, copied by A1111's rule ([settings] copy_metadata, record/inherit.py);
 - ModelSpec 1.0.1 keys.
 
 Lineage found in a source is untrusted: what does not fit the expected shape is dropped, with
@@ -22,10 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergebuild import __version__
+from mergebuild.layouts.blocks import PRESETS
+from mergebuild.methods.registry import get_method
 from mergebuild.planning.planner import Plan
 from mergebuild.planning.recipe import FORMAT, IDENTITY_KEY, RECIPE_KEY
 from mergebuild.record.hashes import autov2
-from mergebuild.tensors.folder import read_manifest
+from mergebuild.record.inherit import copied_metadata
+from mergebuild.tensors.folder import is_folder_output, read_manifest
 from mergebuild.tensors.header import read_header
 
 A1111_NAMES = {"weighted_sum": "Weighted sum", "add_difference": "Add difference", "copy": "No interpolation"}
@@ -33,24 +40,40 @@ MAX_DEPTH = 10_000  # generations followed in a foreign nested recipe
 NODE_FIELDS = {"kind": str, "name": str, "file": str, "tool": str, "method": str, "version": int, "params": dict,
                "dtype": str, "discard": str, "sha256": str, "autov2": str, "addnet_hash": str, "content": str,
                "made_by": str, "inputs": list, "rules": list, "include": list, "exclude": list,
-               "clip_to_inputs": bool, "fix_clip_position_ids": bool, "settings": dict, "output": dict}
+               "clip_to_inputs": bool, "fix_clip_position_ids": bool, "settings": dict, "output": dict,
+               "vocab": str, "tokenizer_source": str, "tokenizers": dict}  # the last three: planning/vocab.py
 
 
 @dataclass
 class SourceHashes:
-    """What a build learns about each source file while it runs."""
+    """What a build learns about each source file, and each output file upstream, while it runs."""
 
     sha256: dict[str, str] = field(default_factory=dict)
     legacy: dict[str, str] = field(default_factory=dict)  # A1111's old 8-hex hash
     addnet: dict[str, str] = field(default_factory=dict)  # kohya's hash of a LoRA's tensor data
+    # merges of this build with an output file, upstream of the one being written: its file's
+    # sha256 and old hash (the file is written first, or is current)
+    outputs: dict[str, str] = field(default_factory=dict)
+    output_legacy: dict[str, str] = field(default_factory=dict)
+    loras: set[str] = field(default_factory=set)  # sources read as LoRA files (their metadata is not copied)
 
     @staticmethod
     def placeholders(plan: Plan, lora_files: set[str]) -> "SourceHashes":
         """Stand-ins exactly as long as the real hashes, and distinct (hashes are keys of A1111's
         sd_merge_models): the header's size is known up front, at most what it will be."""
         names = sorted(plan.sources)
-        return SourceHashes({n: f"{i:064x}" for i, n in enumerate(names)}, {n: "0" * 8 for n in names},
-                            {n: "0" * 64 for n in lora_files})
+        files = sorted(n for n in plan.merges if has_file(plan, n))
+        fake = {n: f"{i:064x}" for i, n in enumerate(names + files)}
+        return SourceHashes({n: fake[n] for n in names}, {n: "0" * 8 for n in names},
+                            {n: "0" * 64 for n in lora_files}, {n: fake[n] for n in files},
+                            {n: "0" * 8 for n in files}, set(lora_files))
+
+
+def has_file(plan: Plan, merge: str) -> bool:
+    """Whether a merge's output is one file, which A1111 and Civitai know by its sha256 (a
+    model folder is not: a merge with one is recorded like an intermediate)."""
+    out = plan.merges[merge].spec.output
+    return out is not None and not is_folder_output(out)
 
 
 @dataclass
@@ -65,6 +88,8 @@ def recipe_doc(plan: Plan, target: str, hashes: SourceHashes, warnings: list[str
     nodes: dict[str, dict] = {}
     for name in plan.recipe.closure(target):
         node = dict(plan.recipe.nodes[name])
+        if name != target and name in hashes.outputs:  # an upstream output file (lineage only)
+            node.update(sha256=hashes.outputs[name], autov2=autov2(hashes.outputs[name]))
         if name in plan.sources:
             sha = hashes.sha256[name]
             node.update(sha256=sha, autov2=autov2(sha))
@@ -85,6 +110,7 @@ def build_metadata(plan: Plan, merge: str, hashes: SourceHashes, data_sha256: st
     doc = recipe_doc(plan, merge, hashes, warnings)
     sd_recipe, sd_models = _a1111(plan, merge, hashes)
     return {
+        **copied_metadata(plan, merge, hashes.loras),
         **plan.merges[merge].output_metadata,
         "format": "pt",
         "mergebuild.version": __version__,
@@ -146,29 +172,54 @@ def virtual_hash(identity: str) -> str:
 
 
 def _a1111(plan: Plan, target: str, hashes: SourceHashes) -> tuple[dict, dict]:
-    """A1111's sd_merge_recipe of the target, and sd_merge_models: every model and intermediate
-    by hash, each once (A1111 nests each model's own recipe as a JSON string)."""
+    """A1111's sd_merge_recipe of the target, and sd_merge_models: every model and merge it is
+    made from by hash, each once, with its own recipe nested as an object (as A1111 nests what
+    read_metadata_from_safetensors parsed), and the inputs' own sd_merge_models merged in."""
     closure = [n for n in plan.recipe.closure(target) if n in plan.merges]
 
     def hash_of(name: str) -> str:
-        return hashes.sha256[name] if name in plan.sources else virtual_hash(plan.merges[name].identity)
+        if name in plan.sources:
+            return hashes.sha256[name]
+        return hashes.outputs.get(name) or virtual_hash(plan.merges[name].identity)
 
     models: dict = {}
     recipes = {}
-    for name in closure:  # inputs first: an intermediate's recipe is ready before its readers
+    for name in closure:  # inputs first: an upstream merge's recipe is ready before its readers
         recipes[name] = _a1111_recipe(plan, name, hash_of)
         for i in plan.mergefile.merges[name].inputs:
             h = hash_of(i)
             if i in plan.sources:
                 own = plan.sources[i].metadata
-                inner = own.get("sd_merge_recipe")
                 models[h] = {"name": plan.sources[i].path.name, "legacy_hash": hashes.legacy.get(i),
-                             "sd_merge_recipe": inner if isinstance(inner, str) else None}
-                models.update(_foreign_models(own))
+                             "sd_merge_recipe": a1111_value(own.get("sd_merge_recipe"))}
+                models.update(_nested(_foreign_models(own)))
+            elif i in hashes.outputs:
+                models[h] = {"name": plan.merges[i].spec.output.name, "legacy_hash": hashes.output_legacy.get(i),
+                             "sd_merge_recipe": recipes[i]}
             else:
-                models[h] = {"name": f"{i} (intermediate)", "legacy_hash": None,
-                             "sd_merge_recipe": json.dumps(recipes[i])}
+                models[h] = {"name": f"{i} (intermediate)", "legacy_hash": None, "sd_merge_recipe": recipes[i]}
     return recipes[target], models
+
+
+def a1111_value(value):
+    """A metadata value as A1111's read_metadata_from_safetensors gives it: a string that starts
+    with `{` parsed as JSON (kept as it is if it does not parse)."""
+    if isinstance(value, str) and value[:1] == "{":
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):
+            return value
+    return value
+
+
+def _nested(models: dict) -> dict:
+    """Foreign sd_merge_models entries with their recipes as objects (older mergebuild files
+    nested them as strings)."""
+    out = {}
+    for h, entry in models.items():
+        inner = entry.get("sd_merge_recipe")
+        out[h] = {**entry, "sd_merge_recipe": a1111_value(inner)} if isinstance(inner, str) else entry
+    return out
 
 
 def _a1111_recipe(plan: Plan, name: str, hash_of) -> dict:
@@ -177,10 +228,9 @@ def _a1111_recipe(plan: Plan, name: str, hash_of) -> dict:
     recipe = {"type": "mergebuild"}
     for i, role in enumerate(roles):
         recipe[role] = hash_of(spec.inputs[i]) if i < len(spec.inputs) else None
-    alpha = spec.params.get("alpha")
     recipe.update(
         interp_method=A1111_NAMES.get(spec.method, spec.method),
-        multiplier=alpha if isinstance(alpha, (int, float)) else None,
+        multiplier=multiplier(spec.method, spec.params),
         save_as_half=spec.dtype == "float16",
         custom_name=name,
         config_source=0,
@@ -191,6 +241,35 @@ def _a1111_recipe(plan: Plan, name: str, hash_of) -> dict:
         mergebuild_params=spec.params,
     )
     return recipe
+
+
+MULTIPLIERS = ("alpha", "strength", "lambda")  # the parameter A1111's multiplier stands for, by method
+
+
+def multiplier(method: str, params: dict) -> float:
+    """A1111's `multiplier`, always a number: the method's alpha (else strength, lambda; as
+    written, else its default); a per-block value gives its BASE value, as supermerger records
+    base_alpha beside its block list; 1.0 for a method with none of them. The whole value stays
+    in mergebuild_params and mergebuild.recipe."""
+    found = get_method(method)
+    values = {**(found.defaults() if found else {}), **params}
+    for name in MULTIPLIERS:
+        number = _first_number(values.get(name))
+        if number is not None:
+            return number
+    return 1.0
+
+
+def _first_number(value) -> float | None:
+    if isinstance(value, str) and value in PRESETS:
+        value = PRESETS[value]
+    if isinstance(value, dict):
+        value = value.get("gradient", value.get("BASE", value.get("default")))
+    if isinstance(value, list) and value:
+        value = value[0]  # BASE first (blocks), or the first layer's (a gradient)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    return None
 
 
 def _foreign_models(metadata: dict) -> dict:
@@ -219,6 +298,11 @@ def import_lineage(metadata: dict[str, str], prefix: str) -> Imported:
                 out.warnings.append(f"{prefix}: its {RECIPE_KEY} is not a recipe; its lineage is left out")
         elif "sd_merge_recipe" in metadata:
             out.root = _import_a1111(metadata, prefix, out)
+        elif "mecha_recipe" in metadata:  # sd-mecha's outputs: its .mecha text (record/foreign/mecha.py)
+            from mergebuild.record.foreign.mecha import mecha_lineage
+
+            out.nodes, out.root, found = mecha_lineage(str(metadata["mecha_recipe"]), prefix)
+            out.warnings += found
         elif metadata.get("modelspec.merged_from"):
             names = [n.strip() for n in str(metadata["modelspec.merged_from"]).split(",") if n.strip()]
             ids = []
@@ -347,6 +431,11 @@ def read_lineage(path: Path) -> dict:
     path = Path(path)
     header = read_header(_first_shard(path) if path.is_dir() else path)
     imported = import_lineage(header.metadata, path.name)
+    if imported.root is None and path.is_dir() and (path / "mergekit_config.yml").is_file():
+        from mergebuild.record.foreign.mergekit_read import folder_lineage  # a mergekit output folder
+
+        imported.nodes, imported.root, found = folder_lineage(path)
+        imported.warnings += found
     made_by = as_tree(imported.nodes, imported.root) if imported.root else None
     return {"kind": "model", "name": path.name, "file": path.name, "made_by": made_by,
             "warnings": imported.warnings}

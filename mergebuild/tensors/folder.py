@@ -1,5 +1,6 @@
 """Write a Hugging Face model folder: safetensors shards, their index, and the first input's
-config files, into a temp folder beside the target, then swapped into place.
+config files (config.json as the merge changed it, where its method did: passthrough's layer
+count), into a temp folder beside the target, then swapped into place.
 
 Every folder mergebuild writes carries a manifest (.mergebuild-manifest.json) listing each file
 it wrote with its size and hash. An existing folder is replaced, and `clean` removes files,
@@ -102,9 +103,12 @@ def _legacy_ours(folder: Path, name: str) -> bool:
 
 class FolderWriter:
     def __init__(self, folder: Path, tensors: list[tuple[str, str, tuple[int, ...]]], draft_metadata: dict,
-                 shard_size: int, copy_from: Path | None, token: str):
+                 shard_size: int, copy_from: Path | None, token: str, config: dict | None = None,
+                 files: dict[str, bytes | None] | None = None):
         self.folder = Path(folder)
         self.copy_from = copy_from
+        self.config = config  # written as config.json in place of copy_from's
+        self.files = files or {}  # written in place of copy_from's (None: not copied): a vocab merge's tokenizer
         self.token = token
         self.temp = self.folder.parent / f".{self.folder.name}{TEMP_MARK}{token}"
         shutil.rmtree(self.temp, ignore_errors=True)
@@ -156,6 +160,13 @@ class FolderWriter:
             for name in CONFIG_FILES:
                 if (self.copy_from / name).is_file():
                     shutil.copy2(self.copy_from / name, self.temp / name)
+        if self.config is not None:
+            (self.temp / "config.json").write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+        for name, data in self.files.items():
+            if data is None:
+                (self.temp / name).unlink(missing_ok=True)
+            else:
+                (self.temp / name).write_bytes(data)
         self._write_manifest()
         self._swap_in()
         return [self.folder / w.path.name for w in self.writers]

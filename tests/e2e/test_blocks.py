@@ -214,7 +214,7 @@ def llama_project(tmp_path, alpha: str, layers: int = 2, nan_at: str | None = No
 def test_generic_llama_layer_gradient(tmp_path):
     llama_project(tmp_path, "{ gradient = [0.0, 0.6], default = 1.0 }", layers=4)
     proc = run_cli("-v", cwd=tmp_path, check=True)
-    assert "generic" in proc.stderr and "4 layers" in proc.stderr
+    assert "llama" in proc.stderr and "4 layers" in proc.stderr
     for key, share in share_of_b(tmp_path).items():
         m = re.search(r"layers\.(\d+)\.", key)
         assert share == (round(0.6 * int(m.group(1)) / 3, 2) if m else 1.0), key
@@ -223,7 +223,7 @@ def test_generic_llama_layer_gradient(tmp_path):
 def test_generic_models_reject_block_tables(tmp_path):
     llama_project(tmp_path, "{ default = 0.5, IN05 = 0.2 }")
     proc = run_cli(cwd=tmp_path)
-    assert proc.returncode == 2 and "block IN05 does not exist in generic" in proc.stderr
+    assert proc.returncode == 2 and "block IN05 does not exist in llama" in proc.stderr
 
 
 def test_nan_in_an_input_is_a_clear_error(tmp_path):

@@ -107,7 +107,8 @@ def test_lineage_of_a_file_without_lineage(project):
 
 def test_methods_list(project):
     doc = json.loads(run_cli("methods", "--json", cwd=project, check=True).stdout)
-    assert doc["add_difference"] == {"version": 1, "inputs": ["A", "B", "C"], "params": {"alpha": None}}
+    assert doc["add_difference"] == {"version": 1, "inputs": ["A", "B", "C"],
+                                     "params": {"alpha": None, "arithmetic": "exact"}}
 
 
 def test_inspect_and_diff_commands(project):

@@ -51,7 +51,7 @@ def test_llm_folders_in_and_out(tmp_path):
         shard_size = "20KB"
     """)
     doc = build_json(cwd=tmp_path)
-    assert doc["merges"]["m"]["architecture"] == "generic"
+    assert doc["merges"]["m"]["architecture"] == "llama"
     out_dir = tmp_path / "out/llama-merged"
     shards = sorted(p.name for p in out_dir.glob("*.safetensors"))
     assert len(shards) > 1 and shards[0].startswith("model-00001-of-")

@@ -26,6 +26,7 @@ PARAMS = {
     "swap": {},
     "attention_swap": {},
     "bake_vae": {},
+    "nearswap": {"t": 0.5},
 }
 LENGTHS = (1, 7, 16, 17, 33, 100, 1000)
 OFFSETS = (0, 1, 3, 5, 8, 13, 31)

@@ -29,7 +29,7 @@ def test_every_file_is_an_architecture_with_its_fields():
         assert not set(arch.groups) & set(arch.blocks), arch.name
         if arch.blocks:
             assert arch.default_block is not None and arch.rules, arch.name
-    assert [a for a in architectures().values() if not a.detect] == [architectures()["generic"]]
+    assert [a for a in architectures().values() if a.is_fallback] == [architectures()["generic"]]
 
 
 def test_no_architecture_is_named_in_the_code():

@@ -99,7 +99,7 @@ def test_sdxl(models):
 
 def test_generic_layers(models):
     result = diff_files(models["llama"], models["llama_tuned"])
-    assert result["architecture"]["name"] == "generic" and result["grouping"] == "layer"
+    assert result["architecture"]["name"] == "llama" and result["grouping"] == "layer"
     assert [r["name"] for r in result["blocks"]] == ["0", "1", "2", "3", "other"]
     for layer in ("0", "1", "2"):
         assert_matches(row(result["blocks"], layer), expected(models["llama"], models["llama_tuned"],

@@ -100,7 +100,7 @@ def test_sdxl_blocks(models):
 
 def test_generic_layers_metadata_and_lineage(models):
     info = inspect_file(models["llama"])
-    assert info["architecture"]["name"] == "generic" and "4 layers" in info["architecture"]["how"]
+    assert info["architecture"]["name"] == "llama" and "4 layers" in info["architecture"]["how"]
     assert info["grouping"] == "layer"
     assert [b["name"] for b in info["blocks"]] == ["0", "1", "2", "3", "other"]
     assert all(b["tensors"] == 9 and b["dtypes"] == {"F32": 9} for b in info["blocks"][:4])
@@ -108,7 +108,7 @@ def test_generic_layers_metadata_and_lineage(models):
     assert info["blocks"][0]["params"] == 4 * 16 * 16 + 3 * 40 * 16 + 2 * 16
     assert info["components"]["embeddings"]["params"] == 64 * 16
     assert info["components"]["lm_head"]["tensors"] == 1
-    assert info["components"]["other"]["tensors"] == 4 * 9 + 1
+    assert info["components"]["layers"]["tensors"] == 4 * 9 and info["components"]["norm"]["tensors"] == 1
     # metadata comes back exactly as stored, recipes as strings; the lineage is parsed
     assert info["metadata"]["mergebuild.recipe"] == json.dumps(RECIPE)
     assert info["metadata"]["sd_merge_recipe"] == '{"type": "webui"}'

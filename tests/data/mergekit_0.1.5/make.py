@@ -1,0 +1,98 @@
+"""Make this folder's data: a tiny Llama trio and mergekit 0.1.5's own merges of it.
+
+Run from the repository root with a Python that has mergekit 0.1.5 installed (see README.md):
+
+    /tmp/mk/bin/python tests/data/mergekit_0.1.5/make.py
+
+Writes inputs.safetensors (keys "base/<tensor>", "a/<tensor>", "b/<tensor>", float16) and
+outputs.safetensors (keys "<case>/<tensor>", float32, what mergekit-yaml wrote for each case of
+CASES), and cases.json (each case's mergekit config). Same mergekit, torch and seeds, same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[2]))
+from mergebuild.testing.fabricate import llama_keys, make_base, make_finetune  # noqa: E402
+
+SHAPE = dict(layers=1, hidden=16, intermediate=24, vocab=32)
+CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16,
+          "intermediate_size": 24, "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 1,
+          "vocab_size": 32, "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+          "dtype": "float16"}
+DTYPES = {"dtype": "float32", "out_dtype": "float32"}
+
+
+def _models(*entries):
+    return [{"model": name, **({"parameters": {"weight": w}} if w is not None else {})} for name, w in entries]
+
+
+# each case: a mergekit config (model paths are the names base, a, b)
+CASES = {
+    "nuslerp": {"merge_method": "nuslerp", "models": _models(("a", 0.3), ("b", 0.7))},
+    "nuslerp_rows_base": {"merge_method": "nuslerp", "base_model": "base", "models": _models(("a", 1.0), ("b", 2.0)),
+                          "parameters": {"nuslerp_flatten": False}},
+    "nuslerp_row_wise": {"merge_method": "nuslerp", "models": _models(("a", 1.0), ("b", 1.0)),
+                         "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
+    "multislerp": {"merge_method": "multislerp", "models": _models(("a", 1.0), ("b", 2.0), ("base", 0.5))},
+    "multislerp_base": {"merge_method": "multislerp", "base_model": "base", "models": _models(("a", 0.4), ("b", 0.9))},
+    "karcher": {"merge_method": "karcher", "models": _models(("a", None), ("b", None), ("base", None))},
+    "karcher_tight": {"merge_method": "karcher", "models": _models(("a", None), ("b", None), ("base", None)),
+                      "parameters": {"max_iter": 50, "tol": 1e-9}},
+    "sce": {"merge_method": "sce", "base_model": "base", "models": _models(("a", None), ("b", None))},
+    "sce_topk": {"merge_method": "sce", "base_model": "base", "models": _models(("a", None), ("b", None)),
+                 "parameters": {"select_topk": 0.3}},
+    "nearswap": {"merge_method": "nearswap", "base_model": "base", "models": _models(("a", None)),
+                 "parameters": {"t": 0.005}},
+}
+
+
+def inputs() -> dict[str, dict[str, torch.Tensor]]:
+    base = make_base(llama_keys(**SHAPE), seed=17, dtype=torch.float16)
+    return {"base": base, "a": make_finetune(base, seed=18), "b": make_finetune(base, seed=19)}
+
+
+def main() -> None:
+    models = inputs()
+    save_file({f"{m}/{k}": v.contiguous() for m, sd in models.items() for k, v in sd.items()},
+              str(HERE / "inputs.safetensors"), metadata={"made_by": "tests/data/mergekit_0.1.5/make.py"})
+    mergekit_yaml = Path(sys.executable).parent / "mergekit-yaml"
+    outputs, configs = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name, sd in models.items():
+            (tmp / name).mkdir()
+            save_file(sd, str(tmp / name / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / name / "config.json").write_text(json.dumps(CONFIG))
+        for case, config in CASES.items():
+            config = {**config, **DTYPES}
+            configs[case] = config
+            (tmp / f"{case}.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+            subprocess.run([str(mergekit_yaml), f"{case}.yml", f"out-{case}", "--no-copy-tokenizer",
+                            "--no-write-model-card", "--quiet"], cwd=tmp, check=True)
+            merged = {}
+            for shard in sorted((tmp / f"out-{case}").glob("*.safetensors")):
+                merged.update(load_file(str(shard)))
+            assert set(merged) == set(models["base"]), f"{case}: mergekit wrote {sorted(merged)}"
+            outputs.update({f"{case}/{k}": v.contiguous() for k, v in merged.items()})
+    import mergekit  # noqa: F401 (for the version stamp)
+    from importlib.metadata import version
+
+    save_file(outputs, str(HERE / "outputs.safetensors"),
+              metadata={"mergekit": version("mergekit"), "torch": torch.__version__})
+    (HERE / "cases.json").write_text(json.dumps({"mergekit": version("mergekit"), "torch": torch.__version__,
+                                                 "cases": configs}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
