@@ -135,6 +135,14 @@ def test_sd3_blocks_follow_comfyuis_groups():
     assert len(arch.blocks) == 3 + 38 + 1 and len(architectures()["sd3-medium"].blocks) == 3 + 24 + 1
 
 
+PAIR = """
+        [models.a]
+        path = "models/a.safetensors"
+        [models.b]
+        path = "models/b.safetensors"
+"""  # the two models most tests merge
+
+
 def _build(folder, body: str, *args) -> dict:
     mergefile(folder / "mergefile.toml", body)
     return json.loads(run_cli("--json", *args, cwd=folder, check=True).stdout)
@@ -149,11 +157,7 @@ def _implied_alpha(a, b, out) -> float:
 def test_a_61_value_list_reaches_each_flux_block(tmp_path):
     a, b = _family(tmp_path / "models", flux_keys())
     values = [round(0.01 + i / 70, 4) for i in range(61)]
-    mergefile(tmp_path / "mergefile.toml", f"""
-        [models.a]
-        path = "models/a.safetensors"
-        [models.b]
-        path = "models/b.safetensors"
+    mergefile(tmp_path / "mergefile.toml", PAIR + f"""
         [merges.m]
         method = "weighted_sum"
         inputs = ["a", "b"]
@@ -175,11 +179,7 @@ def test_a_61_value_list_reaches_each_flux_block(tmp_path):
 
 def test_comfyui_names_and_groups_in_a_flux_block_table(tmp_path):
     _family(tmp_path / "models", flux_keys(prefixed=False, full=False))
-    _build(tmp_path, """
-        [models.a]
-        path = "models/a.safetensors"
-        [models.b]
-        path = "models/b.safetensors"
+    _build(tmp_path, PAIR + """
         [merges.m]
         method = "weighted_sum"
         inputs = ["a", "b"]
@@ -197,11 +197,7 @@ def test_comfyui_names_and_groups_in_a_flux_block_table(tmp_path):
 
 def test_a_block_given_twice_by_two_names_is_an_error(tmp_path):
     _family(tmp_path / "models", flux_keys(full=False))
-    mergefile(tmp_path / "mergefile.toml", """
-        [models.a]
-        path = "models/a.safetensors"
-        [models.b]
-        path = "models/b.safetensors"
+    mergefile(tmp_path / "mergefile.toml", PAIR + """
         [merges.m]
         method = "weighted_sum"
         inputs = ["a", "b"]
@@ -214,11 +210,7 @@ def test_a_block_given_twice_by_two_names_is_an_error(tmp_path):
 
 def test_changing_one_flux_block_recomputes_only_it_downstream(tmp_path):
     _family(tmp_path / "models", flux_keys(), names=("a", "b", "c"))
-    body = """
-        [models.a]
-        path = "models/a.safetensors"
-        [models.b]
-        path = "models/b.safetensors"
+    body = PAIR + """
         [models.c]
         path = "models/c.safetensors"
         [merges.mid]
@@ -239,11 +231,7 @@ def test_changing_one_flux_block_recomputes_only_it_downstream(tmp_path):
 
 def test_sd3_text_encoders_and_vae_merge_and_its_schedule_passes_through(tmp_path):
     a, b = _family(tmp_path / "models", sd3_keys())
-    _build(tmp_path, """
-        [models.a]
-        path = "models/a.safetensors"
-        [models.b]
-        path = "models/b.safetensors"
+    _build(tmp_path, PAIR + """
         [merges.m]
         method = "weighted_sum"
         inputs = ["a", "b"]
@@ -265,11 +253,7 @@ def test_a_key_only_in_a_later_input_is_named(tmp_path):
     extra = load(b)
     extra["model.diffusion_model.distilled_guidance_layer.in_proj.weight"] = torch.ones(4, 4)
     save_file(extra, str(b))
-    mergefile(tmp_path / "mergefile.toml", """
-        [models.a]
-        path = "models/a.safetensors"
-        [models.b]
-        path = "models/b.safetensors"
+    mergefile(tmp_path / "mergefile.toml", PAIR + """
         [merges.m]
         method = "weighted_sum"
         inputs = ["a", "b"]
@@ -284,11 +268,7 @@ def test_flux_output_carries_its_modelspec_architecture(tmp_path):
     from safetensors import safe_open
 
     _family(tmp_path / "models", flux_keys(schnell=True))
-    _build(tmp_path, """
-        [models.a]
-        path = "models/a.safetensors"
-        [models.b]
-        path = "models/b.safetensors"
+    _build(tmp_path, PAIR + """
         [merges.m]
         method = "weighted_sum"
         inputs = ["a", "b"]
