@@ -233,3 +233,30 @@ def extraction_targets(shapes: Mapping[str, tuple], arch: str | Architecture, co
     if _scheme(arch.name).layers_only:
         out = [m for m in out if arch.layer_of(m.target.key) is not None]
     return out
+
+
+def full_tensor_names(shapes: Mapping[str, tuple], arch: str | Architecture) -> dict[str, ModuleName]:
+    """{name: ModuleName} for each whole tensor of the checkpoint a LoRA file may hold, under a
+    peft-scheme form with a prefix: base_model.model.<key> (PEFT's modules_to_save), and
+    base_model.model.<module>.base_layer.<leaf> (the base weight of a targeted embedding, which
+    PEFT saves with save_embedding_layers)."""
+    scheme = _scheme(_arch(arch).name)
+    if scheme.kind != "peft":
+        return {}
+    prefixes = [f.prefix for f in scheme.forms if f.prefix]
+    out = {}
+    for key in shapes:
+        module, _, leaf = key.rpartition(".")
+        for p in prefixes:
+            for name in (p + key, f"{p}{module}.base_layer.{leaf}" if module else None):
+                if name is not None:
+                    out[name] = ModuleName(name, Target(key), "linear", False, "peft")
+    return out
+
+
+def full_tensor_name(key: str, arch: str | Architecture) -> str | None:
+    """The name mergebuild writes a whole tensor under (its written peft form's prefix + key);
+    None when the architecture's LoRAs have no such names."""
+    scheme = _scheme(_arch(arch).name)
+    form = next((f for f in scheme.forms if f.write and f.prefix), None) if scheme.kind == "peft" else None
+    return None if form is None else form.prefix + key

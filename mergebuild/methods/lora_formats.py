@@ -12,6 +12,11 @@ Shapes (out = output features, in = input features, k = kernel):
     DoRA           W'' = (W + dW) * dora_scale / |W + dW|, the norm per input column when
                    dora_scale is [1, in, ...] (kohya, LyCORIS), per output row when it is
                    [out, 1, ...] or [out] (PEFT's lora_magnitude_vector); the update is W'' - W.
+    transposed     PEFT's embeddings (lora_embedding_A [r, V], lora_embedding_B [D, r]) and
+                   fan_in_fan_out adapters: dW = (up @ down)^T, for a weight stored [in, out].
+    full           a whole tensor (PEFT's modules_to_save): dW = saved - W.
+A module may carry its own scale (a PEFT adapter's, from adapter_config.json): it replaces
+.scale and alpha / r.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ from mergebuild.torchlazy import torch
 SUFFIXES = {
     ".lora_up.weight": "lora_up", ".lora_down.weight": "lora_down", ".lora_mid.weight": "lora_mid",
     ".lora_B.weight": "lora_up", ".lora_A.weight": "lora_down",
+    ".lora_embedding_B": "lora_up", ".lora_embedding_A": "lora_down",
     ".alpha": "alpha", ".scale": "scale", ".dora_scale": "dora_scale",
     ".lora_magnitude_vector": "dora_scale", ".lora_magnitude_vector.weight": "dora_scale",
     **{f".hada_{n}": f"hada_{n}" for n in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
     **{f".lokr_{n}": f"lokr_{n}" for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
 }
-FORMAT_NAMES = {"lora": "LoRA", "locon": "LoCon", "cp": "LoCon-CP", "loha": "LoHa", "lokr": "LoKr"}
+FORMAT_NAMES = {"lora": "LoRA", "locon": "LoCon", "cp": "LoCon-CP", "loha": "LoHa", "lokr": "LoKr", "full": "full"}
+EMBEDDING_SUFFIXES = (".lora_embedding_B", ".lora_embedding_A")  # PEFT's embedding LoRA: (up, down), transposed
 
 
 def split_key(name: str) -> tuple[str, str] | None:
@@ -149,8 +156,9 @@ def lokr_delta(t: dict, shape):
     return torch.kron(w1, w2)
 
 
-def delta(fmt: str, t: dict, shape):
-    """The module's scaled update dW, float32, in the target's shape."""
+def delta(fmt: str, t: dict, shape, scale: float | None = None):
+    """The module's scaled update dW, float32, in the target's shape (scale: the module's own,
+    in place of .scale or alpha / r)."""
     shape = tuple(shape)
     if fmt == "lora":
         d = lora_delta(t["lora_up"], t["lora_down"], t.get("lora_mid"))
@@ -162,7 +170,7 @@ def delta(fmt: str, t: dict, shape):
         raise ValueError(f"unknown LoRA format {fmt!r}")
     if d.numel() != math.prod(shape):
         raise ValueError(f"{FORMAT_NAMES[fmt]} update has {d.numel()} values, the weight {list(shape)} has {math.prod(shape)}")
-    return d.reshape(shape) * module_scale(fmt, t)
+    return d.reshape(shape) * (module_scale(fmt, t) if scale is None else scale)
 
 
 def dora_update(weight, d, dora_scale):
@@ -191,7 +199,8 @@ def swap_halves(t):
 def bake(weight, *tensors, modules):
     """W + sum_i m_i dW_i over the modules that target this key; each module names its tensors'
     positions (tensors[j]), its format, multiplier m, optional row slice [start, stop) and
-    whether it sees the rows' halves swapped (swap: its dW is swapped back before it is added).
+    whether it sees the rows' halves swapped (swap: its dW is swapped back before it is added),
+    its own scale and whether its update is transposed (see the module docstring).
     DoRA modules decompose against the original W, so the order of the LoRAs does not matter."""
     w = _f(weight)
     out = w.clone()
@@ -199,11 +208,19 @@ def bake(weight, *tensors, modules):
         t = {role: tensors[j] for role, j in mod["tensors"].items()}
         rows = mod.get("rows")
         base = w[rows[0]:rows[1]] if rows else w
+        if mod["format"] == "full":
+            (out[rows[0]:rows[1]] if rows else out).add_(_f(t["full"]).reshape(base.shape) - base,
+                                                          alpha=mod["multiplier"])
+            continue
         if mod.get("swap"):
             base = swap_halves(base)
-        d = delta(mod["format"], t, base.shape)
+        if mod.get("transpose"):
+            base = base.T
+        d = delta(mod["format"], t, base.shape, mod.get("scale"))
         if "dora_scale" in t:
             d = dora_update(base, d, t["dora_scale"])
+        if mod.get("transpose"):
+            d = d.T
         if mod.get("swap"):
             d = swap_halves(d)
         (out[rows[0]:rows[1]] if rows else out).add_(d, alpha=mod["multiplier"])
@@ -223,7 +240,7 @@ def concat_up(*tensors, modules, shape):
     for mod in modules:
         t = _module_tensors(tensors, mod)
         up = _f(t["lora_up"])
-        scale = module_scale("lora", t, mod["rank"])
+        scale = mod["scale"] if "scale" in mod else module_scale("lora", t, mod["rank"])
         parts.append(up.reshape(up.shape[0], -1) * (mod["multiplier"] * scale))
     return torch.cat(parts, dim=1).reshape(shape)
 
@@ -253,27 +270,70 @@ def svd_factors(d2, rank: int, clamp_quantile: float = 1.0):
     return up, down
 
 
-def svd_part(*tensors, part, modules, shape, rank, clamp_quantile=1.0):
-    """One factor ("up" or "down") of the truncated SVD of sum_i m_i dW_i over LoRA modules."""
-    total = None
+def module_deltas(tensors, modules) -> list:
+    """s_i dW_i of each LoRA module, as [out, in*k*k] (without the multipliers)."""
+    out = []
     for mod in modules:
         t = _module_tensors(tensors, mod)
         d = lora_delta(t["lora_up"], t["lora_down"], t.get("lora_mid"))
-        d = d.reshape(d.shape[0], -1) * (mod["multiplier"] * module_scale("lora", t))
+        out.append(d.reshape(d.shape[0], -1) * (mod["scale"] if "scale" in mod else module_scale("lora", t)))
+    return out
+
+
+def svd_part(*tensors, part, modules, shape, rank, clamp_quantile=1.0):
+    """One factor ("up" or "down") of the truncated SVD of sum_i m_i dW_i over LoRA modules."""
+    total = None
+    for mod, d in zip(modules, module_deltas(tensors, modules)):
+        d = d * mod["multiplier"]
         total = d if total is None else total + d
     up, down = svd_factors(total, rank, clamp_quantile)
     return (up if part == "up" else down).reshape(shape)
 
 
-def extract_part(tuned, base, *, part, shape, rank, rows=None, clamp_quantile=1.0, swap=False):
+def delta_merge_part(*tensors, part, modules, shape, rank, merge, clamp_quantile=1.0):
+    """One factor of the truncated SVD of a TIES / DARE merge of the modules' s_i dW_i, each
+    weighted by its multiplier: task_vectors.generalized_task_arithmetic over a zero base, with
+    `merge` its arguments (sparsify, sign, density, normalize, lam, seed, key)."""
+    from mergebuild.methods.task_vectors import generalized_task_arithmetic
+
+    deltas = module_deltas(tensors, modules)
+    merged = generalized_task_arithmetic(torch.zeros_like(deltas[0]), *deltas,
+                                         weights=[m["multiplier"] for m in modules], **merge)
+    up, down = svd_factors(merged, rank, clamp_quantile)
+    return (up if part == "up" else down).reshape(shape)
+
+
+def energy_rank(total: float, values: list[float], energy: float) -> int:
+    """The smallest k whose k largest singular values hold `energy` of sum s_i^2 (total), at most
+    len(values) (the cap); 0 when the difference is zero."""
+    if total <= 0:
+        return 0
+    held = 0.0
+    for k, v in enumerate(values, start=1):
+        held += v * v
+        if held >= energy * total * (1 - 1e-12):
+            return k
+    return len(values)
+
+
+def epsilon_rank(values: list[float], epsilon: float) -> int:
+    """mergekit's sv_epsilon: how many singular values exceed it (at most len(values))."""
+    return sum(1 for v in values if v > epsilon)
+
+
+def extract_part(tuned, base, *, part, shape, rank, rows=None, clamp_quantile=1.0, swap=False, alpha=None):
     """One factor of the truncated SVD of tuned - base (rows [start, stop) of it if given; with
-    swap, its row halves exchanged, for a module that sees them so)."""
+    swap, its row halves exchanged, for a module that sees them so). alpha: the alpha the module
+    is stored with (default: the rank); up is multiplied by rank / alpha, so that
+    (alpha / rank) up @ down is the same."""
     d = _f(tuned) - _f(base)
     if rows:
         d = d[rows[0]:rows[1]]
     if swap:
         d = swap_halves(d)
     up, down = svd_factors(d.reshape(d.shape[0], -1), rank, clamp_quantile)
+    if alpha is not None and part == "up":
+        up = up * (up.shape[1] / alpha)
     return (up if part == "up" else down).reshape(shape)
 
 
