@@ -297,11 +297,12 @@ def test_what_cannot_be_expressed_is_listed(llamas):
     root, _ = llamas
     (root / "multi.yml").write_text("""
 name: odd
-merge_method: passthrough
+merge_method: linear
 slices:
   - sources:
       - model: ft1
         layer_range: [0, 3]
+    residual_weight: 0.5
   - sources:
       - model: ft2
         layer_range: [2, 4]
@@ -315,7 +316,9 @@ models:
       weight: [{filter: mlp, value: 0.5}, {value: 1.0}]
   - model: ft2
     parameters: {weight: 0.5, density: 0.4}
-tokenizer_source: union
+tokenizer:
+  source: union
+  tokens: {"<|im_start|>": {source: ft1}}
 ---
 merge_method: linear
 models:
@@ -327,12 +330,12 @@ models:
     proc = run_cli("import", "multi.yml", "-o", "mergefile.toml", "--models", "models", cwd=root, check=True)
     text = (root / "mergefile.toml").read_text()
     lines = [l for l in proc.stderr.splitlines() if l.startswith("warning: not expressible")]
-    wanted = ("the slices move, repeat or mix layers", "reads stage 'odd'", "ft1's weight varies by tensor", "density differs",
-              "tokenizer_source: union")
+    wanted = ("residual_weight: no Mergefile form", "reads stage 'odd'", "ft1's weight varies by tensor",
+              "density differs", "tokenizer.tokens ('<|im_start|>')")
     for what in wanted:
         assert any(what in l for l in lines), (what, proc.stderr)
         assert what in " ".join(text.split()), what
-    assert "[merges.tied]" in text and "[merges.odd]" not in text
+    assert "[merges.tied]" in text and "[merges.odd]" not in text and 'vocab = "union"' in text
 
 
 @pytest.mark.parametrize("name, content, message", [

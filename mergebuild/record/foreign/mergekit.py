@@ -2,12 +2,13 @@
 
 The schema is mergekit 0.1.x's `MergeConfiguration` (mergekit/config.py): merge_method,
 base_model, models (each with parameters) or slices (sources with layer_range), parameters,
-dtype, out_dtype, tokenizer_source. A mergekit-multi file holds several such documents, each
-with a `name`; a stage reads another by naming it as a model. docs/import.md lists what maps to
-what.
+dtype, out_dtype, tokenizer_source or tokenizer. A mergekit-multi file holds several such
+documents, each with a `name`; a stage reads another by naming it as a model. docs/import.md lists
+what maps to what.
 
-How each parameter becomes values and rules: mergekit_params.py; reading the YAML, and a
-model folder's mergekit_config.yml as lineage: mergekit_read.py.
+How each parameter becomes values and rules: mergekit_params.py; slices that stack layers (a
+passthrough, merges per slice): mergekit_slices.py; dtype and vocabulary: mergekit_fields.py;
+reading the YAML, and a model folder's mergekit_config.yml as lineage: mergekit_read.py.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from mergebuild.errors import InputError
 from mergebuild.mergefile.importing import Draft, DraftMerge, DraftModel, DraftRule, Unexpressible, Value
 from mergebuild.methods.registry import get_method
 from mergebuild.record.foreign.finder import ModelFinder
+from mergebuild.record.foreign.mergekit_fields import dtype, tokenizer_source, vocabulary
 from mergebuild.record.foreign.mergekit_params import MISSING, Params, Ref, Segment
 from mergebuild.record.foreign.mergekit_read import load_documents, parse_ref, ref_values
+from mergebuild.record.foreign.mergekit_slices import read_segments, stack
 
 FIELDS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
           "tokenizer_source", "tokenizer", "chat_template", "name")
-DTYPES = ("float16", "bfloat16", "float32")
-MAX_LAYERS = 10_000
 
 # mergekit's generalised task arithmetic family: mergebuild method, sign, sparsifies, normalize, rescale
 GTA = {
@@ -83,16 +84,19 @@ def import_mergekit(text: str, path: Path, draft: Draft, finder: ModelFinder) ->
             if stage not in read_by_others:
                 output = Value(f"out/{names[stage]}", "mergekit writes to the folder its command line names; "
                                "here it goes under out/")
-            merge = _stage(stages[stage], label, ctx, output)
+            merges = _stage(stages[stage], label, ctx, names[stage], output)
             if multi and stage in read_by_others:
-                merge.comments.append(f"mergekit-multi writes stage {stage!r} to its --intermediate-dir; here it "
-                                      "lives in the cache (add an output to keep a file)")
-            draft.merges[names[stage]] = merge
+                merges[names[stage]].comments.append(f"mergekit-multi writes stage {stage!r} to its "
+                                                     "--intermediate-dir; here it lives in the cache (add an output "
+                                                     "to keep a file)")
+            draft.merges.update(merges)
         except Unexpressible as e:
             failed[stage] = str(e)
             draft.unexpressed.append(f"{label}: {e}: left out")
     if not draft.merges:
         raise InputError(f"{where}: nothing in it can be written as a Mergefile: " + "; ".join(failed.values()))
+    for items in (draft.unexpressed, draft.differences):  # the merges of a stage's slices say the same things
+        items[:] = dict.fromkeys(items)
 
 
 def _stage_refs(doc: dict, stages: dict, where: str) -> set[str]:
@@ -160,7 +164,9 @@ class _Context:
 
 
 # --- one merge configuration -----------------------------------------------------------------
-def _stage(doc: dict, label: str, ctx: _Context, output: Value | None) -> DraftMerge:
+def _stage(doc: dict, label: str, ctx: _Context, name: str, output: Value | None) -> dict[str, DraftMerge]:
+    """The merges of one mergekit config: its own, named `name`, last; before it, for slices
+    that are no one merge layer by layer, those it stacks (mergekit_slices.py)."""
     draft = ctx.draft
     method = doc.get("merge_method")
     if not isinstance(method, str):
@@ -173,41 +179,115 @@ def _stage(doc: dict, label: str, ctx: _Context, output: Value | None) -> DraftM
     generic = get_method(method) if method not in KNOWN else None
     if method not in KNOWN and (generic is None or "mergekit" not in generic.follows):
         raise Unexpressible(f"merge_method {method}: mergebuild has no such method (see docs/import.md)")
-    segments, layers = _segments(doc, method)
+    segments, layers = read_segments(doc)
     base = parse_ref(doc["base_model"], f"{label} base_model") if doc.get("base_model") is not None else None
-    refs = [ref for ref, _ in segments[0].sources]
     global_params = doc.get("parameters") or {}
     if not isinstance(global_params, dict):
         raise Unexpressible("parameters: not a mapping")
-    comments: list[str] = [f"{label} of the {draft.source}: merge_method {method}"]
-    if generic is None:
-        _note_unknown_params(method, global_params, segments, comments)
-    rules: list[DraftRule] = []
-    fields: dict[str, Value] = {}
+    source = tokenizer_source(doc, label, draft)
+    one = _Merge(doc, label, ctx, method, generic, base, global_params)
+    if doc.get("slices") and (method == "passthrough" or layers is None):
+        def merge_slice(segment, n, aliases, vocab_source):
+            return one.build([segment], n, None, aliases, vocab_source, models_form=False)
+        return stack(doc, label, ctx, name, method, segments, base, global_params, source, output, merge_slice)
+    merge = one.build(segments, layers, output, {}, source, models_form=bool(doc.get("models")))
+    if layers is not None:
+        merge.comments.append(f"the slices cover layers 0..{layers - 1}: the models are taken to have {layers} layers "
+                              "(mergekit would drop any layer past them)")
+    return {name: merge}
 
-    if method in GTA or method == "model_stock" or method == "slerp":
-        if base is None:
-            raise Unexpressible(f"{method} needs a base_model")
-        others = [r for r in refs if r != base]
-        inputs = [base, *others]
-        inputs_note = "base_model first, then the other models in order"
-    elif generic is not None:
-        inputs, inputs_note = _generic_inputs(generic, method, base, refs, fields)
-    else:
-        inputs, inputs_note = refs, "the models in order"
-    if method == "slerp" and len(inputs) != 2:
-        raise Unexpressible(f"slerp merges two models (the base_model and one other), got {len(inputs)}")
-    if method == "model_stock" and len(inputs) < 3:
-        raise Unexpressible("model_stock needs a base_model and two models or more")
-    if method == "passthrough" and len(inputs) != 1:
-        raise Unexpressible("passthrough with several models stacks layers: that has no Mergefile form")
-    names = [ctx.input_name(r) for r in inputs]
-    if generic is not None and not generic.arity_ok(len(inputs)):
-        raise Unexpressible(f"mergebuild's {method} takes {generic.arity_text()}, got {len(inputs)}")
-    models = inputs[1:] if (method in GTA or method == "model_stock" or inputs_note.startswith("base")) else inputs
-    param = Params(ctx, label, segments, global_params, layers, names)
 
-    if method in GTA:
+class _Merge:
+    """One merge of a mergekit config: of all its models (`models:`, aligned slices) or of one
+    slice's sources (then each is renamed by `aliases`, its cut)."""
+
+    def __init__(self, doc, label, ctx, method, generic, base, global_params):
+        self.doc, self.label, self.ctx, self.method, self.generic = doc, label, ctx, method, generic
+        self.base, self.global_params = base, global_params
+
+    def build(self, segments: list[Segment], layers, output, aliases: dict, vocab_source,
+              models_form: bool) -> DraftMerge:
+        doc, label, ctx, method, generic, base = self.doc, self.label, self.ctx, self.method, self.generic, self.base
+        draft, global_params = ctx.draft, self.global_params
+        refs = [ref for ref, _ in segments[0].sources]
+        comments: list[str] = [f"{label} of the {draft.source}: merge_method {method}"]
+        if generic is None:
+            _note_unknown_params(method, global_params, segments, comments)
+        rules: list[DraftRule] = []
+        fields: dict[str, Value] = {}
+
+        if method in GTA or method == "model_stock" or method == "slerp":
+            if base is None:
+                raise Unexpressible(f"{method} needs a base_model")
+            others = [r for r in refs if r != base]
+            inputs = [base, *others]
+            inputs_note = "base_model first, then the other models in order"
+        elif generic is not None:
+            inputs, inputs_note = _generic_inputs(generic, method, base, refs, fields, models_form)
+        else:
+            inputs, inputs_note = refs, "the models in order"
+        if aliases and any(r not in aliases for r in inputs):
+            raise Unexpressible(f"a slice without the base_model {base} among its sources (mergekit's {method} "
+                                "reads it in every slice)")
+        if method == "slerp" and len(inputs) != 2:
+            raise Unexpressible(f"slerp merges two models (the base_model and one other), got {len(inputs)}")
+        if method == "model_stock" and len(inputs) < 3:
+            raise Unexpressible("model_stock needs a base_model and two models or more")
+        if method == "passthrough" and len(inputs) != 1:
+            raise Unexpressible("passthrough with several models (mergekit's passthrough takes one tensor and "
+                                "refuses it)")
+        names = [aliases.get(r) or ctx.input_name(r) for r in inputs]
+        if generic is not None and not generic.arity_ok(len(inputs)):
+            raise Unexpressible(f"mergebuild's {method} takes {generic.arity_text()}, got {len(inputs)}")
+        with_base = method in GTA or method == "model_stock" or inputs_note.startswith("base")
+        models = inputs[1:] if with_base else inputs
+        param = Params(ctx, label, segments, global_params, layers, names)
+
+        if method in GTA:
+            mb = self._gta(param, models, fields, rules, comments)
+        elif method == "linear":
+            weights = param.per_model_list("weight", models, None, required=True)
+            normalize = param.flag("normalize", True)
+            if len(names) == 1:
+                mb = "copy"
+            else:
+                mb = "soup"
+                fields["weights"] = Value(weights, "each model's parameters.weight (soup normalises them, as "
+                                          "mergekit's normalize: true)")
+                total = sum(weights)
+                if not normalize and not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-12):
+                    draft.unexpressed.append(f"{label}: normalize: false with weights summing to {total:g}: "
+                                             f"mergebuild's soup normalises; this result is mergekit's divided by "
+                                             f"{total:g}")
+        elif method == "slerp":
+            mb = "slerp"
+            param.numeric("t", fields, rules, default=MISSING, as_name="alpha",
+                          note_default="parameters.t (mergekit's t: 0 is the base_model)")
+            fields["variant"] = Value("mergekit", "mergekit's slerp: the raw tensors combined")
+        elif method == "model_stock":
+            mb = "model_stock"
+            filter_wise = param.flag("filter_wise", False)
+            if filter_wise:
+                fields["filter_wise"] = Value(True, "parameters.filter_wise")
+        elif generic is not None:
+            mb = method
+            _generic_params(generic, param, models, fields, rules, global_params, segments, draft, label, comments)
+        else:  # passthrough of one model
+            scaled = any(param.chain("scale", m, s) for m in models for s in segments)
+            mb = "passthrough" if scaled else "copy"
+            if scaled:
+                param.numeric("scale", fields, rules, models=models, default=1.0, write_default=False)
+
+        dtype(doc, label, fields, draft)
+        vocabulary(vocab_source, label, draft, mb, base, inputs, names, fields)
+        if output is not None:
+            fields["output"] = output
+        if rules and not get_method(mb).params:
+            rules = []
+        return DraftMerge(Value(mb, f"mergekit {method}"), Value(names, inputs_note), fields, rules, comments)
+
+    def _gta(self, param, models, fields, rules, comments) -> str:
+        method, label, draft, global_params = self.method, self.label, self.ctx.draft, self.global_params
         mb, sign, sparsifies, normalize_default, rescale_default = GTA[method]
         spec = get_method(mb)
         weights = param.per_model_list("weight", models, 1.0, required=True)
@@ -238,57 +318,30 @@ def _stage(doc: dict, label: str, ctx: _Context, output: Value | None) -> DraftM
         if param.flag("int8_mask", False):
             comments.append("int8_mask: the dtype of mergekit's sign mask only, no effect on the numbers: left out")
         if method in RANDOM:
-            draft.differences.append(f"{label}: {method} keeps random entries; mergekit draws them from torch's "
+            _once(draft.differences, f"{label}: {method} keeps random entries; mergekit draws them from torch's "
                                      "global random state, mergebuild from a seeded stream per tensor (seed 0): the "
                                      "same distribution, different entries")
         if "della" in method:
-            draft.differences.append(f"{label}: DELLA ranks magnitudes along dim 1 in mergekit, within rows "
+            _once(draft.differences, f"{label}: DELLA ranks magnitudes along dim 1 in mergekit, within rows "
                                      "(dim 0, the rest flattened) in mergebuild: they differ on convolutions")
-    elif method == "linear":
-        weights = param.per_model_list("weight", models, None, required=True)
-        normalize = param.flag("normalize", True)
-        if len(names) == 1:
-            mb = "copy"
-        else:
-            mb = "soup"
-            fields["weights"] = Value(weights, "each model's parameters.weight (soup normalises them, as mergekit's "
-                                      "normalize: true)")
-            total = sum(weights)
-            if not normalize and not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-12):
-                draft.unexpressed.append(f"{label}: normalize: false with weights summing to {total:g}: mergebuild's "
-                                         f"soup normalises; this result is mergekit's divided by {total:g}")
-    elif method == "slerp":
-        mb = "slerp"
-        param.numeric("t", fields, rules, default=MISSING, as_name="alpha",
-                      note_default="parameters.t (mergekit's t: 0 is the base_model)")
-        fields["variant"] = Value("mergekit", "mergekit's slerp: the raw tensors combined")
-    elif method == "model_stock":
-        mb = "model_stock"
-        filter_wise = param.flag("filter_wise", False)
-        if filter_wise:
-            fields["filter_wise"] = Value(True, "parameters.filter_wise")
-    elif generic is not None:
-        mb = method
-        _generic_params(generic, param, models, fields, rules, global_params, segments, draft, label)
-    else:  # passthrough of one model
-        mb = "copy"
-        if any(param.chain("scale", m, s) for m in models for s in segments):
-            raise Unexpressible("passthrough with scale: mergebuild has no scaling copy")
-
-    _dtype(doc, label, fields, draft)
-    _tokenizer(doc, label, draft, base)
-    if output is not None:
-        fields["output"] = output
-    if rules and not get_method(mb).params:
-        rules = []
-    merge = DraftMerge(Value(mb, f"mergekit {method}"), Value(names, inputs_note), fields, rules, comments)
-    if layers is not None and doc.get("slices"):
-        merge.comments.append(f"the slices cover layers 0..{layers - 1}: the models are taken to have {layers} layers "
-                              "(mergekit would drop any layer past them)")
-    return merge
+        return mb
 
 
-def _generic_inputs(spec, method: str, base, refs: list, fields: dict) -> tuple[list, str]:
+# mergekit's own parameters of the methods mergebuild has under its name: (the config's, each
+# model's); those of mergebuild's that mergekit lacks (karcher's weights) are not read from it
+GENERIC_READS = {
+    "nuslerp": ({"nuslerp_flatten", "nuslerp_row_wise"}, {"weight"}),
+    "multislerp": ({"normalize_weights", "eps"}, {"weight"}),
+    "karcher": ({"max_iter", "tol"}, set()),
+    "sce": ({"select_topk", "int8_mask"}, set()),
+    "nearswap": ({"t"}, set()),
+}
+# values mergebuild's method needs to give mergekit's numbers, beyond what the config says
+GENERIC_FIXED = {"sce": {"select_rules": ("mergekit", "torch.topk's choice among equal variances at the cut: "
+                                          "mergekit's bytes on the same torch build and device")}}
+
+
+def _generic_inputs(spec, method: str, base, refs: list, fields: dict, models_form: bool) -> tuple[list, str]:
     """The inputs of a mergebuild method that follows mergekit's of the same name: the base
     first where it takes one (docs/methods.md, "mergekit's methods")."""
     others = [r for r in refs if r != base]
@@ -297,23 +350,37 @@ def _generic_inputs(spec, method: str, base, refs: list, fields: dict) -> tuple[
         or "Base" in spec.arity_text()
     if spec.inputs[0] == "Base" and base is None:
         raise Unexpressible(f"{method} needs a base_model")
+    if method == "nuslerp" and len(others) != 2:
+        raise Unexpressible(f"nuslerp merges two models (besides the base_model), got {len(others)} (mergekit "
+                            "refuses it)")
     if base is not None and takes_base:
         if base_flag is not None and base_flag.kind is bool:
             fields["base"] = Value(True, "base_model: the first input is the base")
         return [base, *others], "base_model first, then the other models in order"
-    if base is not None and base not in refs:
-        raise Unexpressible(f"base_model with {method}: mergekit adds it to the models, a use mergebuild's "
-                            f"{method} does not declare")
+    if base is not None and base not in refs and models_form:
+        return [*refs, base], f"the models in order, then the base_model: mergekit adds it to the models of {method}"
     return refs, "the models in order"
 
 
-def _generic_params(spec, param, models, fields, rules, global_params, segments, draft, label) -> None:
+def _generic_params(spec, param, models, fields, rules, global_params, segments, draft, label, comments) -> None:
     """Parameters by name, for a mergebuild method that follows mergekit's of the same name."""
     per_model = {k for s in segments for _, p in s.sources for k in p}
-    if spec.param("weights") is not None and ("weight" in per_model or "weight" in global_params):
+    given = set(global_params) | {k for s in segments for k in s.params} | per_model
+    reads, model_reads = GENERIC_READS.get(spec.name, (None, None))
+    reads_weight = "weight" in model_reads if model_reads is not None else spec.param("weights") is not None
+    if reads_weight and "weight" in given:
         fields["weights"] = Value(param.per_model_list("weight", models, 1.0, required=False),
                                   "each model's parameters.weight, in input order")
-    names = (set(global_params) | {k for s in segments for k in s.params} | per_model) - {"weight"}
+    names = given - {"weight"}
+    if reads is not None:
+        ignored = sorted(given - reads - model_reads)
+        if ignored:
+            comments.append(f"parameters {', '.join(ignored)}: not read by mergekit's {spec.name}; left out, as "
+                            "mergekit ignores them")
+        names &= reads
+    if "int8_mask" in names:
+        names.discard("int8_mask")
+        comments.append("int8_mask: the dtype of mergekit's mask only, no effect on the numbers: left out")
     for name in sorted(names):
         p = spec.param(name)
         if p is None or p.kind is list:
@@ -329,61 +396,11 @@ def _generic_params(spec, param, models, fields, rules, global_params, segments,
     missing = [p.name for p in spec.params if p.required and p.name not in fields]
     if missing:
         raise Unexpressible(f"{', '.join(missing)}: missing (mergekit requires it)")
-    draft.differences.append(f"{label}: {spec.name} is mergebuild's version of mergekit's; docs/methods.md says where "
-                             "it departs from it")
-
-
-def _segments(doc: dict, method: str) -> tuple[list[Segment], int | None]:
-    models, slices = doc.get("models"), doc.get("slices")
-    if bool(models) == bool(slices):
-        raise Unexpressible("exactly one of models: and slices: must be given")
-    if models:
-        if not isinstance(models, list):
-            raise Unexpressible("models: not a list")
-        sources = []
-        for i, entry in enumerate(models):
-            if not isinstance(entry, dict) or "model" not in entry:
-                raise Unexpressible(f"models[{i}]: not a {{model: ...}} entry")
-            sources.append((parse_ref(entry["model"], f"models[{i}].model"), _mapping(entry.get("parameters"))))
-        return [Segment(None, sources, {})], None
-    if not isinstance(slices, list):
-        raise Unexpressible("slices: not a list")
-    segments, position, order = [], 0, None
-    for i, s in enumerate(slices):
-        if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
-            raise Unexpressible(f"slices[{i}]: no sources")
-        if s.get("base_model") is not None and s["base_model"] != doc.get("base_model"):
-            raise Unexpressible(f"slices[{i}].base_model: a base per slice has no Mergefile form")
-        if s.get("residual_weight") is not None:
-            raise Unexpressible(f"slices[{i}].residual_weight: no Mergefile form")
-        sources, ranges = [], set()
-        for j, src in enumerate(s["sources"]):
-            if not isinstance(src, dict) or "model" not in src:
-                raise Unexpressible(f"slices[{i}].sources[{j}]: not a {{model: ..., layer_range: ...}} entry")
-            lr = src.get("layer_range")
-            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                                   for x in lr)):
-                raise Unexpressible(f"slices[{i}].sources[{j}].layer_range: expected [start, end]")
-            ranges.add(tuple(lr))
-            sources.append((parse_ref(src["model"], f"slices[{i}].sources[{j}].model"), _mapping(src.get("parameters"))))
-        keys = [str(r) for r, _ in sources]
-        start, end = next(iter(ranges))
-        if end > MAX_LAYERS:
-            raise Unexpressible(f"slices[{i}]: layer {end}: more layers than any model has")
-        if len(ranges) != 1 or start != position or end <= start or (order is not None and keys != order):
-            raise Unexpressible("the slices move, repeat or mix layers (a frankenmerge): a Mergefile merges each "
-                                "layer with the same layer of its inputs")
-        order, position = keys, end
-        segments.append(Segment((start, end), sources, _mapping(s.get("parameters"))))
-    return segments, position
-
-
-def _mapping(value) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise Unexpressible("parameters: not a mapping")
-    return value
+    for name, (value, note) in GENERIC_FIXED.get(spec.name, {}).items():
+        fields[name] = Value(value, note)
+    if spec.name not in GENERIC_READS:
+        _once(draft.differences, f"{label}: {spec.name} is mergebuild's version of mergekit's; docs/methods.md says "
+                                 "where it departs from it")
 
 
 def _note_unknown_params(method, global_params, segments, comments) -> None:
@@ -399,31 +416,9 @@ def _note_unknown_params(method, global_params, segments, comments) -> None:
                         "ignores them")
 
 
-def _dtype(doc: dict, label: str, fields: dict, draft: Draft) -> None:
-    compute = doc.get("dtype")
-    out = doc.get("out_dtype") or compute
-    if out is None:
-        return
-    name = str(out).removeprefix("torch.")
-    if name not in DTYPES:
-        draft.unexpressed.append(f"{label}: dtype {out!r}: not one of {', '.join(DTYPES)}; left out")
-        return
-    fields["dtype"] = Value(name, "out_dtype" if doc.get("out_dtype") else "dtype")
-    if compute is not None and str(compute).removeprefix("torch.") != "float32":
-        draft.differences.append(f"{label}: mergekit computes in {compute} (dtype); mergebuild computes in "
-                                 "[settings] compute_dtype (float32) and rounds once, at the end: the last bits differ")
-
-
-def _tokenizer(doc: dict, label: str, draft: Draft, base) -> None:
-    source = doc.get("tokenizer_source")
-    for key in ("tokenizer", "chat_template"):
-        if doc.get(key) is not None:
-            draft.unexpressed.append(f"{label}: {key}: mergebuild copies the first input's tokenizer and config "
-                                     "files as they are")
-    if source is None or source == "base":
-        return
-    draft.unexpressed.append(f"{label}: tokenizer_source: {source}: mergebuild copies the first input's tokenizer "
-                             "files and does not build a merged vocabulary")
+def _once(items: list, text: str) -> None:
+    if text not in items:
+        items.append(text)
 
 
 def _rescale(spec, method: str, rescale: bool, fields: dict, draft: Draft, label: str) -> None:

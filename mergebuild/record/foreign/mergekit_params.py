@@ -43,11 +43,13 @@ class Ref:
 
 @dataclass
 class Segment:
-    """An output slice: its layers (None: all, in `models:` form), its sources and parameters."""
+    """An output slice: its layers (None: all, in `models:` form), its sources and parameters,
+    and each source's layer_range (as many layers as the slice has; None in `models:` form)."""
 
     layers: tuple[int, int] | None
     sources: list[tuple[Ref, dict]]
     params: dict
+    ranges: list[tuple[int, int]] | None = None
 
 
 class Params:
@@ -167,12 +169,13 @@ class Params:
         wild = [self.numbers(cl[-1][1], name) for cl in clauses]
         where = "parameters" if models is None else "models' parameters"
 
-        if len(self.segments) == 1:
+        if len(self.segments) == 1 and not (self.layers == 1 and isinstance(wild[0], list)):
             base = self.written(wild[0])
-        else:
+        else:  # slices, or one layer (mergekit's t is 1 there, a Mergefile gradient's 0)
             per_layer = self.per_layer(wild)
             outside = self.at(wild[0], 0)
-            base = outside if len(set(per_layer + [outside])) == 1 else {"gradient": per_layer, "default": outside}
+            points = per_layer * 2 if len(per_layer) == 1 else per_layer  # a gradient has two points or more
+            base = outside if len(set(per_layer + [outside])) == 1 else {"gradient": points, "default": outside}
             last = self.at(wild[-1], 0)
             if last != outside:  # mergekit's post weights (final norm, head) read the last slice
                 rules.append(DraftRule({target: last}, regex="^" + self._outside_layers() + "(?!.*(?:"
