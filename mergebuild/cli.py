@@ -296,6 +296,7 @@ def _cmd_build(args) -> int:
         if args.json:
             report.print_json(report.dry_run_json(statuses))
         elif not args.quiet:
+            report.print_plan_notes(plan)
             report.print_dry_run(statuses, args.verbose)
         return 0
 

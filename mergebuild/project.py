@@ -294,6 +294,8 @@ def explain_target(opts: BuildOptions) -> dict:
                 layer = merge.arch.layer_of(task.name) if merge.arch and block is None else None
                 group = block or (f"layer {layer}" if layer is not None else "other")
                 by_block[group] = by_block.get(group, 0) + 1
+        order = {b: i for i, b in enumerate(merge.arch.blocks)} if merge.arch else {}
+        by_block = dict(sorted(by_block.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
         out[s.name] = {"state": s.state, "tensors": s.tensors, "dirty": s.dirty if s.needed else 0,
                        "pending": s.pending if s.needed else 0, "by_block": by_block, "reasons": s.reasons}
     return out

@@ -32,9 +32,12 @@ from mergebuild.execute.tensorio import OpenFiles, read_ref
 from mergebuild.planning.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
 from mergebuild.planning.vocab import output_files
 from mergebuild.mergefile.model import Settings
+from mergebuild.methods import peft
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import tensor_digest
 from mergebuild.tensors.writer import remove_stale_temps
+
+ADAPTER_SHARD = 1 << 62  # PEFT loads one adapter_model.safetensors: an adapter is never sharded
 
 WRITE_BEHIND = 192 << 20
 CHUNK = 1 << 22  # elements per chunk of an elementwise method (16 MB in float32)
@@ -440,6 +443,9 @@ class Executor:
         remove_stale_temps(merge.spec.output)
         tensors = [(t.name, t.dtype, t.shape) for t in merge.tasks.values()]
         draft = self.committer.draft_metadata(merge)
+        if merge.adapter is not None:  # a PEFT adapter folder: one weights file and its config, nothing copied
+            return OutputSink(self.cache, merge.spec.output, tensors, draft, ADAPTER_SHARD, None, None,
+                              {peft.CONFIG_NAME: peft.config_bytes(merge.adapter)}, single_name=peft.WEIGHTS_NAME)
         return OutputSink(self.cache, merge.spec.output, tensors, draft, merge.spec.shard_size,
                           self._config_folder(merge), self.plan.written_config(merge.spec.name),
                           output_files(self.plan, merge))  # a vocab merge's tokenizer (planning/vocab.py)

@@ -21,12 +21,14 @@ from mergebuild.tensors.writer import SafetensorsWriter
 
 class OutputSink:
     def __init__(self, cache: Cache, target: Path, tensors: list, draft_metadata: dict, shard_size: int,
-                 config_folder: Path | None, config: dict | None = None, files: dict | None = None):
+                 config_folder: Path | None, config: dict | None = None, files: dict | None = None,
+                 single_name: str | None = None):
         self.cache, self.target = cache, Path(target)
         self.folder = is_folder_output(self.target)
         if self.folder:
+            named = {"single_name": single_name} if single_name else {}
             self.writer = FolderWriter(self.target, tensors, draft_metadata, shard_size, config_folder, cache.token,
-                                       config, files)
+                                       config, files, **named)
         else:
             self.writer = SafetensorsWriter(self.target, tensors, draft_metadata, cache.token)
         self.digests: dict[str, str] = {}  # tensor name -> digest, as each is written

@@ -36,6 +36,8 @@ class Architecture:
     passthrough: tuple[re.Pattern, ...] = ()  # keys copied from the first input, never merged
     inpainting: dict = field(default_factory=dict)  # latent_channels, wider_channels
     lora: dict = field(default_factory=dict)  # the LoRA name scheme (layouts/lora_names.py)
+    detect_not: tuple[str, ...] = ()  # key prefixes that rule this architecture out
+    optional_prefixes: tuple[str, ...] = ()  # a key may carry it or not (Flux's model.diffusion_model.)
     # config.json values that name it ({"model_type": [...], "architectures": [...]}): a model
     # folder is detected by them first (docs/architecture.md, "Extending")
     detect_config: dict = field(default_factory=dict)
@@ -57,6 +59,11 @@ class Architecture:
                 return template.format(*(int(g) for g in m.groups()))
         return self.default_block
 
+    def group_name(self, name: str) -> str | None:
+        """`name` as one of this architecture's groups (ComfyUI's trailing dot allowed), or None."""
+        name = name[:-1] if name.endswith(".") else name
+        return name if name in self.groups else None
+
     def group_of(self, key: str) -> str | None:
         """The narrower group (another tool's name for part of a block) a key is in, if any."""
         return next((name for name, pattern in self.groups.items() if pattern.search(key)), None)
@@ -68,7 +75,7 @@ class Architecture:
         return self.aliases.get(name, name)
 
     def knows_block(self, name: str) -> bool:
-        return self.canonical_block(name) in self.blocks or name in self.groups
+        return self.canonical_block(name) in self.blocks or self.group_name(name) is not None
 
     def layer_of(self, key: str, component: str | None = None) -> int | None:
         """A key's layer index in the main stack of layers (the language model's), or in the
@@ -98,7 +105,10 @@ class Architecture:
         return None
 
     def keys_match(self, keys: list[str]) -> str | None:
-        """How the key names show this architecture ("keys start with ..."), if they do."""
+        """How the key names show this architecture ("keys start with ..."), if they do; never
+        when a key starts with one of `detect_not` (a relative with the same blocks' names)."""
+        if any(k.startswith(p) for p in self.detect_not for k in keys):
+            return None
         for alternative in self.detect:
             if all(any(k.startswith(p) for k in keys) for p in alternative):
                 return f"keys start with {' and '.join(repr(p) for p in alternative)}"
@@ -142,7 +152,7 @@ def _load(path: Path, files: dict[str, dict]) -> dict:
 KNOWN_FIELDS = {"name", "description", "detect_order", "detect", "blocks", "aliases", "groups", "rules",
                 "default_block", "components", "component_match", "layer_pattern", "list_conversions",
                 "modelspec", "merge_keys", "passthrough_keys", "passthrough_patterns", "inpainting", "lora", "extends",
-                "detect_config", "layer_patterns", "llm", "_comment"}
+                "detect_config", "layer_patterns", "llm", "detect_not", "optional_prefixes", "_comment"}
 
 
 def _architecture(name: str, a: dict) -> Architecture:
@@ -168,6 +178,8 @@ def _architecture(name: str, a: dict) -> Architecture:
         inpainting=dict(a.get("inpainting", {})),
         lora=dict(a.get("lora", {})),
         detect_config={k: tuple(v) for k, v in a.get("detect_config", {}).items()},
+        detect_not=tuple(a.get("detect_not", [])),
+        optional_prefixes=tuple(a.get("optional_prefixes", [])),
         layer_patterns=stacks,
         llm=dict(a.get("llm", {})),
         extra={k: v for k, v in a.items() if k not in KNOWN_FIELDS},
@@ -185,7 +197,7 @@ def architectures() -> dict[str, Architecture]:
 
 def fallback() -> Architecture:
     """The architecture of models no file detects (the one without `detect`)."""
-    return next(a for a in architectures().values() if not a.detect)
+    return next(a for a in architectures().values() if a.is_fallback)
 
 
 def group_of(arch: Architecture, key: str, time_embed_in_base: bool = False) -> str:
@@ -246,12 +258,14 @@ def expand_blocks(text: str, arch: Architecture) -> set[str]:
 def _check_block(name: str, arch: Architecture, in_range: bool = False) -> str:
     """The block (or group) `name` stands for in `arch`; a ValueError if it has none."""
     block = arch.canonical_block(name)
-    if block in arch.blocks or (name in arch.groups and not in_range):
+    if block in arch.blocks:
         return block
+    if arch.group_name(name) is not None and not in_range:
+        return arch.group_name(name)
     have = f"{arch.blocks[0]}..{arch.blocks[-1]}" if arch.blocks else "no blocks (use gradient or match)"
-    what = "a group, which a range cannot start or end at" if name in arch.groups else "does not exist in"
-    raise ValueError(f"block {name!r} {what} {arch.name} ({have})" if name not in arch.groups
-                     else f"block {name!r} is {what} ({arch.name})")
+    if arch.group_name(name) is not None:
+        raise ValueError(f"block {name!r} is a group, which a range cannot start or end at ({arch.name})")
+    raise ValueError(f"block {name!r} does not exist in {arch.name} ({have})")
 
 
 def _presets() -> dict[str, list[float]]:

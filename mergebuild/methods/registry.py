@@ -16,7 +16,7 @@ from typing import Callable
 REQUIRED = object()
 BUILTIN_MODULES = ("mergebuild.methods.basic", "mergebuild.methods.classic", "mergebuild.methods.meh",
                    "mergebuild.methods.task_vectors", "mergebuild.methods.many",
-                   "mergebuild.methods.parts", "mergebuild.methods.lora",
+                   "mergebuild.methods.parts", "mergebuild.methods.lora", "mergebuild.methods.lora_make",
                    "mergebuild.methods.mergekit_methods", "mergebuild.methods.passthrough")
 ENTRY_POINT_GROUP = "mergebuild.methods"
 

@@ -134,8 +134,9 @@ class ParamResolver:
         for written, value in table.items():
             if written == "default":
                 continue
-            if written in self.arch.groups:
-                groups[written] = value
+            group = self.arch.group_name(written)
+            if group is not None:
+                groups[group] = value
                 continue
             block = self.arch.canonical_block(written)
             if block not in self.arch.blocks:

@@ -4,7 +4,8 @@ A tensor's cache key hashes the method name and version, the parameters resolved
 the compute and output dtypes and the digests of the input tensors it reads. An upstream tensor's
 digest is the digest of its *result*, so a recomputed tensor that comes out identical leaves its
 readers clean (early cutoff). Planning reads headers, fingerprints and the index only: it never
-imports torch, so a no-op build stays fast.
+imports torch, so a no-op build stays fast (except lora_extract's adaptive ranks, which compute
+singular values once, then read them back: planning/spectra.py).
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class MergePlan:
     # changes it (passthrough's layer count); None: the first input's config files as they are
     config: dict | None = None
     vocab: object = None  # planning/vocab.VocabPlan: the merge's vocabulary (vocab / tokenizer_source)
+    # the adapter_config.json of a merge that makes a PEFT adapter (lora_merge, lora_extract with
+    # format "peft"): its folder output is an adapter folder, and its readers take scales from it
+    adapter: dict | None = None
 
     def count(self, state: str) -> int:
         return sum(1 for t in self.tasks.values() if t.state == state)
@@ -94,6 +98,7 @@ class Plan:
     recipe: Recipe = field(default_factory=Recipe)
     cache_root: Path | None = None
     graph: object = None  # the networkx DAG of the Mergefile
+    cache: Cache | None = None  # for what a method's planner must compute (planning/spectra.py)
 
     def ref(self, node: str, tensor: str) -> TensorRef:
         """Where the bytes of a node's tensor are, as far as known now (a tensor passed through
@@ -114,6 +119,13 @@ class Plan:
                 return merge.config
             node = merge.spec.inputs[0]
         return self.sources[node].config
+
+    def adapter(self, node: str) -> dict | None:
+        """The PEFT adapter_config.json a node's tensors go with: an adapter folder's, or the one
+        a merge writes; None for any other node."""
+        if node in self.sources:
+            return self.sources[node].adapter
+        return self.merges[node].adapter
 
     def written_config(self, node: str) -> dict | None:
         """The config.json a folder output of `node` writes instead of copying its first input's:
@@ -139,7 +151,7 @@ def make_plan(mf: Mergefile, cache: Cache, targets: list[str] | None = None, for
     check_outputs(mf, cache.root, order)
     sources = {n: load_source(mf.models[n], cache, f"models.{n}") for n in order if n in mf.models}
     plan = Plan(mf, order, targets, sources, {}, USER_DTYPES[mf.settings.compute_dtype], cache_root=cache.root,
-                graph=graph)
+                graph=graph, cache=cache)
     for name in order:
         if name in mf.models:
             plan.recipe.add(name, model_node(sources[name].path.name, sources[name].content))
@@ -155,7 +167,7 @@ def _node(plan: Plan, merge: MergePlan) -> dict:
     """The merge's recipe node: the Mergefile's fields and the settings that reach its tensors."""
     spec = merge.spec
     settings = {"compute_dtype": plan.mergefile.settings.compute_dtype}
-    if merge.block_sensitive and merge.arch is not None and merge.arch.blocks:
+    if merge.block_sensitive and merge.arch is not None and any(tag == "time_embed" for *_, tag in merge.arch.rules):
         settings["time_embed"] = plan.mergefile.settings.time_embed
     output = None
     if spec.output is not None:
@@ -166,8 +178,22 @@ def _node(plan: Plan, merge: MergePlan) -> dict:
         if is_folder_output(spec.output):
             output["shard_size"] = spec.shard_size
     node = merge_node(spec, merge.method.version, settings, output)
+    if merge.arch is not None and (merge.arch.aliases or merge.arch.groups):
+        node["params"] = {k: _canonical_table(v, merge.arch) for k, v in node["params"].items()}
     node.update(node_fields(merge))  # the tokenizers a vocab / tokenizer_source merge read
     return node
+
+
+def _canonical_table(value, arch: Architecture):
+    """A block table with its names as the architecture spells them (`"double_blocks.3."` is
+    D03): two spellings of one recipe are one recipe, so respelling never rewrites an output."""
+    if not isinstance(value, dict) or "gradient" in value:
+        return value
+    named = {}
+    for key, v in value.items():
+        name = key if key == "default" else (arch.group_name(key) or arch.canonical_block(key))
+        named[name] = v
+    return named
 
 
 @dataclass
@@ -182,6 +208,7 @@ class MergeContext:
     notes: list[str] = field(default_factory=list)
     output_metadata: dict[str, str] = field(default_factory=dict)  # extra __metadata__ of the output
     config: dict | None = None  # the output's config.json, when the method changes it (MergePlan.config)
+    adapter: dict | None = None  # the adapter_config.json, when the method makes a PEFT adapter (MergePlan.adapter)
 
     def names(self, i: int) -> list[str]:
         return self.plan.tensor_names(self.spec.inputs[i])
@@ -199,6 +226,18 @@ class MergeContext:
     def input_config(self, i: int) -> dict | None:
         """Input i's config.json (a model folder's, or what an upstream merge writes), if any."""
         return self.plan.config(self.spec.inputs[i])
+
+    def singular_values(self, key: str, rows, swap: bool, count: int) -> tuple[float, list[float]]:
+        """(sum of s_i^2, the count largest s_i) of input 0's key minus input 1's, computed while
+        planning and remembered (lora_extract's energy and sv_epsilon: planning/spectra.py)."""
+        from mergebuild.planning.spectra import singular_values
+
+        what = f"{key} of {self.spec.inputs[0]} or {self.spec.inputs[1]}"
+        return singular_values(self.plan, self.ref(0, key), self.ref(1, key), rows, swap, count, what)
+
+    def input_adapter(self, i: int) -> dict | None:
+        """Input i's PEFT adapter_config.json (an adapter folder's, or what a merge writes), if any."""
+        return self.plan.adapter(self.spec.inputs[i])
 
     def out_dtype(self, dtype: str) -> str:
         return USER_DTYPES[self.spec.dtype] if self.spec.dtype and is_float(dtype) else dtype
@@ -233,12 +272,16 @@ def _plan_merge(plan: Plan, spec: MergeSpec) -> MergePlan:
     ctx.warnings += resolver.unused(names)
     for group, count in resolver.outside_blocks.items():
         ctx.note(f"{count} {group} keys are in no block and the block values have no default: kept from "
-                 f"{spec.inputs[0]} (add default = ... to merge them)")
+                 f"{spec.inputs[0]} (a block table with a default, or a rule whose regex matches them, merges them)")
     merge = MergePlan(spec, method, tasks, arch=arch, arch_how=how, warnings=ctx.warnings, notes=ctx.notes,
                       output_metadata=ctx.output_metadata, block_sensitive=resolver.block_sensitive,
-                      config=ctx.config, vocab=vocab)
-    if method.merges_tensors and not any(t.method is method for t in tasks.values()) and not merge.warnings:
-        merge.warnings.append(f"{spec.method} changed no tensor: no key of {', '.join(spec.inputs[1:])} matched")
+                      config=ctx.config, vocab=vocab, adapter=ctx.adapter)
+    if method.merges_tensors and not any(t.method is method for t in tasks.values()):
+        others = [set(plan.tensor_names(i)) for i in spec.inputs[1:]]
+        matched = method.plan_tasks is not None or any(_input_names(method, n, others, arch) for n in names)
+        if not matched or not merge.warnings:  # a warning already said why, unless no key even matched
+            merge.warnings.append(f"{spec.method} changed no tensor: no key of {', '.join(spec.inputs[1:])} "
+                                  "matched" if not matched else f"{spec.method} changed no tensor")
     return merge
 
 
@@ -252,10 +295,12 @@ def _keep_markers(plan: Plan, spec: MergeSpec, names: list[str], tasks: dict, ct
     first = set(names)
     dropped: dict[str, list[str]] = {}
     for i, node in enumerate(spec.inputs[1:], start=1):
-        for key in plan.tensor_names(node):
-            if key in first or key in tasks:
+        others = plan.tensor_names(node)
+        same_kind = detect(others)[0].name == ctx.arch.name  # another architecture's markers mean nothing here
+        for key in others:
+            if key in first or key in tasks or any(k in first for k in _respelled(key, ctx.arch)):
                 continue
-            if key in MARKER_KEYS:
+            if key in MARKER_KEYS and same_kind:
                 ref = plan.ref(node, key)
                 tasks[key] = TensorTask(key, ref.dtype, ref.shape, ((node, key),), None, state=PASSTHROUGH)
             else:
@@ -293,17 +338,28 @@ def _input_names(method: Method, name: str, others: list[set], arch: Architectur
     found = []
     for i, names in enumerate(others, start=1):
         candidates = method.input_names(name, i, arch) if method.input_names else (name,)
-        hit = next((c for c in candidates if c in names), None)
+        hit = next((c for c in (*candidates, *_respelled(name, arch)) if c in names), None)
         if hit is None:
             return None
         found.append(hit)
     return found
 
 
+def _respelled(name: str, arch: Architecture) -> tuple[str, ...]:
+    """The other spellings of a key where its architecture's prefix is optional: a full Flux
+    checkpoint's model.diffusion_model.X is X in a transformer-only file, and back."""
+    out = []
+    for prefix in arch.optional_prefixes:
+        out.append(name[len(prefix):] if name.startswith(prefix) else prefix + name)
+    return tuple(out)
+
+
 def _task(plan: Plan, spec: MergeSpec, method: Method, name: str, substring_rule: bool,
           resolver: ParamResolver, others: list[set]) -> TensorTask:
     a = plan.ref(spec.inputs[0], name)
-    out_dtype = USER_DTYPES[spec.dtype] if spec.dtype and is_float(a.dtype) else a.dtype
+    # a schedule (SD3's sigmas) is never merged nor cast; SD's passthrough keys follow A1111's save_as_half
+    kept = resolver.arch.extra.get("passthrough_keeps_dtype") and any(p.search(name) for p in resolver.arch.passthrough)
+    out_dtype = USER_DTYPES[spec.dtype] if spec.dtype and is_float(a.dtype) and not kept else a.dtype
     mergeable = (method.merges_tensors and resolver.arch.merges_key(name, substring_rule) and is_float(a.dtype)
                  and resolver.selected(name))
     other_names = _input_names(method, name, others, resolver.arch) if mergeable else None

@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 from mergebuild.errors import BuildError, InputError
 from mergebuild.portable import file_stamp, is_regular_file
 from mergebuild.mergefile.model import ModelSpec
+from mergebuild.methods import peft
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import digest_safetensors, tensor_digest, text_digest
 from mergebuild.tensors import gguf, scaled_fp8
@@ -58,6 +59,8 @@ class Source:
     # a model folder's config.json (None: a file, or a folder without a readable one): detection
     # reads its model_type, methods that change the layers (passthrough) the per-layer settings
     config: dict | None = None
+    # a PEFT adapter folder's adapter_config.json (methods/peft.py reads it): its modules' scales
+    adapter: dict | None = None
 
     @property
     def path(self) -> Path:
@@ -130,10 +133,15 @@ def _content(table: dict, metadata: dict) -> str:
 
 
 def _folder_source(spec: ModelSpec, cache: Cache, table: str) -> Source:
-    """A Hugging Face model folder: one safetensors file, or shards listed by an index."""
+    """A Hugging Face model folder: one safetensors file, or shards listed by an index; or a PEFT
+    adapter folder (adapter_config.json beside adapter_model.safetensors)."""
     folder = spec.path
     index = folder / INDEX_NAME
-    shards = _index_shards(index, folder) if index.exists() else sorted(p.name for p in folder.glob("*.safetensors"))
+    adapter = _read_adapter(folder, table)
+    if adapter is not None:
+        shards = [peft.WEIGHTS_NAME]
+    else:
+        shards = _index_shards(index, folder) if index.exists() else sorted(p.name for p in folder.glob("*.safetensors"))
     if not shards:
         raise InputError(f"[{table}] path: {folder} holds no .safetensors files")
     tensors: dict[str, TensorRef] = {}
@@ -160,11 +168,33 @@ def _folder_source(spec: ModelSpec, cache: Cache, table: str) -> Source:
     config, notes = _read_config(folder / CONFIG_NAME)
     # the config is part of what the folder holds: it decides the architecture and is copied into
     # folder outputs (passthrough rewrites it), so a changed config.json makes them out of date
-    content = text_digest(json.dumps(contents if config is None else [contents, config], sort_keys=True))
+    held = contents if config is None else [contents, config]
+    content = text_digest(json.dumps(held if adapter is None else [held, adapter], sort_keys=True))
     if config is not None:
         parts.append((folder / CONFIG_NAME, _stat(folder / CONFIG_NAME, table)))
+    if adapter is not None:
+        parts.append((folder / peft.CONFIG_NAME, _stat(folder / peft.CONFIG_NAME, table)))
     return Source(spec, tensors, metadata, st, known[2] if known else None, hash_file, content, parts,
-                  notes=notes, config=config)
+                  notes=notes, config=config, adapter=adapter)
+
+
+def _read_adapter(folder: Path, table: str) -> dict | None:
+    """A PEFT adapter folder's adapter_config.json, checked (None: the folder is no adapter)."""
+    path = folder / peft.CONFIG_NAME
+    if not path.exists():
+        return None
+    try:
+        if path.stat().st_size > MAX_CONFIG:
+            raise ValueError(f"larger than {MAX_CONFIG >> 20} MB")
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        peft.parse_config(doc)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InputError(f"[{table}] path: {path}: not a usable PEFT adapter config ({e})") from None
+    if not (folder / peft.WEIGHTS_NAME).is_file():
+        other = " (adapter_model.bin is a pickle: save the adapter with safe_serialization=True)" \
+            if (folder / "adapter_model.bin").exists() else ""
+        raise InputError(f"[{table}] path: {folder} has {peft.CONFIG_NAME} but no {peft.WEIGHTS_NAME}{other}")
+    return doc
 
 
 def _read_config(path: Path) -> tuple[dict | None, list[str]]:

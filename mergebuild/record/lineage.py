@@ -138,6 +138,8 @@ def modelspec(plan: Plan, merge: str, data_sha256: str, date: str) -> dict[str, 
     # ModelSpec 1.0.1 (Stability AI) ids, from the architecture's file
     ids = arch.modelspec if arch else {}
     architecture, implementation = ids.get("architecture", "unknown"), ids.get("implementation", "unknown")
+    if plan.merges[merge].method.name == "lora_extract" and architecture != "unknown":
+        architecture += "/lora"  # ModelSpec's (and kohya's) id of a LoRA for that architecture
     spec = plan.mergefile.merges[merge]
     title = spec.output.stem if spec.output is not None else merge
     merged_from = ", ".join(plan.sources[i].path.name if i in plan.sources else i for i in spec.inputs)

@@ -177,15 +177,21 @@ def print_warnings(plan, warnings: list[str] = ()) -> None:
         err.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
 
 
-def print_plan(plan, reasons: dict[str, list[str]], verbose: bool) -> None:
-    """Before a build: notes (sources' own, then merges'); with -v the detected architectures
-    and why merges rebuild."""
+def print_plan_notes(plan) -> None:
+    """What planning found worth a line: the sources' notes, then each merge's."""
     for name, source in plan.sources.items():
         for note in getattr(source, "notes", None) or ():
             err.print(f"{escape(name)}: {escape(note)}")
     for name, merge in plan.merges.items():
         for note in merge.notes:
             err.print(f"{escape(name)}: {escape(note)}")
+
+
+def print_plan(plan, reasons: dict[str, list[str]], verbose: bool) -> None:
+    """Before a build: notes (sources' own, then merges'); with -v the detected architectures
+    and why merges rebuild."""
+    print_plan_notes(plan)
+    for name, merge in plan.merges.items():
         if verbose and merge.arch is not None:
             err.print(escape(f"{name}: architecture {merge.arch.name} ({merge.arch_how})"))
     if verbose:
@@ -291,7 +297,7 @@ def print_explain(doc: dict) -> None:
         for reason in info["reasons"]:
             out.print(escape(f"  because {reason}"))
         if info["by_block"]:
-            groups = ", ".join(f"{b} {n}" for b, n in sorted(info["by_block"].items()))
+            groups = ", ".join(f"{b} {n}" for b, n in info["by_block"].items())  # in the model's block order
             out.print(escape(f"  tensors to recompute by block: {groups}"))
 
 

@@ -104,7 +104,7 @@ def _legacy_ours(folder: Path, name: str) -> bool:
 class FolderWriter:
     def __init__(self, folder: Path, tensors: list[tuple[str, str, tuple[int, ...]]], draft_metadata: dict,
                  shard_size: int, copy_from: Path | None, token: str, config: dict | None = None,
-                 files: dict[str, bytes | None] | None = None):
+                 files: dict[str, bytes | None] | None = None, single_name: str = SINGLE_NAME):
         self.folder = Path(folder)
         self.copy_from = copy_from
         self.config = config  # written as config.json in place of copy_from's
@@ -118,7 +118,7 @@ class FolderWriter:
         self.writers: list[SafetensorsWriter] = []
         try:
             shards = _split(tensors, shard_size)
-            self.names = [SINGLE_NAME] if len(shards) == 1 else [
+            self.names = [single_name] if len(shards) == 1 else [
                 f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
             for n, shard in zip(self.names, shards):
                 self.writers.append(SafetensorsWriter(self.temp / n, shard, draft_metadata, token))

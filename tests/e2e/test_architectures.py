@@ -279,3 +279,86 @@ def test_flux_output_carries_its_modelspec_architecture(tmp_path):
         meta = f.metadata()
     assert meta["modelspec.architecture"] == "flux-1-schnell"
     assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
+
+
+def test_a_full_flux_checkpoint_merges_with_a_transformer_only_file(tmp_path):
+    a, b = _family(tmp_path / "models", flux_keys())
+    B = load(b)
+    save_file({k.removeprefix(PREFIX): v for k, v in B.items() if k.startswith(PREFIX)}, str(b))
+    mergefile(tmp_path / "mergefile.toml", PAIR + """
+        [merges.m]
+        method = "weighted_sum"
+        inputs = ["a", "b"]
+        alpha = 0.5
+        output = "out/m.safetensors"
+    """)
+    proc = run_cli(cwd=tmp_path, check=True)
+    assert "left out" not in proc.stderr and "changed no tensor" not in proc.stderr
+    A, out = load(a), load(tmp_path / "out/m.safetensors")
+    for key in A:
+        if key.startswith(PREFIX) and not torch.equal(A[key], B[key]):
+            assert _implied_alpha(A[key], B[key], out[key]) == pytest.approx(0.5, abs=1e-5), key
+        elif not key.startswith(PREFIX):
+            assert torch.equal(out[key], A[key]), key  # b has no text encoders nor VAE
+
+
+def test_flux_relatives_with_its_block_names_are_not_flux_1():
+    flux2 = {**flux_keys(full=False), "model.diffusion_model.double_stream_modulation_img.lin.weight": None}
+    assert detect(list(flux2))[0].name not in ("flux-dev", "flux-schnell")
+    chroma = {k: v for k, v in flux_keys(schnell=True).items() if "time_in" not in k and "vector_in" not in k}
+    chroma["model.diffusion_model.distilled_guidance_layer.in_proj.weight"] = None
+    arch = detect(list(chroma))[0]
+    assert arch.name == "chroma" and arch.modelspec["architecture"] == "chroma"
+
+
+def test_a_flux_fill_model_merges_its_first_64_input_channels(tmp_path):
+    keys = flux_keys(full=False)
+    shape, dtype = keys[PREFIX + "img_in.weight"]
+    keys[PREFIX + "img_in.weight"] = ((shape[0], 64), dtype)  # Flux's 64 latent channels, unshrunk
+    fill = {**keys, PREFIX + "img_in.weight": ((shape[0], 384), dtype)}  # + mask and masked image
+    (tmp_path / "models").mkdir()
+    save_file(make_base(fill, seed=3, dtype=torch.float32), str(tmp_path / "models/a.safetensors"))
+    save_file(make_base(keys, seed=4, dtype=torch.float32), str(tmp_path / "models/b.safetensors"))
+    _build(tmp_path, PAIR + """
+        [merges.m]
+        method = "weighted_sum"
+        inputs = ["a", "b"]
+        alpha = 0.5
+        output = "out/m.safetensors"
+    """)
+    A, B = load(tmp_path / "models/a.safetensors"), load(tmp_path / "models/b.safetensors")
+    out = load(tmp_path / "out/m.safetensors")[PREFIX + "img_in.weight"]
+    a, b = A[PREFIX + "img_in.weight"], B[PREFIX + "img_in.weight"]
+    assert out.shape == a.shape and torch.equal(out[:, 64:], a[:, 64:])
+    assert torch.allclose(out[:, :64], (a[:, :64] + b) / 2, atol=1e-6)
+
+
+def test_comfyui_spellings_with_a_dot_and_respelled_tables_are_one_recipe(tmp_path):
+    _family(tmp_path / "models", flux_keys(full=False))
+    body = PAIR + """
+        [settings]
+        time_embed = "{te}"
+        [merges.m]
+        method = "weighted_sum"
+        inputs = ["a", "b"]
+        alpha = {{ default = 0.5, {names} }}
+        output = "out/m.safetensors"
+    """
+    _build(tmp_path, body.format(te="IN00", names='D03 = 0.2, OUT = 0.1, img_in = 0.3'))
+    respelled = body.format(te="BASE", names='"double_blocks.3." = 0.2, final_layer = 0.1, "img_in." = 0.3')
+    mergefile(tmp_path / "mergefile.toml", respelled)
+    status = json.loads(run_cli("status", "--json", cwd=tmp_path, check=True).stdout)
+    assert all(t["up_to_date"] for t in status["targets"].values()), status  # Flux has no time_embed rule
+
+
+def test_a_dry_run_says_which_keys_a_block_list_leaves_alone(tmp_path):
+    _family(tmp_path / "models", flux_keys())
+    mergefile(tmp_path / "mergefile.toml", PAIR + f"""
+        [merges.m]
+        method = "weighted_sum"
+        inputs = ["a", "b"]
+        alpha = {[0.5] * 61}
+        output = "out/m.safetensors"
+    """)
+    proc = run_cli("-n", cwd=tmp_path, check=True)
+    assert "VAE keys are in no block" in proc.stderr

@@ -329,6 +329,10 @@ def test_extract_then_bake_gives_back_the_tuned_flux(fluxes, tmp_path):
     x = load(tmp_path / "x.safetensors")
     assert {k.split(".")[0] for k in x} == {kohya_name(key) for key in changed}
     assert all(x[kohya_name(key) + ".alpha"].item() == 4 for key in changed)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.architecture"].endswith("/lora")  # ModelSpec's id of a LoRA
     # rank(tuned - base) = 2 <= 4: the SVD keeps all of it, so what is left is float32 rounding
     # of values about 0.05 (below 1e-6), far inside the tolerance
     assert_close(load(tmp_path / "back.safetensors"), {k: v.double() for k, v in tuned.items()}, 1e-5)
