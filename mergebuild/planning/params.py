@@ -102,6 +102,17 @@ class ParamResolver:
                 self._fail(name, f"no value for block {block or 'of ' + key} (add default = ...)")
         return out
 
+    def merge_params(self, key: str) -> dict | None:
+        """The parameters the merge's method merges `key` with; None where it leaves the key to
+        the first input (in no block under a block list, or the method's select says no)."""
+        params = self.params(key)
+        if params is None or self.method.select is None:
+            return params
+        try:
+            return params if self.method.select(key, params, self.arch, self.block_of(key)) else None
+        except ValueError as e:
+            raise MergefileError(self.mf.path, f"merges.{self.merge.name}", None, str(e)) from None
+
     # compiling ----------------------------------------------------------------------------
     def _compile(self, name: str, value):
         param = self.method.param(name)

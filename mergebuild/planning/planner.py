@@ -365,14 +365,8 @@ def _task(plan: Plan, spec: MergeSpec, method: Method, name: str, substring_rule
     other_names = _input_names(method, name, others, resolver.arch) if mergeable else None
     refs = [a] + [plan.ref(n, t) for n, t in zip(spec.inputs[1:], other_names or [])]
     mergeable = other_names is not None and all(is_float(r.dtype) for r in refs)
-    params = resolver.params(name) if mergeable else {}
-    if params is None:  # in no block, and the block list has no value for it
-        mergeable, params = False, {}
-    if mergeable and method.select is not None:
-        try:
-            mergeable = method.select(name, params, resolver.arch, resolver.block_of(name))
-        except ValueError as e:
-            raise MergefileError(plan.mergefile.path, f"merges.{spec.name}", None, str(e)) from None
+    params = resolver.merge_params(name) if mergeable else None
+    mergeable = params is not None
     if spec.fix_clip_position_ids and name.endswith(POSITION_IDS_SUFFIX):
         return TensorTask(name, "I64", a.shape, (), POSITION_IDS, {"shape": list(a.shape)})
     if mergeable:

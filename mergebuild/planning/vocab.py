@@ -315,14 +315,8 @@ def vocab_tasks(ctx, method, vp: VocabPlan, substring_rule: bool) -> dict:
         a = refs[0]
         mergeable = (len(positions) == len(spec.inputs) and all(is_float(r.dtype) for r in refs)
                      and resolver.arch.merges_key(name, substring_rule) and resolver.selected(name))
-        params = resolver.params(name) if mergeable else {}
-        if params is None:
-            mergeable, params = False, {}
-        if mergeable and method.select is not None:
-            try:
-                mergeable = method.select(name, params, resolver.arch, resolver.block_of(name))
-            except ValueError as e:
-                raise MergefileError(plan.mergefile.path, f"merges.{spec.name}", None, str(e)) from None
+        params = resolver.merge_params(name) if mergeable else None
+        mergeable = params is not None
         inner = method if mergeable else get_method("copy")
         params = dict(params) if mergeable else {}
         if mergeable and method.input_dtypes is not None and method.input_dtypes(params):
