@@ -52,6 +52,7 @@ class ParamResolver:
         self.time_embed_in_base = mf.settings.time_embed == "BASE"
         self.keys = keys
         self.num_layers = self.layer_count(None)
+        self.table_hits: dict[str, dict[str, int]] = {}  # per block table, the keys each entry reached
         self.values = {name: self._compile(name, v) for name, v in merge.params.items()}
         self.rules = [self._compile_rule(i, r) for i, r in enumerate(merge.rules)]
         self.include = [re.compile(p) for p in merge.include]
@@ -124,7 +125,7 @@ class ParamResolver:
             return self._table(name, self._block_list(name, value))
         if "gradient" in value:
             return self._gradient(name, value)
-        return self._table(name, value)
+        return self._table(name, value, written=True)
 
     def _block_list(self, name: str, values: list) -> dict:
         if not self.arch.blocks:
@@ -138,7 +139,7 @@ class ParamResolver:
         except ValueError as e:
             self._fail(name, str(e))
 
-    def _table(self, name: str, table: dict):
+    def _table(self, name: str, table: dict, written: bool = False):
         """A block table: a key takes its group's value (a narrower name, such as ComfyUI's
         img_in inside Flux's IN), else its block's, else the default."""
         blocks, groups = {}, {}
@@ -157,9 +158,18 @@ class ParamResolver:
                 self._fail(f"{name}.{written}", f"block {block} is given twice (once by another name)")
             blocks[block] = value
         default = table.get("default")
-        if not groups:
-            return lambda key, block: blocks.get(block, default)
-        return lambda key, block: groups.get(self.arch.group_of(key), blocks.get(block, default))
+        reached = self.table_hits.setdefault(name, {}) if written else None  # a list names every block
+
+        def value(key, block):
+            group = self.arch.group_of(key) if groups else None
+            hit = group if group in groups else block if block in blocks else None
+            if reached is not None and hit is not None:
+                reached[hit] = reached.get(hit, 0) + 1
+            return groups[group] if group in groups else blocks.get(block, default)
+
+        for named in (*blocks, *groups) if written else ():
+            reached.setdefault(named, 0)
+        return value
 
     def _gradient(self, name: str, table: dict):
         points = table["gradient"]
@@ -202,6 +212,11 @@ class ParamResolver:
                 what = ", ".join(f"{k} {v!r}" for k, v in (("blocks", rule.rule.blocks), ("match", list(rule.rule.match)
                                  or None), ("regex", rule.rule.regex)) if v)
                 out.append(f"rules[{i}] ({what}) selects no key{_closest(rule.rule.match, keys)}: it changes nothing")
+        for name, reached in self.table_hits.items():
+            missed = [block for block, hits in reached.items() if hits == 0]
+            if missed:
+                out.append(f"{name}: {', '.join(missed)} reach{'es' if len(missed) == 1 else ''} no key of this "
+                           f"{self.arch.name} model: {'it changes' if len(missed) == 1 else 'they change'} nothing")
         for field, patterns in (("include", self.merge.include), ("exclude", self.merge.exclude)):
             for pattern in patterns:
                 if self.pattern_hits.get(pattern) == 0:

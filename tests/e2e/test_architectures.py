@@ -362,3 +362,17 @@ def test_a_dry_run_says_which_keys_a_block_list_leaves_alone(tmp_path):
     """)
     proc = run_cli("-n", cwd=tmp_path, check=True)
     assert "VAE keys are in no block" in proc.stderr
+
+
+def test_a_block_table_entry_that_reaches_no_key_is_named(tmp_path):
+    _family(tmp_path / "models", flux_keys(full=False, schnell=True))  # no guidance_in, no CLIP
+    mergefile(tmp_path / "mergefile.toml", PAIR + """
+        [merges.m]
+        method = "weighted_sum"
+        inputs = ["a", "b"]
+        alpha = { default = 0.5, guidance_in = 0.1, CLIP = 0.2, D03 = 0.4 }
+        output = "out/m.safetensors"
+    """)
+    proc = run_cli("-n", cwd=tmp_path, check=True)
+    assert "alpha: CLIP, guidance_in reach no key of this flux-schnell model" in proc.stderr
+    assert "D03" not in proc.stderr
