@@ -120,7 +120,11 @@ class ParamResolver:
         if not param.numeric or isinstance(value, (int, float)):
             return value
         if isinstance(value, str):
-            value = PRESETS[value]
+            preset, value = value, PRESETS[value]
+            fits = len(value) == len(self.arch.blocks) or len(value) in self.arch.list_conversions
+            if self.arch.blocks and not fits:
+                self._fail(name, f"preset {preset} is a list of {len(value)} block values (supermerger's SD order); "
+                           f"{self.arch.name} has {len(self.arch.blocks)} blocks: write a list or a table")
         if isinstance(value, list):
             return self._table(name, self._block_list(name, value))
         if "gradient" in value:

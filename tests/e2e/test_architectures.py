@@ -376,3 +376,16 @@ def test_a_block_table_entry_that_reaches_no_key_is_named(tmp_path):
     proc = run_cli("-n", cwd=tmp_path, check=True)
     assert "alpha: CLIP, guidance_in reach no key of this flux-schnell model" in proc.stderr
     assert "D03" not in proc.stderr
+
+
+def test_an_sd_preset_on_flux_says_what_it_is(tmp_path):
+    _family(tmp_path / "models", flux_keys(full=False))
+    mergefile(tmp_path / "mergefile.toml", PAIR + """
+        [merges.m]
+        method = "weighted_sum"
+        inputs = ["a", "b"]
+        alpha = "GRAD_V"
+        output = "out/m.safetensors"
+    """)
+    proc = run_cli("-n", cwd=tmp_path)
+    assert proc.returncode == 2 and "preset GRAD_V is a list of 26 block values" in proc.stderr
