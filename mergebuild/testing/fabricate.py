@@ -78,6 +78,20 @@ def make_finetune(base: dict, seed: int, scale: float = 0.01) -> dict[str, torch
     return out
 
 
+def llama_trio(seed: int = 17, **shape) -> dict[str, dict]:
+    """A tiny float16 Llama base and two fine-tunes of it ({"base", "a", "b"}): the trio the
+    mergekit parity data was made from (tests/data/mergekit_0.1.5)."""
+    base = make_base(llama_keys(**shape), seed=seed, dtype=torch.float16)
+    return {"base": base, "a": make_finetune(base, seed=seed + 1), "b": make_finetune(base, seed=seed + 2)}
+
+
+def tensor_sha256(t) -> str:
+    """The sha256 of a tensor's bytes (how stored peer outputs are compared without storing them)."""
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def fabricate_family(out: Path, layout: str = "sd1-ldm", shrink: int = 32, dtype=torch.float16,
                      names=("base", "real", "anime"), prefix: str = "sd15-") -> list[Path]:
     """Write a base and fine-tunes of it; returns their paths. Skips files that exist."""

@@ -4,9 +4,9 @@ Run from the repository root with a Python that has mergekit 0.1.5 installed (se
 
     /tmp/mk/bin/python tests/data/mergekit_0.1.5/make.py
 
-Writes inputs.safetensors (keys "base/<tensor>", "a/<tensor>", "b/<tensor>", float16) and
-outputs.safetensors (keys "<case>/<tensor>", float32, what mergekit-yaml wrote for each case of
-CASES), and cases.json (each case's mergekit config). Same mergekit, torch and seeds, same bytes.
+The trio is fabricated (mergebuild.testing.fabricate.llama_trio, seed 17), so only digests are
+kept: outputs.json (per case, the sha256 of each float32 tensor mergekit-yaml wrote for each case
+of CASES) and cases.json (each case's mergekit config). Same mergekit, torch and seeds, same bytes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
-from mergebuild.testing.fabricate import llama_keys, make_base, make_finetune  # noqa: E402
+from mergebuild.testing.fabricate import llama_trio, tensor_sha256  # noqa: E402
 
 SHAPE = dict(layers=1, hidden=16, intermediate=24, vocab=32)
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16,
@@ -58,14 +58,11 @@ CASES = {
 
 
 def inputs() -> dict[str, dict[str, torch.Tensor]]:
-    base = make_base(llama_keys(**SHAPE), seed=17, dtype=torch.float16)
-    return {"base": base, "a": make_finetune(base, seed=18), "b": make_finetune(base, seed=19)}
+    return llama_trio(seed=17, **SHAPE)
 
 
 def main() -> None:
     models = inputs()
-    save_file({f"{m}/{k}": v.contiguous() for m, sd in models.items() for k, v in sd.items()},
-              str(HERE / "inputs.safetensors"), metadata={"made_by": "tests/data/mergekit_0.1.5/make.py"})
     mergekit_yaml = Path(sys.executable).parent / "mergekit-yaml"
     outputs, configs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,12 +81,11 @@ def main() -> None:
             for shard in sorted((tmp / f"out-{case}").glob("*.safetensors")):
                 merged.update(load_file(str(shard)))
             assert set(merged) == set(models["base"]), f"{case}: mergekit wrote {sorted(merged)}"
-            outputs.update({f"{case}/{k}": v.contiguous() for k, v in merged.items()})
+            outputs[case] = {k: tensor_sha256(v) for k, v in sorted(merged.items())}
     import mergekit  # noqa: F401 (for the version stamp)
     from importlib.metadata import version
 
-    save_file(outputs, str(HERE / "outputs.safetensors"),
-              metadata={"mergekit": version("mergekit"), "torch": torch.__version__})
+    (HERE / "outputs.json").write_text(json.dumps(outputs, indent=1, sort_keys=True))
     (HERE / "cases.json").write_text(json.dumps({"mergekit": version("mergekit"), "torch": torch.__version__,
                                                  "cases": configs}, indent=1) + "\n")
 
