@@ -40,7 +40,7 @@ def sh(*args, **kwargs) -> None:
 
 
 def env() -> None:
-    """The venv with torch and mergebuild[test,gguf] (editable); redone when pyproject.toml changes."""
+    """The venv with torch and mergebuild[test,gguf,remote,ray] (editable); redone when pyproject.toml changes."""
     want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH.encode()).hexdigest()
     stamp = VENV / ".installed"
     if stamp.exists() and stamp.read_text() == want and venv_python().exists():
@@ -49,7 +49,7 @@ def env() -> None:
         venv.create(VENV, with_pip=True)
     pip = [venv_python(), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     sh(*pip, TORCH)
-    sh(*pip, "-e", ".[test,gguf]")
+    sh(*pip, "-e", ".[test,gguf,remote,ray]")
     stamp.write_text(want)
 
 
