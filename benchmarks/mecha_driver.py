@@ -64,15 +64,24 @@ def recipe(method: str, inputs: list[str]):
         base, *tuned = models
         deltas = [sd_mecha.subtract(m, base) for m in tuned]
         return linear.add_difference(base, sd_mecha.ties_sum(*deltas, k=0.2), alpha=1.0)
+    if method == "dare":
+        # sd-mecha's only DARE: ties_sum_with_dropout drops each delta entry with `probability`
+        # (0.8: mergebuild's density 0.2), rescales by 1 / (1 - probability), then sums as its
+        # TIES does (k=1.0: no trim, though it still takes a kthvalue; a sign vote; model stock's
+        # t): more work per tensor than mergebuild's dare (drop, rescale, sum).
+        base, *tuned = models
+        deltas = [sd_mecha.subtract(m, base) for m in tuned]
+        dropped = sd_mecha.ties_sum_with_dropout(*deltas, probability=0.8, k=1.0, seed=1)
+        return linear.add_difference(base, dropped, alpha=1.0)
     raise SystemExit(f"mecha_driver: unknown method {method!r}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("method", choices=("weighted_sum", "ties"))
+    p.add_argument("method", choices=("weighted_sum", "ties", "dare"))
     p.add_argument("device", help="cpu, cuda, cuda:0, ...")
     p.add_argument("output", help="the .safetensors file to write")
-    p.add_argument("inputs", nargs="+", help="weighted_sum: A B; ties: BASE A B")
+    p.add_argument("inputs", nargs="+", help="weighted_sum: A B; ties, dare: BASE A B")
     p.add_argument("--threads", type=int, default=None, help="sd_mecha.merge threads (default: its own guess)")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")

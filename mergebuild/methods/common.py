@@ -54,3 +54,11 @@ def bernoulli_mask(shape, keep, generator, device):
 def as_1d(x):
     """x viewed as a 1-element vector when it is a 0-d scalar, else x itself."""
     return x.reshape(1) if x.dim() == 0 else x
+
+
+def zero_unless(x, mask):
+    """x (contiguous) with +0.0 wherever mask is False, in place: torch.where(mask, x, 0.0)'s bits,
+    by an integer AND (a bool-masked where or masked_fill costs ~10x more on a CPU)."""
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()]
+    x.view(ints).bitwise_and_(mask.to(ints).neg_())
+    return x

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from mergebuild.methods.common import model_weights
 from mergebuild.methods.registry import Method, Param
+from mergebuild.methods.selection import top_k_mask
 from mergebuild.torchlazy import torch
 
 SUM_EPS = 1e-6  # nuslerp takes t = 0.5 when |w_A + w_B| < this; sce: the floor of its weight sums
@@ -204,20 +205,6 @@ def karcher(*models, weights=(), max_iter: int = 10, tol: float = 1e-5):
 # --- sce ----------------------------------------------------------------------------------
 
 
-def _top_k_mask(values, k: int):
-    """True at the k largest values; among equal ones the lower flat index wins (a stable
-    descending sort), in linear time: the k-th value, then the first of its ties that fit."""
-    flat = values.reshape(-1)
-    n = flat.numel()
-    if k >= n:
-        return torch.ones_like(values, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, n - k + 1).values
-    keep = flat > threshold
-    room = k - int(keep.sum())
-    keep[(flat == threshold).nonzero().squeeze(1)[:room]] = True
-    return keep.reshape(values.shape)
-
-
 def sce_mask(task_vectors, select_topk: float, select_rules: str = "mergebuild"):
     """SCE's select step (mergekit 0.1.5 sce_mask): 1 at the int(nonzero * select_topk)
     elements of largest variance across the task vectors (population variance; nonzero = how
@@ -235,7 +222,7 @@ def sce_mask(task_vectors, select_topk: float, select_rules: str = "mergebuild")
     if k == 0:
         return torch.zeros_like(var)
     if select_rules == "mergebuild":
-        return _top_k_mask(var.abs(), k).to(var.dtype)
+        return top_k_mask(var.abs(), k).to(var.dtype)
     mask = torch.zeros_like(var)
     mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
     return mask

@@ -16,34 +16,20 @@ See ../../docs/methods.md for each member's defaults and where they differ from 
 
 from __future__ import annotations
 
-from mergebuild.methods.common import bernoulli_mask, generator_for, model_weights
+from mergebuild.methods.common import bernoulli_mask, generator_for, model_weights, zero_unless
 from mergebuild.methods.registry import Method, Param
+from mergebuild.methods.selection import chunk_size, kept, select, top_k_mask
 from mergebuild.torchlazy import torch
 
 SPARSIFIERS = ("none", "magnitude", "random", "breadcrumbs", "della")
 SIGNS = ("none", "mass", "count", "count_mergekit")
 RESCALES = ("density", "l1", "none")  # how DARE and DELLA rescale what they keep; true / false mean density / none
 TIES_RULES = ("mergebuild", "mergekit")
+CHUNK_DRAW = 1 << 20  # DARE's uniform draws at a time (on the CPU, where the stream is)
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor leaves the kept entries alone when an L1 norm is below this
 
 
 # --- sparsification: each returns the kept (and possibly rescaled) delta ------------------
-
-
-def _top_k_mask(magnitude, k: int):
-    """True at the k largest magnitudes; among equal ones the lower flat index wins, as in a
-    stable descending sort. Linear time: a k-th value, then the first of the ties that fit."""
-    flat = magnitude.reshape(-1)
-    n = flat.numel()
-    if k <= 0:
-        return torch.zeros_like(magnitude, dtype=torch.bool)
-    if k >= n:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, n - k + 1).values
-    keep = flat > threshold
-    room = k - int(keep.sum())  # >= 1: fewer than k values lie above the k-th largest
-    keep[(flat == threshold).nonzero().squeeze(1)[:room]] = True
-    return keep.reshape(magnitude.shape)
 
 
 def magnitude_sparsify(delta, density: float):
@@ -51,7 +37,7 @@ def magnitude_sparsify(delta, density: float):
     if density >= 1:
         return delta
     k = max(int(density * delta.numel()), 0)
-    return torch.where(_top_k_mask(delta.abs(), k), delta, 0.0)
+    return torch.where(top_k_mask(delta.abs(), k), delta, 0.0)
 
 
 def breadcrumbs_sparsify(delta, density: float, gamma: float):
@@ -63,7 +49,7 @@ def breadcrumbs_sparsify(delta, density: float, gamma: float):
     keep = max(int(density * n), 0)
     top = min(max(int(gamma * n), 0), n - keep)
     magnitude = delta.abs()
-    mask = _top_k_mask(magnitude, top + keep) & ~_top_k_mask(magnitude, top)
+    mask = top_k_mask(magnitude, top + keep) & ~top_k_mask(magnitude, top)
     return torch.where(mask, delta, torch.zeros_like(delta))
 
 
@@ -170,7 +156,7 @@ def elect_sign(weighted, sign: str):
         votes = torch.sign(weighted).sum(dim=0)
         if sign == "count":
             return torch.sign(votes).to(weighted.dtype)
-    return torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
+    return (votes >= 0).to(weighted.dtype).mul_(2).sub_(1)  # +1 or -1 (a bool where is slow on a CPU)
 
 
 def generalized_task_arithmetic(base, *models, sparsify: str = "none", sign: str = "none",
@@ -197,21 +183,68 @@ def generalized_task_arithmetic(base, *models, sparsify: str = "none", sign: str
         if key is None:
             raise ValueError(f"{sparsify} sparsification needs the tensor's key for its random stream")
         generator = generator_for(seed, key)
-    deltas = []
-    for model in models:
-        delta = model - base
-        if sparsify == "magnitude":
-            delta = magnitude_sparsify_mergekit(delta, density) if mergekit else magnitude_sparsify(delta, density)
-        elif sparsify == "random":
-            delta = dare_sparsify(delta, density, generator, rescale)
-        elif sparsify == "breadcrumbs":
-            delta = breadcrumbs_sparsify(delta, density, gamma)
-        elif sparsify == "della":
-            delta = della_sparsify(delta, density, epsilon, generator, rescale)
-        deltas.append(delta)
-    w = torch.tensor(ws, dtype=base.dtype, device=base.device).reshape((-1,) + (1,) * base.dim())
-    weighted = torch.stack(deltas).mul_(w)
-    del deltas  # the stack holds them now: a large tensor's working set is a few copies less
+    flat_base = base.reshape(-1)
+    flat_models = [m.reshape(-1) for m in models]
+    step = chunk_size(base.device)
+    options = dict(density=density, gamma=gamma, epsilon=epsilon, rescale=rescale, mergekit=mergekit, step=step)
+    # in input order: DARE's and DELLA's masks are drawn from one stream, model after model
+    trims = [_trim(sparsify, flat_base, m, generator, base.shape, **options) for m in flat_models]
+    w = torch.tensor(ws, dtype=base.dtype, device=base.device).reshape(-1, 1)
+    out = torch.empty_like(flat_base)
+    for i in range(0, flat_base.numel(), step):  # chunk by chunk: no whole-tensor copies
+        j = min(i + step, flat_base.numel())
+        deltas = [trim(m[i:j] - flat_base[i:j], i) for trim, m in zip(trims, flat_models)]
+        out[i:j] = _combine(torch.stack(deltas).mul_(w), w, ws, flat_base[i:j], sign, normalize, lam, mergekit)
+    return out.reshape(base.shape)
+
+
+def _trim(sparsify: str, base, model, generator, shape, *, density, gamma, epsilon, rescale, mergekit, step):
+    """A flat model's sparsifier as trim(delta_chunk, start) -> the kept (rescaled) chunk, the
+    same numbers as the whole-tensor *_sparsify functions above. Selections (top-k thresholds,
+    DARE's masks) are made here, over the whole tensor, before the first chunk is merged."""
+    n = base.numel()
+    if sparsify == "none" or density >= 1 and sparsify != "della":
+        return lambda delta, start: delta
+    magnitudes = lambda i, j: (model[i:j] - base[i:j]).abs_()  # noqa: E731 - |delta| of a chunk, recomputed
+    if sparsify == "magnitude" and not mergekit:
+        top = select(magnitudes, n, max(int(density * n), 0), step)
+        return lambda delta, start: zero_unless(delta, kept(top, delta.abs(), start))
+    if sparsify == "breadcrumbs":
+        keep = max(int(density * n), 0)
+        large = min(max(int(gamma * n), 0), n - keep)
+        band, dropped = select(magnitudes, n, large + keep, step), select(magnitudes, n, large, step)
+        return lambda delta, start: zero_unless(delta, kept(band, (m := delta.abs()), start)
+                                                & ~kept(dropped, m, start))
+    if sparsify == "random" and rescale != "l1" and density > 0:
+        mask = _drawn_mask(n, density, generator).to(base.device)
+        if rescale == "density":
+            return lambda delta, start: zero_unless(delta, mask[start : start + delta.numel()]).div_(density)
+        return lambda delta, start: zero_unless(delta, mask[start : start + delta.numel()])
+    # the rest trim whole tensors (in their shape: DELLA ranks by row), as the functions above do:
+    # mergekit's argsort, DELLA, L1 rescaling
+    delta = (model - base).reshape(shape)
+    if sparsify == "magnitude":
+        whole = magnitude_sparsify_mergekit(delta, density)
+    elif sparsify == "random":
+        whole = dare_sparsify(delta, density, generator, rescale)
+    else:
+        whole = della_sparsify(delta, density, epsilon, generator, rescale)
+    whole = whole.reshape(-1)
+    del delta
+    return lambda chunk, start: whole[start : start + chunk.numel()]
+
+
+def _drawn_mask(n: int, density: float, generator):
+    """bernoulli_mask(n, density) drawn a chunk at a time: the same stream, no float32 copy."""
+    mask = torch.empty(n, dtype=torch.bool)
+    for i in range(0, n, CHUNK_DRAW):
+        j = min(i + CHUNK_DRAW, n)
+        torch.lt(torch.rand(j - i, generator=generator, dtype=torch.float32), density, out=mask[i:j])
+    return mask
+
+
+def _combine(weighted, w, ws, base, sign: str, normalize: bool, lam: float, mergekit: bool):
+    """base + lam * the elected (and normalised) sum of the stacked weighted deltas of a chunk."""
     if sign == "none":
         mixed = weighted.sum(dim=0)
         total = sum(ws)
@@ -219,9 +252,10 @@ def generalized_task_arithmetic(base, *models, sparsify: str = "none", sign: str
     else:
         elected = elect_sign(weighted, sign)
         agree = (torch.sign(weighted) == elected) & (elected != 0)  # a zero delta is never kept
-        divisor = torch.where(agree, w, 0.0).sum(dim=0)
-        divisor = torch.where(divisor == 0, 1.0, divisor)
-        mixed = (weighted * agree).sum(dim=0) if mergekit else weighted.masked_fill_(~agree, 0.0).sum(dim=0)
+        weights = w.expand_as(weighted).clone(memory_format=torch.contiguous_format)  # a copy, always
+        divisor = zero_unless(weights, agree).sum(dim=0)
+        divisor.add_((divisor == 0).to(divisor.dtype))  # 0 -> 1.0; d + 0.0 is d
+        mixed = (weighted * agree).sum(dim=0) if mergekit else zero_unless(weighted, agree).sum(dim=0)
     if normalize:
         mixed.div_(divisor)
     return mixed.mul_(lam).add_(base)  # base + lam * mixed, in mixed's own memory
