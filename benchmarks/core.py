@@ -3,19 +3,25 @@
     python benchmarks/core.py               # full size (three ~2.1 GB fp16 checkpoints, several minutes)
     python benchmarks/core.py --shrink 16   # small, to check the script works
     python benchmarks/core.py --repeat 1    # one round only (default 3 rounds, medians reported)
+    python benchmarks/core.py --compare 42e8e8b   # each round runs that commit and the working tree, interleaved
 
 Steps (each one a subprocess, timed by wall clock; peak RSS from os.wait4's rusage of that child):
   (a) I/O floor: read both inputs fully, write one output of the same size, fsync
   (b) plain torch: safetensors load_file both, lerp in fp32 per tensor, cast to fp16, save_file (+ fsync)
   (c) mergebuild cold build (empty cache) of weighted_sum(A, B) -> fp16 output
   (d) mergebuild no-op rebuild of (c)
+  (g) (c) again with an empty cache, the fingerprint store kept: another project, the same machine
   (e) mergebuild 3-step chain, cold; then the last step's alpha changed and rebuilt
+  (f) the chain again after one block (IN07) of the last step's alpha changed
+"Cold" is an empty cache and an empty per-user fingerprint store (a fresh MERGEBUILD_HOME), so
+every source is hashed as on a machine that never saw it; (d), (e) rebuild and (f) keep both.
 
 The parent process stays small (stdlib only) on purpose: a child's ru_maxrss can inherit the
 parent's high-water mark across fork/exec. The page cache is warm: inputs are read once before the
 first step (caches cannot be dropped here); `sync` runs, untimed, before every step.
 The host's CPU speed varies a lot on shared VMs, so all steps run in R interleaved rounds and the
-table gives the median (targets are judged on it), min and max of each; peak RSS is the max.
+table gives the median, min and max of each; targets are judged on the best (min) of each step,
+the floor's included, since a neighbour's load only ever adds time; peak RSS is the max.
 Figures go to benchmarks/results/core-<date>.json. Misses are reported, never fatal.
 """
 
@@ -34,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -171,7 +178,7 @@ dtype = "float16"
 """)
 
 
-def mergefile_chain(path: Path, a: Path, b: Path, c: Path, out: Path, final_alpha: float) -> None:
+def mergefile_chain(path: Path, a: Path, b: Path, c: Path, out: Path, final_alpha) -> None:
     path.write_text(f"""[models.A]
 path = "{a}"
 [models.B]
@@ -249,7 +256,8 @@ def mb(n: float) -> str:
 
 
 ROWS = [("(a) I/O floor", "a"), ("(b) plain torch", "b"), ("(c) mergebuild cold", "c"),
-        ("(d) no-op rebuild", "d"), ("(e) chain cold", "e_cold"), ("(e) chain alpha rebuild", "e_rebuild")]
+        ("(d) no-op rebuild", "d"), ("(e) chain cold", "e_cold"), ("(e) chain alpha rebuild", "e_rebuild"),
+        ("(f) chain one-block tweak", "f_block"), ("(g) known files, no cache", "g_known")]
 LABELS = {
     "a": "I/O floor: read A+B, write one output, fsync",
     "b": "plain torch: load_file x2, lerp fp32, fp16, save_file, fsync",
@@ -257,6 +265,8 @@ LABELS = {
     "d": "mergebuild no-op rebuild of (c)",
     "e_cold": "mergebuild 3-step chain, cold",
     "e_rebuild": "chain rebuilt after the last step's alpha changed",
+    "f_block": "chain rebuilt after one block (IN07) of the last step's alpha changed",
+    "g_known": "(c) with an empty cache, the fingerprint store kept (files hashed before on this machine)",
 }
 
 
@@ -265,6 +275,8 @@ def one_round(n: int, work: Path, a: Path, b: Path, c: Path, keep: bool, check: 
     """Every step once; {key: measurement}, and the (b) vs (c) check when asked for."""
     got: dict[str, dict] = {}
     cmp = None
+    home = Path(tempfile.mkdtemp(prefix="mb-home-", dir=work))  # cold: an empty fingerprint store
+    env = {**(env or os.environ), "MERGEBUILD_HOME": str(home)}
 
     def record(key: str, r: dict) -> None:
         got[key] = {k: r[k] for k in ("seconds", "peak_rss_bytes", "user_s", "sys_s", "minor_faults")}
@@ -290,18 +302,73 @@ def one_round(n: int, work: Path, a: Path, b: Path, c: Path, keep: bool, check: 
     fresh(out_b)
     # (d) no-op rebuild
     record("d", run(mergebuild(mf_one, cache_c), "d", env))
+    fresh(cache_c), fresh(out_c)
+    record("g_known", run(mergebuild(mf_one, cache_c), "g_known", env))
     if not keep:
         fresh(cache_c), fresh(out_c)
     # (e) chain: cold, then the last alpha changed
     mf_chain, out_e, cache_e = work / "chain.toml", work / "out" / "chain.safetensors", work / "cache-chain"
-    fresh(cache_e), fresh(out_e)
+    fresh(cache_e), fresh(out_e), fresh(home).mkdir()
     mergefile_chain(mf_chain, a, b, c, out_e, 0.25)
     record("e_cold", run(mergebuild(mf_chain, cache_e), "e_cold", env))
     mergefile_chain(mf_chain, a, b, c, out_e, 0.3)
     record("e_rebuild", run(mergebuild(mf_chain, cache_e), "e_rebuild", env))
+    mergefile_chain(mf_chain, a, b, c, out_e, "{ default = 0.3, IN07 = 0.35 }")
+    record("f_block", run(mergebuild(mf_chain, cache_e), "f_block", env))
     if not keep:
         fresh(cache_e), fresh(out_e)
+    fresh(home)
     return got, cmp
+
+
+def code_under_test(rev: str | None, data: Path) -> tuple[dict, dict | None, Path]:
+    """What one run measures: the working tree, or `rev` extracted and put first on PYTHONPATH."""
+    if rev:
+        package_root = pinned_code(rev, data)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(package_root), os.environ.get("PYTHONPATH")]))}
+        code = {"source": f"git archive {rev}", "commit": git("rev-parse", rev), "path": str(package_root)}
+    else:
+        package_root, env = ROOT, None
+        code = {"source": "working tree", "commit": git("rev-parse", "HEAD"),
+                "mergebuild_dirty": bool(git("status", "--porcelain", "mergebuild"))}
+    code["digest_before"] = code_digest(package_root / "mergebuild")
+    code["imported_from"] = subprocess.run([PY, "-c", "import mergebuild; print(mergebuild.__file__)"], env=env,
+                                           cwd=HERE, capture_output=True, text=True).stdout.strip()
+    print(f"mergebuild imported from {code['imported_from']}", flush=True)
+    return code, env, package_root
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    steps = {}
+    for _, key in ROWS:
+        secs = [m["seconds"] for m in runs[key]]
+        steps[key] = {"label": LABELS[key], "median_s": statistics.median(secs), "min_s": min(secs),
+                      "max_s": max(secs), "peak_rss_bytes": max(m["peak_rss_bytes"] for m in runs[key]),
+                      "runs": runs[key]}
+    return steps
+
+
+def judge(steps: dict, floor: float) -> list[tuple[str, str, bool]]:
+    """The speed issue's targets, on the best run of each step (the floor's best too)."""
+    best = {k: v["min_s"] for k, v in steps.items()}
+    c_rss = steps["c"]["peak_rss_bytes"]
+    return [
+        ("(c) <= 1.5x (a) (stretch 1.3x)", f"{best['c'] / floor:.2f}x", best["c"] <= 1.5 * floor),
+        ("(c) faster than (b)", f"{best['c'] / best['b']:.2f}x of (b)", best["c"] < best["b"]),
+        ("(d) < 0.3 s", f"{best['d']:.2f} s", best["d"] < 0.3),
+        ("(f) one-block tweak <= 0.5x (e) cold", f"{best['f_block'] / best['e_cold']:.2f}x",
+         best["f_block"] <= 0.5 * best["e_cold"]),
+        ("(c) peak RSS <= 1 GB", mb(c_rss), c_rss <= 1e9),
+    ]
+
+
+def step_table(steps: dict, floor: float) -> list[str]:
+    lines = [f"{'step':<26} {'median s':>9} {'min s':>8} {'max s':>8} {'min/(a)':>8} {'peak RSS':>10}"]
+    for label, key in ROWS:
+        s = steps[key]
+        lines.append(f"{label:<26} {s['median_s']:>9.2f} {s['min_s']:>8.2f} {s['max_s']:>8.2f} "
+                     f"{s['min_s'] / floor:>8.2f} {mb(s['peak_rss_bytes']):>10}")
+    return lines
 
 
 def main() -> None:
@@ -316,6 +383,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the last round's outputs and caches")
     p.add_argument("--rev", help="benchmark mergebuild as committed at this git revision (default: the "
                    "working tree); extracted with git archive, put first on PYTHONPATH")
+    p.add_argument("--compare", metavar="REV", help="also run REV in every round, interleaved with the code "
+                   "measured (before/after on the same machine, the same minutes)")
     args = p.parse_args()
 
     data = args.data.resolve()
@@ -335,76 +404,55 @@ def main() -> None:
     warm(names)
 
     # 2. rounds ----------------------------------------------------------------------------------
-    if args.rev:
-        package_root = pinned_code(args.rev, data)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(package_root), os.environ.get("PYTHONPATH")]))}
-        code = {"source": f"git archive {args.rev}", "commit": git("rev-parse", args.rev), "path": str(package_root)}
-    else:
-        package_root, env = ROOT, None
-        code = {"source": "working tree", "commit": git("rev-parse", "HEAD"),
-                "mergebuild_dirty": bool(git("status", "--porcelain", "mergebuild"))}
-    code["digest_before"] = code_digest(package_root / "mergebuild")
-    code["imported_from"] = subprocess.run([PY, "-c", "import mergebuild; print(mergebuild.__file__)"], env=env,
-                                           cwd=HERE, capture_output=True, text=True).stdout.strip()
-    print(f"mergebuild imported from {code['imported_from']}", flush=True)
-    runs: dict[str, list[dict]] = {key: [] for _, key in ROWS}
+    codes = [code_under_test(args.rev, data)]
+    if args.compare:
+        codes.insert(0, code_under_test(args.compare, data))
+    runs = [{key: [] for _, key in ROWS} for _ in codes]
     cmp = None
     for n in range(1, args.repeat + 1):
         keep = args.keep and n == args.repeat
-        got, check = one_round(n, work, a, b, c, keep, check=n == 1, env=env)
-        cmp = check or cmp
-        for key, m in got.items():
-            runs[key].append(m)
+        order = list(range(len(codes))) if n % 2 else list(reversed(range(len(codes))))  # alternate who goes first
+        for i in order:
+            if len(codes) > 1:
+                print(f"round {n}: {codes[i][0]['source']}", flush=True)
+            got, check = one_round(n, work, a, b, c, keep, check=n == 1, env=codes[i][1])
+            cmp = check or cmp
+            for key, m in got.items():
+                runs[i][key].append(m)
     if not args.keep:
         fresh(work)
-    code["digest_after"] = code_digest(package_root / "mergebuild")
-
-    steps = {}
-    for _, key in ROWS:
-        secs = [m["seconds"] for m in runs[key]]
-        steps[key] = {"label": LABELS[key], "median_s": statistics.median(secs), "min_s": min(secs),
-                      "max_s": max(secs), "peak_rss_bytes": max(m["peak_rss_bytes"] for m in runs[key]),
-                      "runs": runs[key]}
+    for code, _, package_root in codes:
+        code["digest_after"] = code_digest(package_root / "mergebuild")
 
     # 3. table and targets -----------------------------------------------------------------------
-    floor = steps["a"]["median_s"]
+    measured = [summarize(r) for r in runs]
+    floor = min(m["a"]["min_s"] for m in measured)  # the floor's best run, over every round
     lines = [
         f"mergebuild core benchmark, shrink {args.shrink}: inputs 3 x {mb(size)} fp16, "
-        f"{os.cpu_count()} CPUs, median of {args.repeat} interleaved rounds",
-        f"code: {code['source']} at {code['commit'][:10]}"
-        f"{' + uncommitted changes in mergebuild/' if code.get('mergebuild_dirty') else ''}, digest {code['digest_before']}"
-        + ("" if code["digest_before"] == code["digest_after"] else
-           f"  WARNING: mergebuild/ changed during the run (now {code['digest_after']})"),
+        f"{os.cpu_count()} CPUs, {args.repeat} interleaved rounds; ratios are best run / best floor ({floor:.2f} s)",
         "NOTE: page cache WARM (inputs read before the first step; caches cannot be dropped here); "
-        "sync before each step, untimed",
-        "",
-        f"{'step':<26} {'median s':>9} {'min s':>8} {'max s':>8} {'x (a)':>7} {'peak RSS':>10}",
+        "sync before each step, untimed; cold = empty cache and empty fingerprint store (MERGEBUILD_HOME)",
     ]
-    for label, key in ROWS:
-        s = steps[key]
-        lines.append(f"{label:<26} {s['median_s']:>9.2f} {s['min_s']:>8.2f} {s['max_s']:>8.2f} "
-                     f"{s['median_s'] / floor:>7.2f} {mb(s['peak_rss_bytes']):>10}")
-    lines.append("")
-    c_s, b_s, d_s = steps["c"]["median_s"], steps["b"]["median_s"], steps["d"]["median_s"]
-    e_ratio = steps["e_rebuild"]["median_s"] / steps["e_cold"]["median_s"]
-    c_rss = steps["c"]["peak_rss_bytes"]
-    targets = [
-        ("(c) <= 2x (a)", f"{c_s / floor:.2f}x", c_s <= 2 * floor),
-        ("(c) faster than (b)", f"{c_s / b_s:.2f}x of (b)", c_s < b_s),
-        ("(d) < 1 s", f"{d_s:.2f} s", d_s < 1.0),
-        ("(e) rebuild <= 0.4x cold chain", f"{e_ratio:.2f}x", e_ratio <= 0.4),
-        ("(c) peak RSS <= 1.5 GB", mb(c_rss), c_rss <= 1.5e9),
-    ]
-    for name, value, ok in targets:
-        lines.append(f"{'PASS' if ok else 'MISS'}  {name:<32} {value}")
+    targets = []
+    for (code, _, _), steps in zip(codes, measured):
+        lines += ["", f"code: {code['source']} at {code['commit'][:10]}"
+                  f"{' + uncommitted changes in mergebuild/' if code.get('mergebuild_dirty') else ''}, digest "
+                  f"{code['digest_before']}" + ("" if code["digest_before"] == code["digest_after"] else
+                                                f"  WARNING: mergebuild/ changed during the run (now {code['digest_after']})")]
+        lines += step_table(steps, floor)
+        targets = judge(steps, floor)
+        lines += [f"{'PASS' if ok else 'MISS'}  {name:<38} {value}" for name, value, ok in targets]
     lines.append("")
     if cmp is not None:
         lines.append(f"check: (b) and (c) outputs: {cmp['differ']} of {cmp['tensors']} tensors differ")
     print("\n" + "\n".join(lines))
 
+    code = codes[-1][0]
     args.results.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now()
-    stem = f"core-{now:%Y-%m-%d}-{code['commit'][:7]}{'' if args.shrink == 1 else f'-x{args.shrink}'}"
+    stem = f"core-{now:%Y-%m-%d}-{code['commit'][:7]}{'-dirty' if code.get('mergebuild_dirty') else ''}"
+    stem += '' if args.shrink == 1 else f'-x{args.shrink}'
+    stem += f"-vs-{codes[0][0]['commit'][:7]}" if args.compare else ""
     path = args.results / f"{stem}.json"  # one file per day and commit: earlier results stay
     doc = {
         "date": now.isoformat(timespec="seconds"),
@@ -414,12 +462,16 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "code": code,
         "page_cache": "warm",
-        "steps": steps,
-        "ratios_to_io_floor": {k: v["median_s"] / floor for k, v in steps.items()},
+        "floor_best_s": floor,
+        "steps": measured[-1],
+        "ratios_to_io_floor": {k: v["min_s"] / floor for k, v in measured[-1].items()},
         "targets": {name: {"value": value, "pass": ok} for name, value, ok in targets},
         "check_b_vs_c": cmp,
         "table": lines,
     }
+    if args.compare:
+        doc["compared"] = {"code": codes[0][0], "steps": measured[0],
+                           "ratios_to_io_floor": {k: v["min_s"] / floor for k, v in measured[0].items()}}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nwrote {path}")
 

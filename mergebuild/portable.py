@@ -266,6 +266,27 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def file_identity(path) -> tuple[int, int, int, int, int]:
+    """A file's identity across paths: (device, file id, size, mtime_ns, change time). What the
+    per-user fingerprint store keys on (store/fingerprints.py): the same file named by any
+    project, any cache; a rewrite in place changes the change time."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, _change_time_ns(path, st))
+
+
+def user_cache_dir(app: str) -> Path:
+    """The user's cache folder for `app`: %LOCALAPPDATA% on Windows, ~/Library/Caches on macOS,
+    $XDG_CACHE_HOME (when absolute, as the XDG spec asks) or ~/.cache elsewhere."""
+    if WINDOWS:
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = str(Path.home() / "Library" / "Caches")
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        base = xdg if os.path.isabs(xdg) else str(Path.home() / ".cache")
+    return Path(base) / app
+
+
 def same_device(a: Path, b: Path) -> bool:
     """Whether a rename from a to b can work (same file system)."""
     try:
@@ -327,3 +348,18 @@ def stop_signals() -> dict[int, str]:
 
     names = {"SIGINT": "interrupted", "SIGTERM": "terminated", "SIGHUP": "hung up", "SIGBREAK": "interrupted"}
     return {getattr(signal, n): why for n, why in names.items() if hasattr(signal, n)}
+
+
+# --- memory -----------------------------------------------------------------------------------
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere). After
+    a phase that freed many mid-sized tensors (a statistic's read window), glibc keeps their
+    pages (its mmap threshold grows to 32 MB), so the next phase's peak would stack on top."""
+    import ctypes
+
+    try:
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only (not macOS, musl, Windows)
+    except (OSError, TypeError):  # Windows: no process-wide symbol table
+        return
+    if trim is not None:
+        trim(0)

@@ -29,8 +29,9 @@ from mergebuild.layouts.blocks import Architecture, architectures, detect
 from mergebuild.layouts.lora_names import ModuleName, lora_spec, module_names
 from mergebuild.methods import lora_formats as lf
 from mergebuild.methods.lora import Module, read_lora
-from mergebuild.record.lineage import made_by_from_metadata
-from mergebuild.record.hashes import autov2, legacy_hash
+from mergebuild.record.lineage_read import made_by_from_metadata
+from mergebuild.portable import file_identity
+from mergebuild.record.hashes import autov2, known_hashes, legacy_hash, remember_hashes
 from mergebuild.tensors.header import read_header
 
 CHUNK = 16 << 20
@@ -92,8 +93,14 @@ def file_hashes(path, data_offset: int | None = None) -> dict[str, str]:
     """The hashes model sites and UIs show, in one pass over the file (plain lowercase hex):
     autov1 (A1111's legacy 8-hex hash), autov2 (CivitAI / A1111: first 10 hex of the sha256),
     sha256 (the whole file), tensor_data_sha256 (the sha256 of the bytes after the header:
-    kohya's addnet hash, ModelSpec's hash_sha256 without its "0x")."""
+    kohya's addnet hash, ModelSpec's hash_sha256 without its "0x"). Remembered per file and
+    machine (the per-user fingerprint store): asking again, or a build that reads the file,
+    does not hash it again."""
     path = Path(path)
+    before = file_identity(path)
+    sha, data_sha = known_hashes(path)
+    if sha is not None and data_sha is not None:
+        return {"autov1": legacy_hash(path), "autov2": autov2(sha), "sha256": sha, "tensor_data_sha256": data_sha}
     if data_offset is None:
         data_offset = read_header(path).data_offset
     whole, data = hashlib.sha256(), hashlib.sha256()
@@ -111,6 +118,7 @@ def file_hashes(path, data_offset: int | None = None) -> dict[str, str]:
                 data.update(chunk[max(0, data_offset - position):])
             position += n
     sha = whole.hexdigest()
+    remember_hashes(path, before, sha, data.hexdigest())
     return {"autov1": legacy_hash(path), "autov2": autov2(sha), "sha256": sha, "tensor_data_sha256": data.hexdigest()}
 
 

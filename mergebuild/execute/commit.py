@@ -1,12 +1,18 @@
 """Committing outputs: the hashes their metadata needs, the metadata, and what the index learns.
 
 Source files' sha256 (lineage, A1111's hashes) and LoRA files' addnet hashes are computed in
-the background while the build runs; an output's commit waits only for the hashes of its own
-sources. So are the sha256 of the output files upstream of an output (a merge with a file of its
-own that feeds another): written earlier in the build, or current, their hash recorded in the
-index (else hashed once). Those hashes reach the metadata only, never a tensor's cache key. The
-header's space is reserved from a draft whose placeholders are exactly as long as those hashes,
-so its size is known before any compute.
+the background while the build runs, unless the per-user fingerprint store knows them (any
+project or cache on this machine hashed the file); an output's commit waits only for the hashes
+of its own sources. So are the sha256 of the output files upstream of an output (a merge with a
+file of its own that feeds another): written earlier in the build (hashed from its commit on,
+while the next merge computes), or current, their hash recorded in the index or the store (else
+hashed once). Those hashes reach the metadata only, never a tensor's cache key. The header's
+space is reserved from a draft whose placeholders are exactly as long as those hashes, so its
+size is known before any compute.
+
+An output nothing in the build reads is not hashed after its commit: its sha256 / AutoV2 is
+computed where something asks for it (`inspect`, `lineage`, `import`, a later build that reads
+it) and then remembered; mergefile.lock carries it when it is known (docs/caching.md).
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from mergebuild.portable import file_stamp
 from mergebuild.record.lineage import SourceHashes, build_metadata, has_file, today
 from mergebuild.planning.planner import MergePlan, Plan
 from mergebuild.store.cache import Cache
-from mergebuild.record.hashes import file_sha256, legacy_hash, tensor_data_sha256
+from mergebuild.planning.sources import remember_sha256, remember_written
+from mergebuild.store.fingerprints import user_store
+from mergebuild.record.hashes import file_sha256, known_hashes, legacy_hash, remembered_data_sha256, remembered_sha256
 from mergebuild.tensors.folder import output_marker
 
 
@@ -49,6 +57,7 @@ class Committer:
         self.output_sha256: dict[str, Future] = {}
         self._output_stamps: dict[str, tuple] = {}  # of the files written, as committed
         self._upstream: dict[str, Future] = {}  # current output files upstream of one written
+        self._read_downstream: set[str] = set()  # merges whose output file a written output's lineage names
         if any(m.needed and m.spec.output is not None and not m.current for m in plan.merges.values()):
             self._start_source_hashes()
             self._start_upstream_hashes()
@@ -58,7 +67,7 @@ class Committer:
             if source.sha256 is None:
                 self._sha256[name] = self.hashers.submit(file_sha256, source.hash_file)
         for name in self.loras:
-            self._addnet[name] = self.hashers.submit(tensor_data_sha256, self.plan.sources[name].path)
+            self._addnet[name] = self.hashers.submit(remembered_data_sha256, self.plan.sources[name].path)
 
     def _upstream_files(self, name: str) -> list[str]:
         return [n for n in self.plan.recipe.closure(name) if n != name and n in self.plan.merges
@@ -71,7 +80,8 @@ class Committer:
         for name in sorted({n for m in written for n in self._upstream_files(m.spec.name)}):
             merge = self.plan.merges[name]
             if not merge.current:
-                continue  # written by this build, before its readers
+                self._read_downstream.add(name)  # written by this build, before its readers: hashed at its commit
+                continue
             path = merge.spec.output
             try:
                 stamp = file_stamp(path)
@@ -81,12 +91,12 @@ class Committer:
             if known is not None:
                 self._upstream[name] = _done(known)
             else:
-                self._upstream[name] = self.hashers.submit(file_sha256, path)
+                self._upstream[name] = self.hashers.submit(remembered_sha256, path)
                 self._output_stamps[name] = stamp
 
     def _output_hash(self, name: str) -> str:
         future = self.output_sha256.get(name) or self._upstream.get(name)
-        sha = future.result() if future is not None else file_sha256(self.plan.merges[name].spec.output)
+        sha = future.result() if future is not None else remembered_sha256(self.plan.merges[name].spec.output)
         self._save_output_hash(name, sha)
         return sha
 
@@ -125,7 +135,26 @@ class Committer:
         merge.current = True
         if has_file(self.plan, name):
             self._output_stamps[name] = file_stamp(merge.spec.output)
-        self.output_sha256[name] = self.hashers.submit(file_sha256, output_marker(merge.spec.output))
+            remember_written(merge.spec.output, [(t.name, t.dtype, t.shape) for t in merge.tasks.values()],
+                             sink.digests, metadata)
+        if name in self._read_downstream:  # a later merge's lineage names it: hash it while that one computes
+            self.output_sha256[name] = self.hashers.submit(remembered_sha256, output_marker(merge.spec.output))
+
+    def output_hashes(self) -> dict[str, str]:
+        """The sha256 of the outputs this build wrote, where known: hashed for a downstream
+        lineage, or remembered (the file is never read for this alone)."""
+        out = {name: future.result() for name, future in self.output_sha256.items()}
+        for name, merge in self.plan.merges.items():
+            if name in out or merge.spec.output is None or not merge.current:
+                continue
+            marker = output_marker(merge.spec.output)
+            try:
+                known = self.cache.index.output_sha256(str(marker), file_stamp(marker)) or known_hashes(marker)[0]
+            except OSError:
+                known = None
+            if known is not None:
+                out[name] = known
+        return out
 
     def _keep_replaced(self, owner: str, new: set[str]) -> None:
         """The tensors the new output replaces, moved from the old output into blobs before it
@@ -172,9 +201,10 @@ class Committer:
     def save_source_hashes(self) -> None:
         """What the build learnt: the sources' sha256, and the sha256 of the output files."""
         for name, future in self._sha256.items():
-            source = self.plan.sources[name]
-            source.sha256 = future.result()
-            self.cache.index.save_sha256(str(source.hash_file), source.stamp, source.sha256)
+            remember_sha256(self.plan.sources[name], self.cache, future.result())
+        problem = user_store().take_warning()  # the store failed only now: said once
+        if problem:
+            self.warnings.append(problem)
         for name, future in list(self.output_sha256.items()) + list(self._upstream.items()):
             if name in self._output_stamps:
                 self._save_output_hash(name, future.result())

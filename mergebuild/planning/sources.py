@@ -23,6 +23,7 @@ from mergebuild.portable import file_stamp, is_regular_file
 from mergebuild.mergefile.model import ModelSpec
 from mergebuild.methods import peft
 from mergebuild.store.cache import Cache
+from mergebuild.store.fingerprints import identity, user_store
 from mergebuild.store.hashing import digest_safetensors, tensor_digest, text_digest
 from mergebuild.tensors import gguf, scaled_fp8
 from mergebuild.tensors.header import read_header
@@ -83,6 +84,35 @@ class Source:
 
 
 def load_source(spec: ModelSpec, cache: Cache, table: str) -> Source:
+    source = _load_source(spec, cache, table)
+    if source.sha256 is None:  # hashed by another project or cache on this machine?
+        known = user_store().lookup(identity(source.hash_file, source.stamp))
+        source.sha256 = known.sha256 if known is not None else None
+    return source  # a store that cannot be used is one warning of the build's (project.check_headers)
+
+
+def remember_sha256(source: Source, cache: Cache, sha256: str) -> None:
+    """A source's sha256, just computed: kept in the cache's index and the per-user store."""
+    source.sha256 = sha256
+    cache.index.save_sha256(str(source.hash_file), source.stamp, sha256)
+    user_store().save_sha256(identity(source.hash_file, source.stamp), sha256)
+
+
+def remember_written(path: Path, tensors: list[tuple[str, str, tuple]], digests: dict[str, str],
+                     metadata: dict[str, str]) -> None:
+    """An output file just committed: its fingerprint from the digests the build computed as it
+    wrote them, so a Mergefile that reads it as a source (the next generation) does not hash it."""
+    if any(name not in digests for name, _, _ in tensors):
+        return
+    try:
+        st = file_stamp(path)
+    except OSError:
+        return
+    table = {name: (dtype, list(shape), digests[name]) for name, dtype, shape in tensors}
+    user_store().save_tensors(identity(path, st), table, _content(table, metadata))
+
+
+def _load_source(spec: ModelSpec, cache: Cache, table: str) -> Source:
     if spec.path.is_dir():
         return _folder_source(spec, cache, table)
     st = _stat(spec.path, table)
@@ -112,7 +142,7 @@ def _stat(path: Path, table: str) -> tuple:
 
 def _safetensors(path: Path, st: tuple, cache: Cache) -> tuple[dict[str, TensorRef], dict, str | None, str]:
     header = read_header(path)
-    known = cache.index.fingerprint(str(path), st)
+    known = cache.index.fingerprint(str(path), st) or _shared_fingerprint(path, st, header, cache)
     if known is None:
         digests = digest_safetensors(path, header.tensors)
         if _stat(path, "models") != st:  # rewritten while it was being hashed
@@ -121,11 +151,24 @@ def _safetensors(path: Path, st: tuple, cache: Cache) -> tuple[dict[str, TensorR
         table = {n: (e.dtype, list(e.shape), digests[n]) for n, e in header.tensors.items()}
         content = _content(table, header.metadata)
         cache.index.save_fingerprint(str(path), st, table, content, None)
+        user_store().save_tensors(identity(path, st), table, content)
         sha256 = None
     else:
         table, content, sha256 = known
     tensors = {n: TensorRef(e.dtype, e.shape, table[n][2], path, e.begin) for n, e in header.tensors.items()}
     return tensors, header.metadata, sha256, content
+
+
+def _shared_fingerprint(path: Path, st: tuple, header, cache: Cache) -> tuple[dict, str, str | None] | None:
+    """What the per-user store knows of this file in this state (another project or cache hashed
+    it), copied into this cache's index; None when it knows nothing that fits the header."""
+    known = user_store().lookup(identity(path, st))
+    if known is None or known.tensors is None or known.tensors.keys() != header.tensors.keys():
+        return None
+    if any(known.tensors[n][:2] != [e.dtype, list(e.shape)] for n, e in header.tensors.items()):
+        return None
+    cache.index.save_fingerprint(str(path), st, known.tensors, known.content, known.sha256)
+    return known.tensors, known.content, known.sha256
 
 
 def _content(table: dict, metadata: dict) -> str:

@@ -4,8 +4,9 @@ committed beside the Mergefile (like dvc.lock).
 Per merge: its recipe node (method, version, parameters as written, selections, the settings
 that reach it), its identity, input files (path relative to the Mergefile, size, sha256), the
 number of tensors and a digest of their contents; for targets also the output (path, size,
-sha256, AutoV2, identity). JSON with sorted keys, so diffs stay small. `status` does not need
-it: it asks the outputs themselves (record/state.py).
+sha256, AutoV2, identity; the sha256 and AutoV2 when the build knew them: a build does not read
+an output again only to hash it, docs/caching.md). JSON with sorted keys, so diffs stay small.
+`status` does not need it: it asks the outputs themselves (record/state.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from mergebuild import __version__
 from mergebuild.planning.outputs import lock_path
 from mergebuild.portable import replace
 from mergebuild.planning.planner import Plan
-from mergebuild.record.hashes import autov2
+from mergebuild.record.hashes import autov2, known_hashes
 from mergebuild.store.hashing import text_digest
 from mergebuild.tensors.folder import output_marker
 
@@ -46,8 +47,11 @@ def write_lock(plan: Plan, results: dict, output_hashes: dict[str, str]) -> Path
             continue
         previous = doc["merges"].get(name, {}).get("output")
         doc["merges"][name] = entry = _entry(plan, name, output_hashes.get(name))
-        if "output" not in entry and previous and previous.get("identity") == plan.merges[name].identity:
-            entry["output"] = previous
+        same = previous and previous.get("identity") == plan.merges[name].identity
+        if same and ("output" not in entry or ("sha256" not in entry["output"] and "sha256" in previous)):
+            entry["output"] = previous  # the same output (its identity fixes its bytes): what was known of it
+    for name, entry in doc["merges"].items():
+        _add_known_hash(plan, name, entry)
     text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
     try:
         if path.exists() and path.read_text() == text:
@@ -76,11 +80,26 @@ def _entry(plan: Plan, name: str, output_sha256: str | None) -> dict:
     merge = plan.merges[name]
     entry["tensors"] = len(merge.tasks)
     entry["content"] = content_digest(plan, name)
-    if merge.spec.output is not None and output_sha256 is not None:
-        entry["output"] = {"path": _relative(merge.spec.output, base), "sha256": output_sha256,
-                           "autov2": autov2(output_sha256), "size": output_marker(merge.spec.output).stat().st_size,
+    marker = output_marker(merge.spec.output) if merge.spec.output is not None else None
+    if marker is not None and marker.exists():
+        entry["output"] = {"path": _relative(merge.spec.output, base), "size": marker.stat().st_size,
                            "identity": merge.identity}
+        if output_sha256 is not None:
+            entry["output"].update(sha256=output_sha256, autov2=autov2(output_sha256))
     return entry
+
+
+def _add_known_hash(plan: Plan, name: str, entry: dict) -> None:
+    """An output's sha256 and AutoV2, once something computed them (`inspect`, `lineage`, a
+    later build that read the file): the per-user store knows them for the file as it is."""
+    output, merge = entry.get("output"), plan.merges.get(name)
+    if not output or "sha256" in output or merge is None or merge.spec.output is None:
+        return
+    if not merge.current or output.get("identity") != merge.identity:
+        return
+    sha = known_hashes(output_marker(merge.spec.output))[0]
+    if sha is not None:
+        output.update(sha256=sha, autov2=autov2(sha))
 
 
 def content_digest(plan: Plan, name: str) -> str | None:

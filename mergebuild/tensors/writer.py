@@ -70,7 +70,8 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.slots, self.data_size = layout(tensors)
         # the sha256 of the data follows the writes: each completed prefix of tensors is hashed
-        # (from the page cache) while later tensors are still being computed
+        # while later tensors are still being computed, from the bytes just written when the
+        # tensor is the next one in order (the usual case), else read back from the page cache
         self._order = list(self.slots)
         self._index = {name: i for i, name in enumerate(self._order)}
         self._done = bytearray(len(self._order))
@@ -108,16 +109,26 @@ class SafetensorsWriter:
             raise ValueError(f"{name}: {at + len(view)} bytes do not fit {slot.nbytes}")
         self.file.write_at(view, self.data_start + slot.offset + at)
         if at == 0 and len(view) == slot.nbytes:
-            self.mark_done(name)
+            self.mark_done(name, view)
 
     def copy_into(self, name: str, source: RandomAccess, offset: int) -> None:
         """Tensor `name` copied from another file, kernel-side where the OS can."""
         copy_range(source, offset, self.file, self.position(name), self.slots[name].nbytes)
         self.mark_done(name)
 
-    def mark_done(self, name: str) -> None:
-        """Tensor `name` is fully written: hash what is now contiguous."""
-        self._done[self._index[name]] = 1
+    def mark_done(self, name: str, written=None) -> None:
+        """Tensor `name` is fully written (its bytes `written`, when in hand): hash what is now
+        contiguous."""
+        i = self._index[name]
+        if written is None:
+            self._done[i] = 1
+            self._advance_hash(wait=False)
+            return
+        with self._hash_lock:  # sha256 is one stream: waiting here costs no throughput
+            self._done[i] = 1
+            if i == self._hashed:
+                self._hasher.update(written)  # the bytes just written: no read back
+                self._hashed += 1
         self._advance_hash(wait=False)
 
     def done_names(self) -> list[str]:

@@ -22,11 +22,19 @@ def test_lock_records_params_inputs_and_outputs(project):
     real_sha = hashlib.sha256((project / "models/real.safetensors").read_bytes()).hexdigest()
     assert final["input_files"]["real"] == {"path": "models/real.safetensors", "sha256": real_sha,
                                             "size": (project / "models/real.safetensors").stat().st_size}
-    out_sha = hashlib.sha256((project / "out/final.safetensors").read_bytes()).hexdigest()
-    assert final["output"]["sha256"] == out_sha and final["output"]["autov2"] == out_sha[:10]
+    out = project / "out/final.safetensors"
+    out_sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    # the build does not read its output again only to hash it: the lock names it by identity and size
+    assert final["output"] == {"path": "out/final.safetensors", "size": out.stat().st_size,
+                               "identity": final["identity"]}
     stamp = (project / "mergefile.lock").stat().st_mtime_ns
     run_cli(cwd=project, check=True)
     assert (project / "mergefile.lock").stat().st_mtime_ns == stamp  # a no-op build rewrites nothing
+    # once something hashed the output (inspect), the next build's lock carries it
+    assert json.loads(run_cli("inspect", out, "--json", cwd=project, check=True).stdout)["hashes"]["sha256"] == out_sha
+    run_cli(cwd=project, check=True)
+    final = json.loads((project / "mergefile.lock").read_text())["merges"]["final"]
+    assert final["output"]["sha256"] == out_sha and final["output"]["autov2"] == out_sha[:10]
 
 
 def test_status_reasons_and_check_exit_code(project):

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from mergebuild.record.hashes import file_sha256
+from mergebuild.record.hashes import remembered_sha256
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf")
 MAX_FILES = 100_000  # candidates looked at, at most: a --models folder is a model folder, not a disk
@@ -50,7 +50,7 @@ class ModelFinder:
             cached = self._sha.get(str(path))
             if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
                 return cached[2]
-            digest = file_sha256(path)
+            digest = remembered_sha256(path)  # once per file per machine (the per-user store)
         except OSError:
             return None
         self.hashed += 1
