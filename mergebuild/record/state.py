@@ -14,6 +14,8 @@ from pathlib import Path
 import networkx as nx
 
 from mergebuild.planning.recipe import IDENTITY_KEY, changes, recorded_nodes
+from mergebuild.planning.shortcut import settle
+from mergebuild.planning.sources import remember_sha256
 from mergebuild.store.cache import Cache
 from mergebuild.record.hashes import file_sha256, tensor_data_sha256
 from mergebuild.tensors.folder import foreign_files, is_folder_output, output_marker, read_manifest
@@ -37,6 +39,7 @@ def decide_outputs(plan, cache: Cache, force: bool = False) -> None:
         needed |= {a for a in nx.ancestors(graph, name) if a in plan.merges}
     for name, merge in plan.merges.items():
         merge.needed = name in needed
+    settle(plan, cache)  # a merge restored from its summary that the build runs: its bytes checked
 
 
 def output_state(cache: Cache, merge, base: Path | None = None) -> tuple[bool, str]:
@@ -153,7 +156,8 @@ def recipe_changes(plan, recorded: dict[str, dict], name: str, cache: Cache | No
 
 def _sha256(source, cache: Cache | None) -> str:
     if source.sha256 is None:
-        source.sha256 = file_sha256(source.hash_file)
+        sha = file_sha256(source.hash_file)
         if cache is not None:
-            cache.index.save_sha256(str(source.hash_file), source.stamp, source.sha256)
+            remember_sha256(source, cache, sha)
+        source.sha256 = sha
     return source.sha256

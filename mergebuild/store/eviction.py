@@ -82,6 +82,9 @@ def enforce_limit(cache: Cache, limit: int) -> Eviction:
     """Evict least recently used, unprotected blobs (and salvaged packs) until under `limit`.
     The index's own bytes move as it changes, so the total is measured again after each pass."""
     result = Eviction(limit, before=total_bytes(cache))
+    if result.before <= limit:  # nothing to evict: no pass over every blob and what protects it
+        result.after = result.before
+        return result
     keep = protected(cache)
     rows = cache.index.blob_rows()
     result.needed = sum(disk for d, disk, _, _ in rows if d in keep)

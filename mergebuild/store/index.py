@@ -20,6 +20,8 @@ Tables:
   from eviction while that Mergefile exists);
 - recipes / recipe_nodes: per Mergefile and merge, the identities of every node its last build
   was made from, and those nodes by identity (what -v and explain diff against);
+- plan_summaries: a complete merge's plan (recipe node, identity, task table) under the hash
+  of what planning it depends on, so an unchanged merge is not planned again (planning/shortcut.py);
 - stats: per cache key, how far the result moved from each input (execute/stats.py);
   merge_runs: per Mergefile and merge, its last build (counts, seconds, statistics by block):
   what `mergebuild report` shows without reading a model.
@@ -66,6 +68,9 @@ CREATE TABLE IF NOT EXISTS recipe_nodes(identity TEXT PRIMARY KEY, node TEXT NOT
 CREATE TABLE IF NOT EXISTS stats(key TEXT PRIMARY KEY, stats TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS merge_runs(mergefile TEXT NOT NULL, merge TEXT NOT NULL, build INTEGER NOT NULL,
     finished REAL NOT NULL, run TEXT NOT NULL, PRIMARY KEY(mergefile, merge));
+CREATE TABLE IF NOT EXISTS plan_summaries(key TEXT PRIMARY KEY, merge TEXT NOT NULL, identity TEXT NOT NULL,
+    meta TEXT NOT NULL, tasks BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS plan_summaries_merge ON plan_summaries(merge);
 """
 BATCH = 500
 
@@ -375,6 +380,32 @@ class Index:
             self.db.execute("INSERT OR REPLACE INTO recipes VALUES(?,?,?)", (mergefile, merge, json.dumps(closure)))
             self.db.executemany("INSERT OR IGNORE INTO recipe_nodes VALUES(?,?)",
                                 [(i, json.dumps(n, sort_keys=True)) for i, n in nodes.items()])
+
+    # plan summaries (planning/shortcut.py) -------------------------------------------------
+    def plan_summary(self, key: str) -> tuple[str, str] | None:
+        """(identity, meta) of the merge planned under this key, or None."""
+        try:
+            row = self.db.execute("SELECT identity, meta FROM plan_summaries WHERE key=?", (key,)).fetchone()
+        except sqlite3.OperationalError:  # a read-only index from before the table
+            return None
+        return tuple(row) if row else None
+
+    def plan_summary_tasks(self, key: str) -> bytes | None:
+        row = self.db.execute("SELECT tasks FROM plan_summaries WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def save_plan_summary(self, key: str, merge: str, identity: str, meta: str, tasks: bytes, keep: int) -> None:
+        """Remember a merge's plan; only the `keep` newest of each merge name stay."""
+        if self.readonly:
+            return
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO plan_summaries VALUES(?,?,?,?,?)", (key, merge, identity, meta, tasks))
+            self.db.execute("DELETE FROM plan_summaries WHERE merge=? AND rowid NOT IN (SELECT rowid FROM "
+                            "plan_summaries WHERE merge=? ORDER BY rowid DESC LIMIT ?)", (merge, merge, keep))
+
+    def forget_plan_summaries(self) -> None:
+        if not self.readonly:
+            self.db.execute("DELETE FROM plan_summaries")
 
 
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
