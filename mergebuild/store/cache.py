@@ -18,11 +18,13 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from mergebuild.dtypes import nbytes as size_of
 from mergebuild.errors import BuildError, MergebuildError
 from mergebuild.portable import FileLock, RandomAccess, disk_usage, file_stamp, is_locked
 from mergebuild.store.blobs import BlobStore
 from mergebuild.store.hashing import tensor_digest
 from mergebuild.store.index import Index
+from mergebuild.store.tiers import TierStats
 
 STALE_ALIVE_SECONDS = 60  # a liveness file younger than this may be about to be locked
 
@@ -48,6 +50,9 @@ class Cache:
         self._valid: dict[str, bool] = {}  # file path -> its stamp is still the recorded one
         self._lock = threading.Lock()
         self._alive: FileLock | None = None
+        self.remote = None  # a RemoteTier behind this cache, and how it is read (store/remote.py: attach_remote)
+        self.remote_reads = None
+        self.tier_stats = TierStats()  # what this process found and read locally
 
     @contextmanager
     def _init_lock(self):
@@ -76,7 +81,16 @@ class Cache:
         return None
 
     def get(self, digest: str, dtype: str, shape, nbytes: int):
-        """The verified bytes of a tensor, or None when missing or bad."""
+        """The verified bytes of a tensor, or None when missing or bad: locally, else from the
+        remote tier (verified there, then kept as a local blob)."""
+        data = self._get_local(digest, dtype, shape, nbytes)
+        if data is not None:
+            with self._lock:
+                self.tier_stats.local_bytes_read += nbytes
+            return data
+        return self.remote_reads.fetch(digest, dtype, shape, nbytes) if self.remote_reads is not None else None
+
+    def _get_local(self, digest: str, dtype: str, shape, nbytes: int):
         data = self.blobs.get(digest, dtype, shape, nbytes)
         if data is not None:
             return data
@@ -92,6 +106,34 @@ class Cache:
             self.forget_file(where[0])  # the file changed in a way its stamp did not show
             return None
         return data
+
+    # the tiers: what a cache key computed, found locally or on the remote ------------------
+    def find_results(self, wanted: dict[str, tuple[str, tuple]]) -> dict[str, str]:
+        """key -> digest of the keys whose result has stored bytes (wanted: key -> the result's
+        dtype and shape): in this cache, else in the remote tier. What the remote's entries say is
+        remembered in the index at once (so a no-op build asks the network nothing); with a
+        remote, an entry whose bytes are not here stands for bytes there: fetched when read,
+        verified, and recomputed when they are missing or bad."""
+        found = self.index.lookup(list(wanted))
+        stored = self.has_many(sorted(set(found.values())))
+        remote = self.remote if self.remote is not None and not self.remote.dead else None
+        hits = dict(found) if remote is not None else {k: d for k, d in found.items() if d in stored}
+        with self._lock:
+            self.tier_stats.local_hits += sum(1 for d in found.values() if d in stored)
+        if remote is not None and len(hits) < len(wanted):
+            learnt = remote.lookup({k: v for k, v in wanted.items() if k not in hits})
+            if learnt and not self.readonly:
+                self.index.record([(k, d, *wanted[k]) for k, d in learnt.items()], 0)  # the build touches them
+            hits.update(learnt)
+        if remote is not None:  # what the remote is to serve, in the order the build reads it
+            self.remote_reads.expect({hits[k]: wanted[k] for k in wanted if k in hits and hits[k] not in stored})
+        return hits
+
+    def share(self, rows: list[tuple[str, str, str, tuple]]) -> None:
+        """Entries just recorded here (key, digest, dtype, shape): to the remote too, blob then
+        entry, in the background (their bytes read back from this cache, verified)."""
+        if self.remote is not None and self.remote.writes:
+            self.remote.push(rows, lambda d, dt, sh: self._get_local(d, dt, sh, size_of(dt, sh)))
 
     def _file_valid(self, path: str) -> bool:
         with self._lock:
@@ -181,6 +223,8 @@ class Cache:
             return ""
 
     def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
         self.index.close()
         if self._alive is not None:
             self._alive.release()
