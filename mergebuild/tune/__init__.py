@@ -34,6 +34,8 @@ class TuneOptions:
     no_cache: bool = False  # a fresh cache for every trial (and no score cache): for comparisons
     quiet: bool = False
     device: str | None = None
+    ray: str | None = None  # trials on a Ray cluster: its address ("": RAY_ADDRESS, else a local Ray)
+    parallel: int | None = None  # with ray: trials at once (overrides [tune] parallel)
 
 
 def best_path(mergefile: Path) -> Path:
@@ -60,6 +62,7 @@ def run_tune(opts: TuneOptions) -> tuple[dict, int]:
     view = TrialView([r.id for r in ranges], cfg.scorer.maximize, opts.quiet)
     rounded = rounder(ranges)  # Optuna's raw params -> the values each trial built
     interrupted = None
+    pool = _trial_pool(opts, cfg, mf, cache)  # with --ray: an unreachable cluster fails before the study opens
     with study_lock(storage):
         study = open_study(storage, name, cfg.scorer.direction)
         stale = fail_stale_trials(study)
@@ -79,7 +82,9 @@ def run_tune(opts: TuneOptions) -> tuple[dict, int]:
                 for t in earlier:
                     view.add(trial_doc(t, rounded), earlier=True)
                 deadline = Deadline(cfg.timeout)
-                for _ in range(todo):
+                if pool is not None:
+                    _run_on_ray(study, pool, todo, deadline, mf, ranges, text, cfg, view, rounded)
+                for _ in range(todo if pool is None else 0):
                     if deadline.passed():
                         view.note(f"timeout: {cfg.timeout} s passed, no new trial started")
                         break
@@ -89,6 +94,8 @@ def run_tune(opts: TuneOptions) -> tuple[dict, int]:
         finally:
             scorer.close()
             runner.close()
+            if pool is not None:
+                pool.close()
         all_trials = study.get_trials(deepcopy=False)
         doc = {"study": name, "best": None, "trials": [trial_doc(t, rounded) for t in all_trials]}
         complete = [t for t in all_trials if t.state == TrialState.COMPLETE]
@@ -114,6 +121,24 @@ def run_tune(opts: TuneOptions) -> tuple[dict, int]:
     if interrupted:
         raise interrupted
     return doc, 0 if complete else 1
+
+
+def _trial_pool(opts: TuneOptions, cfg, mf, cache: Path):
+    if opts.ray is None:
+        return None
+    from mergebuild.tune.ray_runner import TrialPool
+
+    return TrialPool(opts.ray or None, opts.parallel or cfg.parallel, cfg.cpus_per_trial, cfg.gpus_per_trial,
+                     mf.path, cache, cfg.scorer, opts.no_cache, opts.device)
+
+
+def _run_on_ray(study, pool, todo: int, deadline, mf, ranges, text: str, cfg, view: TrialView, rounded) -> None:
+    from mergebuild.tune.ray_runner import run_parallel
+
+    view.note(f"ray: {pool.size} trials at once")
+    run_parallel(study, pool, todo, deadline, lambda trial: substitute(text, suggest(trial, mf, ranges)), cfg.target,
+                 _record, lambda t: view.add(trial_doc(t, rounded)),
+                 lambda: view.note(f"timeout: {cfg.timeout} s passed, no new trial started"))
 
 
 def _run_trial(study, runner: Runner, mf, ranges, text: str, cfg):

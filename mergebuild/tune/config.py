@@ -16,7 +16,8 @@ from mergebuild.mergefile.search import Range
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 DIRECTIONS = ("maximize", "minimize")
 SCORER_FIELDS = ("command", "python", "direction")
-TUNE_FIELDS = ("target", "trials", "sampler", "seed", "timeout", *SCORER_FIELDS)
+RAY_FIELDS = ("parallel", "cpus_per_trial", "gpus_per_trial")  # tune --ray: how the trials share the cluster
+TUNE_FIELDS = ("target", "trials", "sampler", "seed", "timeout", *SCORER_FIELDS, *RAY_FIELDS)
 SOUP_FIELDS = ("ingredients", "output", *SCORER_FIELDS)
 DEFAULT_TRIALS = 20
 
@@ -51,6 +52,9 @@ class TuneConfig:
     sampler: str = "tpe"
     seed: int | None = None
     timeout: float | None = None
+    parallel: int | None = None  # trials at once with --ray (None: as many as the cluster fits)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,22 @@ def tune_config(mf: Mergefile, ranges: list[Range]) -> TuneConfig:
         raise MergefileError(path, "merges", None, "no open search range to tune: write a parameter as "
                              "{ search = [low, high] } or { choice = [...] }")
     _check_ranges(mf, ranges, target, sampler)
-    return TuneConfig(target, output, _scorer(mf, where, table), trials, sampler, seed, timeout)
+    return TuneConfig(target, output, _scorer(mf, where, table), trials, sampler, seed, timeout,
+                      *_ray_fields(path, where, table))
+
+
+def _ray_fields(path, where: str, table: dict) -> tuple:
+    parallel = table.get("parallel")
+    if parallel is not None and not (_int(parallel) and parallel >= 1):
+        raise MergefileError(path, where, "parallel", f"expected a whole number >= 1, got {parallel!r}")
+    resources = []
+    for name, default in (("cpus_per_trial", 1.0), ("gpus_per_trial", 0.0)):
+        value = table.get(name, default)
+        if not (_number(value) and 0 <= value <= 1024) or (name == "cpus_per_trial" and value == 0):
+            low = "> 0" if name == "cpus_per_trial" else ">= 0"
+            raise MergefileError(path, where, name, f"expected a number {low} (a fraction shares one), got {value!r}")
+        resources.append(float(value))
+    return (parallel, *resources)
 
 
 def soup_config(mf: Mergefile) -> SoupConfig:

@@ -40,6 +40,8 @@ def trial_doc(t, rounding=clean_params) -> dict:
         doc["stderr"] = a.get("stderr", "")
     if t.user_attrs.get(INTERRUPTED):
         doc["interrupted"] = True
+    if "ray" in t.user_attrs:  # tune --ray: the worker process, its start and end (ray_runner.py)
+        doc["ray"] = t.user_attrs["ray"]
     return doc
 
 

@@ -42,7 +42,8 @@ def quiet_optuna():
 
 def study_name(path: Path, text: str) -> str:
     doc = tomllib.loads(text)
-    tune = {k: v for k, v in doc.get("tune", {}).items() if k not in ("trials", "timeout")}
+    how = ("trials", "timeout", "parallel", "cpus_per_trial", "gpus_per_trial")  # not what is searched
+    tune = {k: v for k, v in doc.get("tune", {}).items() if k not in how}
     doc = {**{k: v for k, v in doc.items() if k != "soup"}, "tune": tune}
     digest = text_digest(json.dumps([str(Path(path).absolute()), doc], sort_keys=True, default=str))
     return f"{Path(path).stem}-{digest[:12]}"
