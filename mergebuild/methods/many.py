@@ -101,6 +101,17 @@ def tail_average(*models, k: int = 0):
     return _weighted_sum(tail, [1.0 / k] * k)
 
 
+def _scorer_table(value) -> tuple[str, str] | None:
+    """tail_average's scorer: a table of command or python (and direction), checked in full by tune."""
+    fields = ("command", "python", "direction")
+    bad = next((k for k in value if k not in fields), None)
+    if bad is not None:
+        return f".{bad}", f"unknown field of a scorer (it takes {', '.join(fields)})"
+    if ("command" in value) == ("python" in value):
+        return "", "give exactly one of command = \"...\" or python = \"module:function\""
+    return None
+
+
 WEIGHTS = Param("weights", list, (), "one weight per model; empty: 1.0 each", count=lambda n: n // 2)
 
 
@@ -123,5 +134,10 @@ METHODS = [
             Param("maxiter", int, 100, "most Weiszfeld iterations"),
             Param("ftol", float, 1e-20, "stop when the mean distance changes by at most ftol times itself")),
     _method(ema, ("A", "B"), Param("decay", float, doc="weight of the running average at each step, 0..1")),
-    _method(tail_average, ("A", "B"), Param("k", int, 0, "how many of the last checkpoints to average; 0: all")),
+    _method(tail_average, ("A", "B"),
+            Param("k", int, 0, "how many of the last checkpoints to average; 0: all; \"auto\": the tail the "
+                  "two-tailed rule keeps (Melis 2022), judged by scorer", words=("auto",)),
+            Param("scorer", dict, None, "with k = \"auto\": how to score a candidate average, as [tune]'s: "
+                  "{ command = \"...\" } or { python = \"module:function\" }, direction", implicit=True,
+                  check=_scorer_table)),
 ]

@@ -121,6 +121,9 @@ class Runner:
         self.temp.write_text(text, encoding="utf-8")
         try:
             opts = BuildOptions(mergefile=self.temp, targets=(target,), cache_dir=cache, device=self.device)
+            from mergebuild.tune.two_tailed import resolve_tails  # it imports this module
+
+            opts, _ = resolve_tails(opts)  # k = "auto" upstream: the tail the two-tailed rule keeps
             return build(opts)
         finally:
             self.temp.unlink(missing_ok=True)
