@@ -14,10 +14,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from mergebuild.render.dag_layout import (
-    COLUMN_GAP, DPI, EDGE_COLOUR, LINE_GAP, MARGIN, MAX_PIXELS, PAD_Y, SMALL_SIZE, TEXT_SIZE, TITLE_SIZE, Item,
-    Layout, graph_layout, measurer,
+from mergebuild.render.dag_geometry import (
+    DPI, EDGE_COLOUR, LINE_GAP, MARGIN, MAX_PIXELS, PAD_Y, SMALL_SIZE, TEXT_SIZE, TITLE_SIZE, Item, Layout, measurer,
 )
+from mergebuild.render.dag_layout import COLUMN_GAP, graph_layout
 from mergebuild.render.graph import STATE_COLOURS, STATE_LEGEND, TARGET_BORDER
 
 UNKNOWN_COLOUR = "#ffffff"

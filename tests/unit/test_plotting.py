@@ -13,7 +13,7 @@ from matplotlib.image import imread
 from safetensors.torch import save_file
 
 from mergebuild.analyze.diff import diff_files
-from mergebuild.render.dag_layout import layered_layout
+from mergebuild.render.dag_layers import layered_layout
 from mergebuild.render.plots import plot_diff, plot_graph, render_dot
 from mergebuild.testing.fabricate import fabricate_family, llama_keys, make_base, make_finetune
 
