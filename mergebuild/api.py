@@ -17,6 +17,7 @@ line. docs/api.md has more examples.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +27,7 @@ from mergebuild.errors import UsageError
 from mergebuild.execute.executor import MergeResult, NullProgress
 from mergebuild.mergefile import Mergefile, load_mergefile, parse_mergefile
 from mergebuild.planning.planner import Plan
-from mergebuild.record.lineage import read_lineage
+from mergebuild.record.lineage_read import read_lineage
 
 __all__ = ["BuildResult", "MergeResult", "MergeStatus", "Mergefile", "build", "dry_run", "lineage", "load", "plan",
            "status"]
@@ -63,17 +64,31 @@ def _options(mf: Mergefile | str | Path, targets=(), force: bool = False, cache:
                                lock_timeout=lock_timeout)
 
 
+def resolved_tails(opts: _build.BuildOptions, dry: bool = False) -> tuple[_build.BuildOptions, dict]:
+    """opts with its Mergefile parsed (once) and every needed k = "auto" replaced by the tail the
+    two-tailed rule keeps (tune/two_tailed.py; with dry, from the cache only), and what it chose
+    per merge. tune is imported only when a merge has k = "auto"."""
+    mf = _build.mergefile_of(opts)
+    opts = dataclasses.replace(opts, mergefile=mf)
+    if not any(m.method == "tail_average" and (m.params.get("k") == "auto" or "scorer" in m.params)
+               for m in mf.merges.values()):
+        return opts, {}
+    from mergebuild.tune.two_tailed import resolve_tails
+
+    return resolve_tails(opts, dry)
+
+
 def plan(mf: Mergefile | str | Path, targets=(), force: bool = False, cache: str | Path | None = None) -> Plan:
     """The plan of a build: per merge, its tasks (one per output tensor, with its cache key and
     state), whether its output is current and whether the build would run it."""
-    return _build.dry_run(_options(mf, targets, force, cache))[0]
+    return _build.dry_run(resolved_tails(_options(mf, targets, force, cache), dry=True)[0])[0]
 
 
 def dry_run(mf: Mergefile | str | Path, targets=(), force: bool = False,
             cache: str | Path | None = None) -> list[MergeStatus]:
     """What a build would do, merge by merge: `state` ("up to date", "12 of 1143 tensors dirty",
     ...), the counts, and `reasons` in the format `mix1.alpha: 0.4 -> 0.45`."""
-    return _build.dry_run(_options(mf, targets, force, cache))[1]
+    return _build.dry_run(resolved_tails(_options(mf, targets, force, cache), dry=True)[0])[1]
 
 
 @dataclass
@@ -83,6 +98,7 @@ class BuildResult:
     cache_bytes: int
     cache_limit: int
     warnings: list[str] = field(default_factory=list)
+    tails: dict = field(default_factory=dict)  # per k = "auto" merge: the tail the two-tailed rule kept
 
 
 def build(mf: Mergefile | str | Path, targets=(), force: bool = False, cache: str | Path | None = None,
@@ -96,15 +112,16 @@ def build(mf: Mergefile | str | Path, targets=(), force: bool = False, cache: st
     {"event": "finish", "merge"}."""
     if callable(progress) and not hasattr(progress, "start"):
         progress = _Events(progress)
-    _plan, results, report = _build.build_with_report(_options(mf, targets, force, cache, device, lock_timeout),
-                                                      progress)
+    opts, tails = resolved_tails(_options(mf, targets, force, cache, device, lock_timeout))
+    _plan, results, report = _build.build_with_report(opts, progress)
     return BuildResult(results, {n: r.output for n, r in results.items() if r.output is not None},
-                       report.cache_bytes, report.cache_limit, report.warnings + report.late_warnings)
+                       report.cache_bytes, report.cache_limit, report.warnings + report.late_warnings,
+                       {n: c.doc() for n, c in tails.items()})
 
 
 def status(mf: Mergefile | str | Path, targets=(), cache: str | Path | None = None) -> dict[str, list[str]]:
     """Per target, why a build would change its output; an empty list means up to date."""
-    return _build.check_status(_options(mf, targets, cache=cache))
+    return _build.check_status(resolved_tails(_options(mf, targets, cache=cache), dry=True)[0])
 
 
 def lineage(path: str | Path) -> dict:

@@ -30,6 +30,8 @@ def copied_metadata(plan, target: str, loras: set[str]) -> dict[str, str]:
     for name in plan.recipe.closure(target):  # inputs first, the target last
         if name in plan.sources:
             own = {} if name in loras else plan.sources[name].metadata
+        elif name in plan.mergefile.models:  # a computed source (a Fisher) passes on nothing
+            own = {}
         else:
             own = {}
             for i in plan.mergefile.merges[name].inputs:

@@ -15,7 +15,7 @@ from pathlib import Path
 from mergebuild import __version__
 from mergebuild.layouts.blocks import PRESETS, architectures, block_values
 from mergebuild.mergefile.model import Mergefile
-from mergebuild.planning.recipe import params_text, rule_text, rules_text, value_text
+from mergebuild.planning.recipe import params_text, rule_text
 from mergebuild.render.graph import lineage_details
 
 CSS = """
@@ -189,7 +189,7 @@ def _heat(value: float) -> str:
 
 
 def _output(name: str, path: Path) -> str:
-    from mergebuild.record.lineage import read_lineage
+    from mergebuild.record.lineage_read import read_lineage
 
     try:
         tree = read_lineage(path) if Path(path).exists() else None

@@ -20,7 +20,7 @@ from mergebuild.mergefile.parse import MERGE_FIELDS, SETTINGS_FIELDS
 from mergebuild.methods.registry import get_method
 from mergebuild.planning.recipe import RECIPE_KEY
 from mergebuild.record.foreign.finder import ModelFinder
-from mergebuild.record.lineage import _first_shard, import_lineage
+from mergebuild.record.lineage_read import _first_shard, import_lineage
 from mergebuild.tensors.header import read_header
 
 MAX_TEXT = 10_000_000  # characters of a recipe kept in metadata or a folder's YAML, at most
