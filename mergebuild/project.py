@@ -11,12 +11,16 @@ from mergebuild.execute.commit import lora_files, output_date
 from mergebuild.execute.executor import Executor, MergeResult
 from mergebuild.record.lineage import SourceHashes, build_metadata, header_budget
 from mergebuild.record.lock import write_lock
+from mergebuild.planning.computed import describe_computed
+from mergebuild.planning.shortcut import remember_all
 from mergebuild.planning.planner import DIRTY, PENDING, Plan, make_plan
 from mergebuild.record.state import decide_outputs, reasons as merge_reasons
 from mergebuild.mergefile.parse import load_mergefile  # noqa: F401 (part of the facade)
 from mergebuild.mergefile.model import Mergefile
 from mergebuild.store import eviction
 from mergebuild.store.cache import Cache
+from mergebuild.store.fingerprints import user_store
+from mergebuild.store.remote_attach import attach_remote, finish_build, tier_totals
 from mergebuild.tensors.folder import remove_output
 from mergebuild.tensors.header import MAX_HEADER
 from mergebuild.tensors.writer import header_bytes, layout
@@ -30,6 +34,8 @@ class BuildOptions:
     cache_dir: Path | None = None
     device: str | None = None
     lock_timeout: float | None = None  # seconds to wait for another build's lock (None: forever)
+    ray: str | None = None  # run the tensor tasks on a Ray cluster: its address ("": RAY_ADDRESS or a local one)
+    remote_cache: str | None = None  # off | read | readwrite | require (None: readwrite when a remote is set)
 
 
 @dataclass
@@ -44,11 +50,19 @@ class MergeStatus:
     output_current: bool
     needed: bool = True
     reasons: list[str] = field(default_factory=list)
+    statistic: dict | None = None  # its whole-model statistic: name, state, what it reads (StatisticTask.describe)
+    computed: list[dict] = field(default_factory=list)  # the computed sources it reads (planning/computed.py)
 
     @property
     def state(self) -> str:
         if not self.needed:
             return "up to date"
+        fishers = [c["name"] for c in self.computed if c["state"] != "cached"]
+        if fishers:
+            then = f", then {self.dirty + self.pending} of {self.tensors} tensors" if self.dirty + self.pending else ""
+            return f"{', '.join(fishers)} to compute{then}"
+        if self.statistic is not None and self.statistic["state"] == "dirty":
+            return f"{self.statistic['name']} to compute, then {self.dirty + self.pending} of {self.tensors} tensors"
         if self.dirty:
             return f"{self.dirty} of {self.tensors} tensors dirty"
         if self.pending:
@@ -66,6 +80,8 @@ class BuildReport:
     cache_limit: int = 0
     warnings: list[str] = field(default_factory=list)  # known before the build starts
     late_warnings: list[str] = field(default_factory=list)  # found while building
+    ray: dict | None = None  # what --ray did (execute/ray_executor.py RaySummary)
+    tiers: dict | None = None  # per cache tier: hits and bytes moved by this build (store/tiers.py)
 
 
 def cache_dir(mf: Mergefile | None, opts: BuildOptions) -> Path:
@@ -83,9 +99,18 @@ def mergefile_of(opts: BuildOptions) -> Mergefile:
     return opts.mergefile if isinstance(opts.mergefile, Mergefile) else load_mergefile(opts.mergefile)
 
 
-def open_project(opts: BuildOptions, readonly: bool = False) -> tuple[Mergefile, Cache]:
+def open_project(opts: BuildOptions, readonly: bool = False, remote: bool = True) -> tuple[Mergefile, Cache]:
+    """The Mergefile and its cache, with the remote tier behind it when one is set (reached
+    once here: unreachable is a warning, or with --remote-cache=require an error)."""
     mf = mergefile_of(opts)
-    return mf, Cache(cache_dir(mf, opts), readonly_ok=readonly)
+    cache = Cache(cache_dir(mf, opts), readonly_ok=readonly)
+    if remote:
+        try:
+            attach_remote(cache, mf.settings.remote_cache, mf.settings.remote_options, opts.remote_cache)
+        except BaseException:
+            cache.close()
+            raise
+    return mf, cache
 
 
 def _open_cache(opts: BuildOptions, readonly: bool = False) -> tuple[Mergefile | None, Cache]:
@@ -108,7 +133,7 @@ def dry_run_with_warnings(opts: BuildOptions) -> tuple[Plan, list[MergeStatus], 
     try:
         plan = make_plan(mf, cache, list(opts.targets), opts.force)
         decide_outputs(plan, cache, opts.force)
-        warnings = check_headers(plan, cache)
+        warnings = check_headers(plan, cache) + (cache.remote.warnings if cache.remote is not None else [])
         why = merge_reasons(plan, cache, opts.force)
         return plan, [_status(plan, name, why.get(name, [])) for name in plan.merges], warnings
     finally:
@@ -117,8 +142,10 @@ def dry_run_with_warnings(opts: BuildOptions) -> tuple[Plan, list[MergeStatus], 
 
 def _status(plan: Plan, name: str, reasons: list[str]) -> MergeStatus:
     merge = plan.merges[name]
+    stat = merge.statistic.describe() if merge.statistic is not None else None
+    computed = [describe_computed(plan.statistics[n]) for n in dict.fromkeys(merge.spec.inputs) if n in plan.statistics]
     return MergeStatus(name, len(merge.tasks), merge.count(DIRTY), merge.count(PENDING), merge.spec.output,
-                       merge.current, merge.needed, reasons)
+                       merge.current, merge.needed, reasons, stat, computed)
 
 
 def check_headers(plan: Plan, cache: Cache) -> list[str]:
@@ -139,7 +166,8 @@ def check_headers(plan: Plan, cache: Cache) -> list[str]:
                                  f"its header would take {size / 1e6:.1f} MB, over safetensors' limit of "
                                  f"{MAX_HEADER / 1e6:.0f} MB (largest parts: {biggest}; tensor entries "
                                  f"{len(header_bytes(slots, {})) / 1e6:.1f} MB)")
-    return list(dict.fromkeys(warnings))
+    store_problem = user_store().take_warning()  # the per-user fingerprint store, once (store/fingerprints.py)
+    return list(dict.fromkeys(warnings + ([store_problem] if store_problem else [])))
 
 
 def build(opts: BuildOptions, progress=None, on_plan=None, on_wait=None) -> tuple[Plan, dict[str, MergeResult]]:
@@ -151,6 +179,7 @@ def build(opts: BuildOptions, progress=None, on_plan=None, on_wait=None) -> tupl
 def build_with_report(opts: BuildOptions, progress=None, on_plan=None, on_wait=None):
     mf, cache = open_project(opts)
     try:
+        make_executor = _executor(opts)  # with --ray, an unreachable cluster fails before any work
         with cache.exclusive(opts.lock_timeout, on_wait):
             plan = make_plan(mf, cache, list(opts.targets), opts.force)
             decide_outputs(plan, cache, opts.force)
@@ -160,8 +189,13 @@ def build_with_report(opts: BuildOptions, progress=None, on_plan=None, on_wait=N
             own = eviction.own_limit(mf.settings.cache_limit)
             build_id = cache.index.start_build(str(mf.path), mf.settings.cache_limit)
             device = opts.device or mf.settings.device
-            executor = Executor(plan, cache, device, build_id, opts.force, progress, mf.settings.staging)
+            executor = make_executor(plan, cache, device, build_id, opts.force, progress, mf.settings.staging)
             results = executor.run()
+            remember_all(plan, cache)  # the merges now complete are not planned again (planning/shortcut.py)
+            report.ray = executor.summary.doc() if opts.ray is not None else None
+            tiers = finish_build(cache)  # uploads done, fetched copies an output holds dropped, counts kept
+            report.tiers = tiers if cache.remote is not None else None  # --json shows them with a remote
+            report.late_warnings += cache.remote.warnings if cache.remote is not None else []
             report.late_warnings += [w for w in dict.fromkeys(executor.warnings) if w not in report.warnings]
             write_lock(plan, results, executor.output_sha256)
             limit = eviction.effective_limit(cache, str(mf.path), own)
@@ -174,6 +208,20 @@ def build_with_report(opts: BuildOptions, progress=None, on_plan=None, on_wait=N
             return plan, results, report
     finally:
         cache.close()
+
+
+def _executor(opts: BuildOptions):
+    """The local executor, or with --ray one that sends the tensor tasks to the cluster (Ray is
+    imported only then)."""
+    if opts.ray is None:
+        return Executor
+    from functools import partial
+
+    from mergebuild.execute.ray_cluster import connect
+    from mergebuild.execute.ray_executor import RayExecutor
+
+    connect(opts.ray or None)
+    return partial(RayExecutor, address=opts.ray or None)
 
 
 def clean(opts: BuildOptions) -> tuple[list[Path], list[str]]:
@@ -254,7 +302,8 @@ def cache_stats(opts: BuildOptions) -> dict:
             mf.settings.cache_limit if mf else None))
         located = cache.index.location_count()
         return {"path": str(cache.root), "bytes": sum(usage.values()), "by_kind": usage, "limit": limit,
-                "blobs": len(cache.index.blob_rows()), "output_tensors": located, **cache.index.counts()}
+                "blobs": len(cache.index.blob_rows()), "output_tensors": located, **cache.index.counts(),
+                "tiers": tier_totals(cache.root, mf.settings if mf else None)}
     finally:
         cache.close()
 
@@ -297,14 +346,16 @@ def explain_target(opts: BuildOptions) -> dict:
         order = {b: i for i, b in enumerate(merge.arch.blocks)} if merge.arch else {}
         by_block = dict(sorted(by_block.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
         out[s.name] = {"state": s.state, "tensors": s.tensors, "dirty": s.dirty if s.needed else 0,
-                       "pending": s.pending if s.needed else 0, "by_block": by_block, "reasons": s.reasons}
+                       "pending": s.pending if s.needed else 0, "by_block": by_block, "reasons": s.reasons,
+                       **({"statistic": s.statistic} if s.statistic is not None else {}),
+                       **({"computed": s.computed} if s.computed else {})}
     return out
 
 
 def report_data(opts: BuildOptions) -> tuple[Mergefile, dict, dict[str, int], int]:
     """What `mergebuild report` shows, from records only (no model is read): the Mergefile,
     each merge's last run, the cache's bytes by kind and its limit."""
-    mf, cache = open_project(opts, readonly=True)
+    mf, cache = open_project(opts, readonly=True, remote=False)
     try:
         runs = cache.index.runs(str(mf.path))
         limit = eviction.effective_limit(cache, str(mf.path), eviction.own_limit(mf.settings.cache_limit))

@@ -56,7 +56,7 @@ def run_cli(*args, cwd: Path, env: dict | None = None, check: bool = False, time
     """The CLI on real files: in this process (no interpreter start-up per call; `main` is what
     the console script runs), or as a process of its own for `tune`, whose scorers are modules
     the user names (they must not stay imported between tests)."""
-    full_env = {k: v for k, v in os.environ.items() if k != "MERGEBUILD_CACHE"}
+    full_env = {k: v for k, v in os.environ.items() if k not in ("MERGEBUILD_CACHE", "MERGEBUILD_REMOTE_CACHE")}
     paths = [str(ROOT), str(SIM)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
     full_env.update(NO_COLOR="1", PYTHONPATH=os.pathsep.join(paths), COLUMNS="200", SOURCE_DATE_EPOCH="1790000000")
     full_env.update(env or {})
@@ -105,6 +105,13 @@ def build_json(*args, cwd: Path, env: dict | None = None) -> dict:
     return json.loads(proc.stdout)
 
 
+@pytest.fixture(autouse=True)
+def _own_mergebuild_home(tmp_path_factory, monkeypatch):
+    """Every test its own per-user state (MERGEBUILD_HOME: the fingerprint store): no test
+    touches the real home, and none sees the files another one hashed."""
+    monkeypatch.setenv("MERGEBUILD_HOME", str(tmp_path_factory.mktemp("mb-home")))
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A folder with three tiny models: base, and two fine-tunes of it (real, anime)."""
@@ -150,3 +157,14 @@ def chain(a1=0.4, a2=0.5, a3=0.25) -> str:
 
 def load(path: Path) -> dict:
     return load_file(str(path))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster for the --ray tests, started once (Ray's start-up costs seconds): two
+    CPUs, no dashboard; yields the address another process (a `tune --ray` subprocess) joins."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -13,12 +13,13 @@ from mergebuild.failures import Stopped, describe, install_stop_handlers
 
 SUBCOMMANDS = ("build", "status", "explain", "graph", "lineage", "inspect", "diff", "cache", "clean", "methods", "tune",
                "report", "import")
-TAKES_VALUE = {"-f", "--file", "--cache-dir", "--device", "--format", "--keep", "--trials", "--plot", "--lock-timeout",
-               "-o", "--output", "--models"}
+TAKES_VALUE = {"-f", "--file", "--cache-dir", "--remote-cache", "--device", "--format", "--keep", "--trials", "--plot", "--lock-timeout",
+               "-o", "--output", "--models", "--parallel"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["--ray=" if a == "--ray" else a for a in argv]  # --ray[=ADDRESS]: a bare one takes no TARGET
     args = parser().parse_args(_with_subcommand(argv))
     restore = install_stop_handlers()
     try:

@@ -28,7 +28,15 @@ def _options(args):
         cache_dir=getattr(args, "cache_dir", None),
         device=device,
         lock_timeout=timeout,
+        remote_cache=getattr(args, "remote_cache", None),
+        ray=getattr(args, "ray", None),
     )
+
+
+def _tails(opts, dry: bool):
+    from mergebuild.api import resolved_tails
+
+    return resolved_tails(opts, dry)
 
 
 def _waiting(holder: str) -> None:
@@ -41,15 +49,20 @@ def _cmd_build(args) -> int:
     from mergebuild import project as build
     from mergebuild.render import console as report
 
-    opts = _options(args)
+    opts, tails = _tails(_options(args), args.dry_run)
     if args.dry_run:
         plan, statuses, warnings = build.dry_run_with_warnings(opts)
+        for s in statuses:  # k not known yet (its candidates to build): no "k: 5 -> 0" line
+            if s.name in tails and tails[s.name].k is None:
+                s.reasons = [r for r in s.reasons if not r.startswith(f"{s.name}.k: ")]
         report.print_warnings(plan, warnings)  # even with -q: an edit that does nothing is worth a line
         if args.json:
-            report.print_json(report.dry_run_json(statuses))
+            report.print_json({**report.dry_run_json(statuses), **_tails_json(tails)})
         elif not args.quiet:
             report.print_plan_notes(plan)
             report.print_dry_run(statuses, args.verbose)
+            for choice in tails.values():
+                report.out.print(choice.line(), markup=False, highlight=False)
         return 0
 
     def on_plan(plan, reasons, warnings):
@@ -62,17 +75,29 @@ def _cmd_build(args) -> int:
     report.print_warnings(None, built.late_warnings)
     if not args.quiet:
         report.err.print(report.summary_table(results))
+        for choice in tails.values():
+            report.err.print(choice.line(), markup=False, highlight=False)
         report.err.print(report.cache_line(built.cache_bytes, built.cache_limit), markup=False)
+        if built.ray is not None:
+            report.err.print(report.ray_line(built.ray), markup=False, highlight=False)
     if args.json:
-        report.print_json(report.build_json(results, built))
+        report.print_json({**report.build_json(results, built), **_tails_json(tails)})
     return 0
+
+
+def _tails_json(tails: dict) -> dict:
+    """--json's record of what k = "auto" chose, per merge (absent when no merge has it)."""
+    if not tails:
+        return {}
+    return {"tails": {n: {**c.doc(), "computed": c.computed, "evaluated": c.evaluated, "pending": c.unknown,
+                          "steps": c.steps} for n, c in tails.items()}}
 
 
 def _cmd_status(args) -> int:
     from mergebuild import project as build
     from mergebuild.render import console as report
 
-    reasons = build.check_status(_options(args))
+    reasons = build.check_status(_tails(_options(args), dry=True)[0])
     if args.json:
         report.print_json({"targets": {t: {"up_to_date": not r, "reasons": r} for t, r in reasons.items()}})
     elif not args.quiet:
@@ -84,7 +109,7 @@ def _cmd_explain(args) -> int:
     from mergebuild import project as build
     from mergebuild.render import console as report
 
-    doc = build.explain_target(_options(args))
+    doc = build.explain_target(_tails(_options(args), dry=True)[0])
     if args.json:
         report.print_json({"merges": doc})
     else:
@@ -99,7 +124,7 @@ def _states(opts) -> dict[str, str]:
     from mergebuild.render import console as report
 
     try:
-        _plan, statuses = project.dry_run(opts)
+        _plan, statuses = project.dry_run(_tails(opts, dry=True)[0])
     except InputError as e:  # a source is missing: still draw the DAG, without states
         report.err.print(f"note: no tensor states ({e})", markup=False)
         return {}
@@ -133,7 +158,7 @@ def _cmd_graph(args) -> int:
 
 def _cmd_lineage(args) -> int:
     from mergebuild.render import console as report
-    from mergebuild.record.lineage import read_lineage
+    from mergebuild.record.lineage_read import read_lineage
 
     tree = read_lineage(args.path)
     for warning in tree.pop("warnings", []):
@@ -311,8 +336,14 @@ def _cmd_tune(args) -> int:
         raise UsageError(f"--trials takes a number >= 0, got {args.trials}")
     if args.greedy_soup and (args.trials is not None or args.apply or args.plot):
         raise UsageError("--greedy-soup takes no --trials, --apply or --plot")
+    if args.parallel is not None and (args.ray is None or args.parallel < 1):
+        raise UsageError("--parallel N takes a number >= 1, with --ray" if args.ray is not None else
+                         "--parallel runs trials on Ray workers: give --ray too")
+    if args.greedy_soup and args.ray is not None:
+        raise UsageError("--greedy-soup runs on this machine: it takes no --ray")
     opts = TuneOptions(mergefile=args.file, cache_dir=args.cache_dir, trials=args.trials, apply=args.apply,
-                       plot=args.plot, no_cache=args.no_cache, quiet=args.quiet, device=args.device)
+                       plot=args.plot, no_cache=args.no_cache, quiet=args.quiet, device=args.device,
+                       ray=args.ray, parallel=args.parallel)
     doc, code = (run_greedy_soup if args.greedy_soup else run_tune)(opts)
     if args.json:
         report.print_json(doc)

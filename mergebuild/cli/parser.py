@@ -51,7 +51,8 @@ EXAMPLES = {
     "tune": """examples:
   mergebuild tune --trials 30 --plot plots
   mergebuild tune --apply         also write the best values into the Mergefile
-  mergebuild tune --greedy-soup""",
+  mergebuild tune --greedy-soup
+  mergebuild tune --ray --parallel 4   four trials at once on Ray (docs/cluster.md)""",
 }
 DESCRIPTIONS = {
     "build": "Build the targets and everything they need, recomputing only the tensors a change reaches.",
@@ -82,9 +83,17 @@ def _project_options(p, lock: bool = False) -> None:
     """Which Mergefile and cache (the commands that work on a project)."""
     p.add_argument("-f", "--file", type=Path, default=Path("mergefile.toml"), help="the Mergefile (default ./mergefile.toml)")
     p.add_argument("--cache-dir", type=Path, help="the cache folder (overrides MERGEBUILD_CACHE and [settings] cache)")
+    p.add_argument("--remote-cache", choices=("off", "read", "readwrite", "require"), metavar="MODE",
+                   help="the shared remote cache ([settings] remote_cache): off, read, readwrite (the default when "
+                        "one is set) or require (unreachable is an error, exit 1)")
     if lock:
         p.add_argument("--lock-timeout", type=float, metavar="SECONDS",
                        help="wait at most this long for another build holding the cache (default: as long as it takes)")
+
+
+def _ray_option(p, what: str) -> None:
+    p.add_argument("--ray", metavar="=ADDRESS", help=f"{what}; ADDRESS (after =) as ray.init takes it, "
+                   "default RAY_ADDRESS, else a local Ray")
 
 
 def _output_options(p, quiet: bool = True) -> None:
@@ -100,7 +109,8 @@ def parser() -> argparse.ArgumentParser:
         description="Merge checkpoints as a build: a DAG in mergefile.toml, a cache key per tensor, lineage in "
                     "every file.\n\n  mergebuild [build options] [TARGET...]   builds (the default command)",
         epilog="build options: -n/--dry-run  --force  --device DEV  --progress  -f/--file PATH  --cache-dir DIR\n"
-               "               --lock-timeout SECONDS  --json  -q  -v   (mergebuild build --help says more)\n\n"
+               "               --remote-cache MODE  --lock-timeout SECONDS  --json  -q  -v\n"
+               "               (mergebuild build --help says more)\n\n"
                "Exit codes: 0 ok, 1 the build failed, 2 a usage or Mergefile error, 130/143/129 stopped by a signal.")
     p.add_argument("--version", action="version", version=f"mergebuild {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -111,6 +121,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="recompute every tensor, ignoring cached results")
     b.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (overrides [settings] device)")
     b.add_argument("--progress", action="store_true", help="draw progress bars even when stderr is not a terminal")
+    _ray_option(b, "run the tensor tasks on a Ray cluster's workers (docs/cluster.md)")
     _project_options(b, lock=True)
     _output_options(b)
     b.set_defaults(run=commands._cmd_build)
@@ -185,6 +196,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--greedy-soup", action="store_true", help="the greedy model soup of [soup] ingredients")
     t.add_argument("--no-cache", action="store_true", help="build every trial in a fresh cache (for comparisons)")
     t.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (overrides [settings] device)")
+    _ray_option(t, "evaluate trials in parallel on a Ray cluster's workers (docs/cluster.md)")
+    t.add_argument("--parallel", type=int, metavar="N", help="with --ray: trials at once (overrides [tune] parallel; "
+                   "default: as many as the cluster fits)")
     _project_options(t)
     _output_options(t)
     t.set_defaults(run=commands._cmd_tune)

@@ -27,14 +27,16 @@ from mergebuild.errors import BuildError, InputError
 from mergebuild.execute.batching import Batch, group_small
 from mergebuild.execute.outputs import OutputSink
 from mergebuild.execute.records import Records
+from mergebuild.execute.statistics import ensure_statistic, reload_statistic, run_statistic
 from mergebuild.execute.stats import sample_stats
 from mergebuild.execute.tensorio import OpenFiles, read_ref
 from mergebuild.planning.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
+from mergebuild.planning.shortcut import expand
 from mergebuild.planning.vocab import output_files
 from mergebuild.mergefile.model import Settings
 from mergebuild.methods import peft
 from mergebuild.store.cache import Cache
-from mergebuild.store.hashing import tensor_digest
+from mergebuild.store.hashing import HASH_THREADS, tensor_digest
 from mergebuild.tensors.writer import remove_stale_temps
 
 ADAPTER_SHARD = 1 << 62  # PEFT loads one adapter_model.safetensors: an adapter is never sharded
@@ -80,6 +82,8 @@ class NullProgress:
 
 
 class Executor:
+    reader_threads = 2  # fetches at once (ray_executor.py: one per task in flight on the cluster)
+
     def __init__(self, plan: Plan, cache: Cache, device: str, build_id: int, force: bool = False, progress=None,
                  staging: int = Settings.staging):
         self.plan, self.cache, self.build_id, self.force = plan, cache, build_id, force
@@ -104,16 +108,16 @@ class Executor:
         self.cache.alive()
         self.cache.clear_stale()
         results = {}
-        with ThreadPoolExecutor(2, thread_name_prefix="read") as self.readers, \
+        with ThreadPoolExecutor(self.reader_threads, thread_name_prefix="read") as self.readers, \
                 ThreadPoolExecutor(2, thread_name_prefix="write") as self.writers, \
-                ThreadPoolExecutor(2, thread_name_prefix="sha256") as self.hashers:
+                ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="sha256") as self.hashers:  # by the cores
             self.committer = Committer(self.plan, self.cache, self.hashers, self.warnings, self.build_id)
             try:
                 for name in self.plan.order:
                     if name in self.plan.merges:
                         results[name] = self._run_merge(self.plan.merges[name])
                 self.committer.save_source_hashes()
-                self.output_sha256 = {n: f.result() for n, f in self.committer.output_sha256.items()}
+                self.output_sha256 = self.committer.output_hashes()  # only those known: never a pass of its own
             finally:
                 self.committer.cancel()
         self.files.close()
@@ -138,6 +142,11 @@ class Executor:
         arch = merge.arch.name if merge.arch else ""
         if not merge.needed:  # its output is current and nothing that runs reads it
             return MergeResult(name, len(merge.tasks), 0, 0.0, merge.method_tasks, merge.spec.output, False, arch, False)
+        for node in dict.fromkeys(merge.spec.inputs):  # computed sources it reads (planning/computed.py)
+            if node in self.plan.statistics:
+                ensure_statistic(self, self.plan.statistics[node])
+        if merge.statistic is not None:  # the first phase of a two-phase merge (execute/statistics.py)
+            run_statistic(self, merge)
         resolve_keys(self.plan, merge, self.cache, self.force)
         sink = self._open_output(merge) if merge.spec.output is not None and not merge.current else None
         todo = [t for t in merge.tasks.values() if t.state == DIRTY or sink is not None]
@@ -150,6 +159,7 @@ class Executor:
             self.records.verify_sources()
             if sink is not None:
                 self.committer.commit(merge, sink)
+                self.files.forget(merge.spec.output)  # replaced: a later merge may copy from the new one
                 self.records.committed(name, sink)
             self.records.flush()
         except BaseException as e:
@@ -290,6 +300,8 @@ class Executor:
         data = read_ref(ref, self.cache, self.files)
         if data is not None:
             return data
+        if node in self.plan.statistics:
+            return reload_statistic(self, node, tensor)
         merge_name, task = self._producer(node, tensor)
         inputs = self._upload(task, [self._load(n, t) for n, t in task.inputs])
         self._store(task, self._compute(task, inputs), None)
@@ -302,7 +314,8 @@ class Executor:
             if node in self.plan.sources:
                 raise BuildError(f"{self.plan.sources[node].path}: tensor {tensor!r} is missing from the cache "
                                  "(legacy checkpoint import was removed); run the build again")
-            task = self.plan.merges[node].tasks[tensor]
+            with self._lock:  # a summary's tasks are planned anew (planning/shortcut.py)
+                task = expand(self.plan, node, self.cache).tasks[tensor]
             if task.method is not None:
                 return node, task
             node, tensor = task.inputs[0]
@@ -455,6 +468,8 @@ class Executor:
         node = merge.spec.inputs[0]
         while node in self.plan.merges:
             node = self.plan.merges[node].spec.inputs[0]
+        if node not in self.plan.sources:  # a computed source (a Fisher) has no folder
+            return None
         path = self.plan.sources[node].path
         return path if path.is_dir() else None
 

@@ -9,7 +9,6 @@ first), what each merge needs (protected from eviction), and the recipe each was
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -35,6 +34,13 @@ class Records:
             self._rows.append((task.key, digest, task.dtype, task.shape))
             if task.stats is not None:
                 self._stats.append((task.key, task.stats))
+            if disk:
+                self._blobs.append((digest, disk, "merge"))
+
+    def stored_row(self, key: str, digest: str, dtype: str, shape: tuple, disk: int) -> None:
+        """A stored blob that is not a task's (a statistic's output: execute/statistics.py)."""
+        with self._lock:
+            self._rows.append((key, digest, dtype, shape))
             if disk:
                 self._blobs.append((digest, disk, "merge"))
 
@@ -103,6 +109,7 @@ class Records:
             self.cache.index.save_blobs(blobs, self.build_id)
         if rows:
             self.cache.index.record(rows, self.build_id)
+            self.cache.share(rows)  # to the remote tier too, blob then entry (store/remote.py)
         if stats:
             self.cache.index.save_stats(stats)
 
@@ -113,6 +120,11 @@ class Records:
                     self._used_keys.append(t.key)
                 if t.digest:
                     self._used_digests.append(t.digest)
+            computed = [self.plan.statistics[n] for n in dict.fromkeys(merge.spec.inputs) if n in self.plan.statistics]
+            for stat in [merge.statistic, *computed]:  # its own and the computed sources it reads
+                if stat is not None and stat.key is not None:
+                    self._used_keys += [stat.output_key(n) for n in stat.digests]
+                    self._used_digests += [d for d in stat.digests.values() if d]
             for node, tensor in (i for t in merge.tasks.values() for i in t.inputs):
                 if node in self.plan.sources and self.plan.sources[node].tensors[tensor].file is None:
                     self._used_digests.append(self.plan.sources[node].tensors[tensor].digest)
@@ -129,6 +141,9 @@ class Records:
             index.save_run(mergefile, name, self.build_id, self._run(name, result))
             merge = self.plan.merges[name]
             needs = {t.digest for t in merge.tasks.values() if t.digest}
+            needs |= set(merge.statistic.digests.values()) if merge.statistic is not None else set()
+            needs |= {d for n in merge.spec.inputs if n in self.plan.statistics
+                      for d in self.plan.statistics[n].digests.values()}
             needs |= {self.plan.ref(n, t).digest for task in merge.tasks.values() for n, t in task.inputs
                       if n in self.plan.sources and self.plan.sources[n].tensors[t].file is None}
             index.save_live(mergefile, name, {d for d in needs if d}, keep)

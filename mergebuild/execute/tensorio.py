@@ -27,6 +27,7 @@ class OpenFiles:
         self.limit = limit
         self._files: OrderedDict[str, RandomAccess] = OrderedDict()
         self._users: dict[str, int] = {}
+        self._replaced: list[tuple[str, RandomAccess]] = []  # forgotten while in use
         self._lock = threading.Lock()
 
     def acquire(self, path: Path) -> RandomAccess:
@@ -44,6 +45,9 @@ class OpenFiles:
         with self._lock:
             key = str(path)
             self._users[key] -= 1
+            for old in [(k, f) for k, f in self._replaced if k == key and not self._users[key]]:
+                self._replaced.remove(old)
+                old[1].close()
             self._close_unused()
 
     def _close_unused(self) -> None:
@@ -52,6 +56,18 @@ class OpenFiles:
             if idle is None:
                 return  # every open file is being read right now
             self._files.pop(idle).close()
+
+    def forget(self, path: Path) -> None:
+        """A file (or folder of shards) replaced on disk: later reads open the new one (a handle
+        kept open on the old inode would read the new file's offsets from the old bytes)."""
+        root = str(path)
+        with self._lock:
+            for key in [k for k in self._files if k == root or k.startswith(root + "/") or k.startswith(root + "\\")]:
+                f = self._files.pop(key)
+                if self._users.get(key):
+                    self._replaced.append((key, f))  # closed once its last reader releases it
+                else:
+                    f.close()
 
     def read(self, path: Path, offset: int, size: int) -> bytearray:
         f = self.acquire(path)
@@ -62,15 +78,18 @@ class OpenFiles:
 
     def close(self) -> None:
         with self._lock:
-            for f in self._files.values():
+            for f in [*self._files.values(), *(f for _, f in self._replaced)]:
                 f.close()
             self._files.clear()
+            self._replaced.clear()
 
 
 def read_ref(ref: TensorRef, cache: Cache, files: OpenFiles):
     """The bytes of a tensor; None when it lives in the cache and is missing or bad there."""
     size = nbytes(ref.dtype, ref.shape)
     if ref.file is None:
+        if ref.digest is None:  # not known (a summarized merge re-planned after its blobs went bad): a miss
+            return None
         return cache.get(ref.digest, ref.dtype, ref.shape, size)
     try:
         return files.read(ref.file, ref.begin, size)

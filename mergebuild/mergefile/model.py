@@ -41,12 +41,37 @@ class Settings:
     # the inputs' metadata an output copies (A1111's rule, later inputs winning): True all of it,
     # False none, or these keys; never what never_copied() names
     copy_metadata: bool | tuple[str, ...] = True
+    # a shared cache behind the local one (store/remote.py): an fsspec URL, and the options its
+    # file system takes (endpoint_url, profile...); neither reaches a key, a recipe or a lineage
+    remote_cache: str | None = None
+    remote_options: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class ScriptFunction:
+    """`file.py:function` in a Mergefile: a function of a user's script."""
+
+    path: Path  # absolute
+    function: str
+    text: str  # as written (the recipe records it)
+
+
+@dataclass(frozen=True)
+class FisherSpec:
+    """A computed source: the diagonal empirical Fisher of model `of` (mergefile/computed.py)."""
+
+    of: str  # the [models] table it is computed from
+    loss: ScriptFunction  # loss(state_dict, batch) -> a scalar tensor
+    batches: ScriptFunction  # batches() -> an iterable of batches, one sample each
+    samples: int
+    version: str | None = None  # declared by the user: stands for the scripts' content in the key
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    path: Path  # absolute
+    path: Path  # absolute; a computed source's: its loss script
+    fisher: FisherSpec | None = None  # a computed source (no file of its own)
 
 
 @dataclass(frozen=True)
@@ -78,6 +103,9 @@ class MergeSpec:
     shard_size: int = 5_000_000_000  # folder outputs: bytes per safetensors shard at most
     vocab: str | None = None  # "base" | "union" | "truncate": the vocabulary rows (planning/vocab.py)
     tokenizer_source: str | None = None  # "base" | "union" | an input: the output's tokenizer (planning/vocab.py)
+    # what a rule chose for a parameter written as a word (tail_average's k = "auto": the
+    # two-tailed rule, tune/two_tailed.py); recorded in the lineage, outside the identity
+    tail: dict | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from mergebuild.errors import MergefileError
 from mergebuild.portable import WINDOWS
 from mergebuild.methods.registry import get_method, suggest
 from mergebuild.layouts.blocks import PRESETS, block_name_examples, is_block_name
+from mergebuild.mergefile.computed import check_computed, fisher_model, is_computed
 from mergebuild.mergefile.model import MODEL_SUFFIXES, Mergefile, MergeSpec, ModelSpec, Rule, Settings, never_copied
 from mergebuild.mergefile.search import check_range, is_range
 from mergebuild.mergefile.vocab_fields import vocab_fields
@@ -27,7 +28,7 @@ else:  # pragma: no cover
 
 TOP_LEVEL = ("settings", "models", "merges", "tune", "soup")
 SETTINGS_FIELDS = ("cache", "device", "compute_dtype", "keep_builds", "time_embed", "staging", "cache_limit",
-                   "copy_metadata")
+                   "copy_metadata", "remote_cache", "remote_options")
 MODEL_FIELDS = ("path",)
 MERGE_FIELDS = ("method", "inputs", "output", "dtype", "discard", "rules", "include", "exclude", "clip_to_inputs",
                 "fix_clip_position_ids", "shard_size", "vocab", "tokenizer_source")
@@ -77,6 +78,7 @@ def parse_mergefile(text: str, path: Path, allow_search: bool = False) -> Mergef
         raise MergefileError(path, f"merges.{name}", None, f"the name {name!r} is also a model")
     if not merges:
         raise MergefileError(path, "merges", None, "the Mergefile has no merges")
+    check_computed(path, models)
     _check_inputs(path, models, merges)
     _check_outputs(path, models, merges)
     return Mergefile(path, settings, models, merges, _table(path, doc, "tune"), _table(path, doc, "soup"))
@@ -125,9 +127,25 @@ def _settings(path, base: Path, table: dict) -> Settings:
                              "or device = \"cpu\"")
     cache = _portable_name(path, where, "cache", _path(path, where, "cache", cache))
     copy = _copy_metadata(path, where, table.get("copy_metadata", True))
+    remote, options = _remote(path, where, table)
     return Settings(cache=base / cache, device=device, compute_dtype=compute,
                     keep_builds=keep, time_embed=time_embed, staging=staging, cache_limit=limit,
-                    copy_metadata=copy)
+                    copy_metadata=copy, remote_cache=remote, remote_options=options)
+
+
+def _remote(path, where, table: dict) -> tuple[str | None, dict]:
+    """remote_cache: an fsspec URL (s3://bucket/prefix, file:///shared/folder); remote_options:
+    a table its file system takes. Errors never show the URL's user:password@."""
+    url = table.get("remote_cache")
+    if url is not None and (not isinstance(url, str) or "://" not in url or not url.split("://", 1)[1].strip("/")):
+        shown = re.sub(r"://[^/@]*@", "://***@", url) if isinstance(url, str) else url
+        raise MergefileError(path, where, "remote_cache", "expected a URL such as \"s3://bucket/prefix\" or "
+                             f"\"file:///shared/folder\", got {shown!r}")
+    options = table.get("remote_options", {})
+    if not isinstance(options, dict):
+        raise MergefileError(path, where, "remote_options", "expected a table, such as "
+                             "{ endpoint_url = \"http://127.0.0.1:9000\" }")
+    return url, options
 
 
 def _copy_metadata(path, where, value) -> bool | tuple[str, ...]:
@@ -146,6 +164,8 @@ def _copy_metadata(path, where, value) -> bool | tuple[str, ...]:
 
 def _model(path, base: Path, name: str, table: dict) -> ModelSpec:
     where = f"models.{name}"
+    if is_computed(table):  # a Fisher computed from data (mergefile/computed.py)
+        return fisher_model(path, base, name, table, _hint)
     for key in table:
         if key not in MODEL_FIELDS:
             raise MergefileError(path, where, key, f"unknown field{_hint(key, MODEL_FIELDS)}")
@@ -337,7 +357,7 @@ def _check_params(path, where: str, method, params: dict, allow_search: bool = F
             raise MergefileError(path, where, key, f"unknown parameter of {method.name}{_hint(key, allowed)}")
         if param.numeric:
             _check_ranges(path, where, key, value, allow_search)
-        if is_range(value):
+        if is_range(value) or (isinstance(value, str) and value in param.words):
             continue
         if param.numeric and not isinstance(value, (int, float)):
             _check_varying(path, where, key, param, value)

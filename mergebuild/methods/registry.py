@@ -17,7 +17,8 @@ REQUIRED = object()
 BUILTIN_MODULES = ("mergebuild.methods.basic", "mergebuild.methods.classic", "mergebuild.methods.meh",
                    "mergebuild.methods.task_vectors", "mergebuild.methods.many",
                    "mergebuild.methods.parts", "mergebuild.methods.lora", "mergebuild.methods.lora_make",
-                   "mergebuild.methods.mergekit_methods", "mergebuild.methods.passthrough")
+                   "mergebuild.methods.mergekit_methods", "mergebuild.methods.passthrough",
+                   "mergebuild.methods.rebasin", "mergebuild.methods.zipit")
 ENTRY_POINT_GROUP = "mergebuild.methods"
 
 
@@ -46,6 +47,12 @@ class Param:
     # -> None, or (where in the value, what is wrong) for the Mergefile's error; kind is the
     # type of the whole
     check: Callable | None = None
+    # strings a numeric parameter also takes, resolved before planning (tail_average's k = "auto",
+    # chosen by the two-tailed rule: tune/two_tailed.py); never a per-block value
+    words: tuple[str, ...] = ()
+    # one value for the whole model (a whole-model statistic's iterations, seed): never a block
+    # table, since the statistic is computed once for all keys
+    whole_model: bool = False
 
     @property
     def required(self) -> bool:
@@ -53,9 +60,11 @@ class Param:
 
     @property
     def numeric(self) -> bool:
-        return self.kind in (float, int)
+        return self.kind in (float, int) and not self.whole_model
 
     def accepts(self, value) -> bool:
+        if isinstance(value, str) and value in self.words:
+            return True
         if self.check is not None:
             return isinstance(value, self.kind) and self.check(value) is None
         if self.kind is float:
@@ -78,7 +87,8 @@ class Param:
             if self.aliases:
                 words += " (" + ", ".join(f"{_toml(a)} = {c!r}" for a, c in self.aliases) + ")"
             return words
-        return {list: "a list of numbers"}.get(self.kind, self.kind.__name__)
+        kind = {list: "a list of numbers"}.get(self.kind, self.kind.__name__)
+        return kind + "".join(f" or {w!r}" for w in self.words)
 
     def as_dict(self) -> dict:
         """For `mergebuild methods NAME --json`."""
@@ -87,7 +97,8 @@ class Param:
         return {"type": kind,
                 "default": None if self.required else self.default, "required": self.required,
                 "choices": list(self.choices), "varies_by_block": self.numeric, "doc": self.doc,
-                **({"aliases": {_toml(a): c for a, c in self.aliases}} if self.aliases else {})}
+                **({"aliases": {_toml(a): c for a, c in self.aliases}} if self.aliases else {}),
+                **({"words": list(self.words)} if self.words else {})}
 
     def canonical(self, value):
         """The choice a value means: an alias's choice, else the value itself."""
@@ -137,6 +148,10 @@ class Method:
     # own dtypes, and fn sees them converted to the compute dtype); they join the params, and so
     # the cache key. None: never
     input_dtypes: Callable | None = None
+    # statistic(context) -> PlannedStatistic | None: a whole-model statistic the merge needs (a
+    # two-phase merge: re-basin's permutations), computed once per build before its per-tensor
+    # tasks and cached; tasks read its tensors as inputs (STATISTIC, name). None: none
+    statistic: Callable | None = None
     follows: str = ""  # whose semantics it follows (A1111, supermerger, sd-meh, mergekit...): the module's FOLLOWS
     extra: dict = field(default_factory=dict)
 
@@ -171,6 +186,30 @@ class PlannedTensor:
     shape: tuple[int, ...]
     inputs: tuple[tuple[int, str], ...]
     params: dict | None = None
+
+
+STATISTIC = "statistic"  # a PlannedTensor input (STATISTIC, name): a tensor of the merge's statistic
+
+
+@dataclass(frozen=True)
+class PlannedStatistic:
+    """A whole-model statistic a merge needs (docs/architecture.md, two-phase merges).
+
+    compute(reader, **params) -> {name: tensor} runs in the executor, before the merge's tensors,
+    only when its key changed; `reader.load(i, tensor_name)` gives input i's tensor (compute
+    dtype, CPU), read on demand through a bounded memory budget. The key hashes name, version,
+    params, the compute dtype, the digests of every tensor in `reads` and the `data` digests (a
+    dataset file's, a script's: anything else it reads). `outputs` declares what compute returns
+    ({name: (dtype, shape)}): tasks read them as inputs (STATISTIC, name), one digest each.
+    """
+
+    name: str  # e.g. "rebasin.weight_matching"; with version, part of the key
+    version: int
+    compute: Callable
+    reads: tuple[tuple[int, str], ...]  # (input index, tensor name) of every tensor compute may read
+    outputs: dict  # name -> (dtype code, shape)
+    params: dict = field(default_factory=dict)  # JSON-able; passed to compute as keywords
+    data: dict = field(default_factory=dict)  # label -> digest of anything else it reads
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -11,8 +11,10 @@ from mergebuild.mergefile.model import Mergefile
 def build_graph(mf: Mergefile) -> nx.DiGraph:
     """Nodes are models and merges; an edge input -> merge. Raises MergefileError on a cycle."""
     g = nx.DiGraph()
-    for name in mf.models:
+    for name, model in mf.models.items():
         g.add_node(name, kind="model")
+        if model.fisher is not None:  # a computed source reads its model
+            g.add_edge(model.fisher.of, name, position=0)
     for name, merge in mf.merges.items():
         g.add_node(name, kind="merge")
         for position, source in enumerate(merge.inputs):

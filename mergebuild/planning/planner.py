@@ -18,13 +18,15 @@ from pathlib import Path
 from mergebuild.dtypes import USER_DTYPES, is_float, nbytes
 from mergebuild.errors import InputError, MergefileError
 from mergebuild.methods.parts import POSITION_IDS
-from mergebuild.methods.registry import Method, get_method
+from mergebuild.methods.registry import STATISTIC, Method, get_method
+from mergebuild.planning.computed import fisher_node, plan_fisher
 from mergebuild.planning.graph import build_graph, build_order
 from mergebuild.layouts.blocks import Architecture, detect
 from mergebuild.planning.outputs import check_outputs
 from mergebuild.planning.params import ParamResolver
 from mergebuild.planning.recipe import Recipe, merge_node, model_node
 from mergebuild.planning.sources import Source, TensorRef, load_source
+from mergebuild.planning.statistics import StatisticTask, plan_statistic, resolve_statistic
 from mergebuild.planning.vocab import node_fields, plan_vocab, shape_hint, vocab_tasks
 from mergebuild.mergefile.model import Mergefile, MergeSpec
 from mergebuild.store.cache import Cache
@@ -78,6 +80,7 @@ class MergePlan:
     # the adapter_config.json of a merge that makes a PEFT adapter (lora_merge, lora_extract with
     # format "peft"): its folder output is an adapter folder, and its readers take scales from it
     adapter: dict | None = None
+    statistic: StatisticTask | None = None  # the whole-model statistic its tasks read (planning/statistics.py)
 
     def count(self, state: str) -> int:
         return sum(1 for t in self.tasks.values() if t.state == state)
@@ -99,11 +102,14 @@ class Plan:
     cache_root: Path | None = None
     graph: object = None  # the networkx DAG of the Mergefile
     cache: Cache | None = None  # for what a method's planner must compute (planning/spectra.py)
+    statistics: dict[str, StatisticTask] = field(default_factory=dict)  # by node ("<merge>#<name>")
 
     def ref(self, node: str, tensor: str) -> TensorRef:
         """Where the bytes of a node's tensor are, as far as known now (a tensor passed through
         unchanged is its input's: followed without recursion, chains can be long)."""
         while node not in self.sources:
+            if node in self.statistics:
+                return self.statistics[node].ref(tensor)
             task = self.merges[node].tasks[tensor]
             if task.method is not None:
                 return TensorRef(task.dtype, task.shape, task.digest)
@@ -114,6 +120,8 @@ class Plan:
         """The config.json a node stands for: the one a merge writes (its method changed it),
         else its first input's, up to a model folder's own (None: no folder has one)."""
         while node not in self.sources:
+            if node in self.statistics:  # a computed source has none
+                return None
             merge = self.merges[node]
             if merge.config is not None:
                 return merge.config
@@ -139,27 +147,39 @@ class Plan:
     def tensor_names(self, node: str) -> list[str]:
         if node in self.sources:
             return list(self.sources[node].tensors)
+        if node in self.statistics:  # a computed source (planning/computed.py)
+            return list(self.statistics[node].spec.outputs)
         return list(self.merges[node].tasks)
 
 
 def make_plan(mf: Mergefile, cache: Cache, targets: list[str] | None = None, force: bool = False) -> Plan:
     """The plan of a build: every tensor's task, key and state. Which outputs are current and
     which merges must run is decided against what builds recorded (record.state)."""
+    from mergebuild.planning import shortcut  # it builds on this module
+
     graph = build_graph(mf)
     targets = list(targets) if targets else mf.targets
     order = build_order(mf, graph, targets)
     check_outputs(mf, cache.root, order)
-    sources = {n: load_source(mf.models[n], cache, f"models.{n}") for n in order if n in mf.models}
+    sources = {n: load_source(mf.models[n], cache, f"models.{n}") for n in order
+               if n in mf.models and mf.models[n].fisher is None}
     plan = Plan(mf, order, targets, sources, {}, USER_DTYPES[mf.settings.compute_dtype], cache_root=cache.root,
                 graph=graph, cache=cache)
     for name in order:
-        if name in mf.models:
+        if name in mf.models and mf.models[name].fisher is not None:  # computed from data (computed.py)
+            stat = plan.statistics[name] = plan_fisher(plan, mf.models[name])
+            plan.recipe.add(name, fisher_node(mf.models[name], stat))
+            resolve_statistic(plan, stat, cache, force)
+        elif name in mf.models:
             plan.recipe.add(name, model_node(sources[name].path.name, sources[name].content))
-        else:
+        elif not shortcut.restore(plan, name, cache, force):  # planned before from the same inputs
             merge_plan = _plan_merge(plan, mf.merges[name])
             plan.merges[name] = merge_plan
             merge_plan.identity = plan.recipe.add(name, _node(plan, merge_plan))
+            if merge_plan.statistic is not None:
+                resolve_statistic(plan, merge_plan.statistic, cache, force)
             resolve_keys(plan, merge_plan, cache, force)
+            shortcut.remember(plan, merge_plan, cache)
     return plan
 
 
@@ -181,6 +201,9 @@ def _node(plan: Plan, merge: MergePlan) -> dict:
     if merge.arch is not None and (merge.arch.aliases or merge.arch.groups):
         node["params"] = {k: _canonical_table(v, merge.arch) for k, v in node["params"].items()}
     node.update(node_fields(merge))  # the tokenizers a vocab / tokenizer_source merge read
+    if merge.statistic is not None:  # its version and data reach the output's identity too
+        stat = merge.statistic.spec
+        node["statistic"] = {"name": stat.name, "version": stat.version, **({"data": stat.data} if stat.data else {})}
     return node
 
 
@@ -252,6 +275,12 @@ class MergeContext:
 
 def _plan_merge(plan: Plan, spec: MergeSpec) -> MergePlan:
     method = get_method(spec.method)
+    for key, value in spec.params.items():  # a word (k = "auto") is resolved before planning
+        param = method.param(key)
+        if param is not None and isinstance(value, str) and value in param.words:
+            raise MergefileError(plan.mergefile.path, f"merges.{spec.name}", key,
+                                 f"{value!r} is chosen before planning by the CLI (mergebuild build, -n, status, "
+                                 "explain) or mergebuild.api.build; give a number here")
     first = spec.inputs[0]
     names = plan.tensor_names(first)
     arch, how = detect(names, plan.config(first))
@@ -259,6 +288,7 @@ def _plan_merge(plan: Plan, spec: MergeSpec) -> MergePlan:
     discard = re.compile(spec.discard) if spec.discard else None
     ctx = MergeContext(plan, spec, arch, resolver)
     vocab = plan_vocab(ctx, method, names)  # None unless the merge sets vocab / tokenizer_source
+    statistic = _plan_statistic(ctx, method)
     if method.plan_tasks is not None:
         tasks = _method_planned(ctx, method)
     else:
@@ -275,7 +305,7 @@ def _plan_merge(plan: Plan, spec: MergeSpec) -> MergePlan:
                  f"{spec.inputs[0]} (a block table with a default, or a rule whose regex matches them, merges them)")
     merge = MergePlan(spec, method, tasks, arch=arch, arch_how=how, warnings=ctx.warnings, notes=ctx.notes,
                       output_metadata=ctx.output_metadata, block_sensitive=resolver.block_sensitive,
-                      config=ctx.config, vocab=vocab, adapter=ctx.adapter)
+                      config=ctx.config, vocab=vocab, adapter=ctx.adapter, statistic=statistic)
     if method.merges_tensors and not any(t.method is method for t in tasks.values()):
         others = [set(plan.tensor_names(i)) for i in spec.inputs[1:]]
         matched = method.plan_tasks is not None or any(_input_names(method, n, others, arch) for n in names)
@@ -316,12 +346,26 @@ def _key_by_key(plan: Plan, spec: MergeSpec, method: Method, names: list[str], r
     return {name: _task(plan, spec, method, name, substring_rule, resolver, others) for name in sorted(names)}
 
 
+def _plan_statistic(ctx: MergeContext, method: Method) -> StatisticTask | None:
+    """The merge's whole-model statistic, a node of the plan its tasks read (statistics.py)."""
+    if method.statistic is None:
+        return None
+    try:
+        stat = plan_statistic(ctx.spec.name, ctx.spec.inputs, method.statistic(ctx))
+    except ValueError as e:
+        raise MergefileError(ctx.plan.mergefile.path, f"merges.{ctx.spec.name}", None, str(e)) from None
+    if stat is not None:
+        ctx.plan.statistics[stat.node] = stat
+    return stat
+
+
 def _method_planned(ctx: MergeContext, method: Method) -> dict[str, TensorTask]:
     plan, spec = ctx.plan, ctx.spec
+    stat = next((s.node for s in plan.statistics.values() if s.merge == spec.name), None)
     tasks = {}
     try:
         for p in method.plan_tasks(ctx):
-            inputs = tuple((spec.inputs[i], name) for i, name in p.inputs)
+            inputs = tuple((stat if i == STATISTIC else spec.inputs[i], name) for i, name in p.inputs)
             if p.params is not None:
                 tasks[p.name] = TensorTask(p.name, p.dtype, tuple(p.shape), inputs, method, p.params)
             elif p.dtype == plan.ref(*inputs[0]).dtype:
@@ -445,11 +489,10 @@ def resolve_keys(plan: Plan, merge: MergePlan, cache: Cache, force: bool = False
             continue
         task.key = task_key(plan, name, task, digests)
         keyed.append(task)
-    found = {} if force else cache.index.lookup([t.key for t in keyed])
-    stored = cache.has_many(sorted(set(found.values())))
+    found = {} if force else cache.find_results({t.key: (t.dtype, t.shape) for t in keyed})  # local, else remote
     for task in keyed:
         digest = found.get(task.key)
-        if digest is not None and digest in stored:
+        if digest is not None:
             task.digest, task.state = digest, CACHED
         else:
             task.digest, task.state = None, DIRTY

@@ -20,7 +20,7 @@ from mergebuild.layouts.blocks import PRESETS
 from mergebuild.store.hashing import text_digest
 
 # fields of a node that record hashes learnt while building (lineage only, not identity)
-LINEAGE_ONLY = ("sha256", "autov2", "addnet_hash", "made_by")
+LINEAGE_ONLY = ("sha256", "autov2", "addnet_hash", "made_by", "tail")  # tail: what k = "auto" chose
 
 
 @dataclass
@@ -74,6 +74,7 @@ def merge_node(spec, version: int, settings: dict, output: dict | None) -> dict:
         "tokenizer_source": getattr(spec, "tokenizer_source", None),
         "settings": settings,
         "output": output,
+        "tail": getattr(spec, "tail", None),
     }
     node.update({k: v for k, v in optional.items() if v})
     return node
@@ -103,6 +104,8 @@ def changes(name: str, old: dict | None, new: dict, blocks: tuple[str, ...] = ()
         return [f"{_label(name, new)}: new"]
     if new.get("kind") == "model":
         return _model_changes(name, old, new)
+    if new.get("kind") == "fisher":
+        return _fisher_changes(name, old, new)
     out = []
     if old.get("method") != new.get("method"):
         return [f"{name}.method: {old.get('method')} -> {new.get('method')}"]
@@ -117,7 +120,21 @@ def changes(name: str, old: dict | None, new: dict, blocks: tuple[str, ...] = ()
         if old.get(key) != new.get(key):
             out += _field_changes(name, key, old.get(key), new.get(key))
     out += _value_changes(f"{name}.tokenizers", old.get("tokenizers"), new.get("tokenizers"), ())  # planning/vocab.py
+    out += _statistic_changes(name, old.get("statistic"), new.get("statistic"))
     return out
+
+
+def _statistic_changes(name: str, old: dict | None, new: dict | None) -> list[str]:
+    """A whole-model statistic's version or data (a dataset, a script) that differs."""
+    old, new = old or {}, new or {}
+    if old == new:
+        return []
+    label = new.get("name") or old.get("name")
+    if old.get("name") != new.get("name") or old.get("version") != new.get("version"):
+        return [f"{name}: statistic {old.get('name')} v{old.get('version')} -> {new.get('name')} v{new.get('version')}"]
+    before, after = old.get("data") or {}, new.get("data") or {}
+    return [f"{name}: {label} {key} changed ({str(before.get(key))[:4]}.. -> {str(after.get(key))[:4]}..)"
+            for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
 
 
 # settings a node lists only when they are not their default (so older identities hold)
@@ -134,7 +151,7 @@ def setting_changes(old: dict | None, new: dict | None) -> list[str]:
 
 
 def _label(name: str, node: dict) -> str:
-    return f"models.{name}" if node.get("kind") == "model" else name
+    return f"models.{name}" if node.get("kind") in ("model", "fisher") else name
 
 
 def _model_changes(name: str, old: dict, new: dict) -> list[str]:
@@ -147,6 +164,21 @@ def _model_changes(name: str, old: dict, new: dict) -> list[str]:
         else:
             what = f"content {str(old.get('content'))[:4]}.. -> {str(new.get('content'))[:4]}.."
         out.append(f"models.{name}: content changed ({what})")
+    return out
+
+
+def _fisher_changes(name: str, old: dict, new: dict) -> list[str]:
+    """A computed Fisher (planning/computed.py): its fields, and each script file by name."""
+    label = f"models.{name}"
+    out = []
+    for key in ("inputs", "loss", "batches", "samples", "version", "statistic"):
+        if old.get(key) != new.get(key):
+            out.append(f"{label}.{key}: {_text(old.get(key), 'unset')} -> {_text(new.get(key), 'unset')}")
+    before, after = old.get("scripts") or {}, new.get("scripts") or {}
+    for script in sorted(before.keys() | after.keys()):
+        if before.get(script) != after.get(script):
+            what = "new" if script not in before else "no longer imported" if script not in after else "changed"
+            out.append(f"{label}: script {script} {what}")
     return out
 
 

@@ -10,6 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
+from mergebuild.planning.computed import computed_line
+
 UNBOUNDED = 100_000  # columns when not writing to a terminal: nothing is cropped or wrapped
 
 
@@ -109,11 +111,33 @@ def cache_line(size: int, limit: int) -> str:
     return f"cache: {human_bytes(size)} of {human_bytes(limit)}"
 
 
+def ray_line(ray: dict) -> str:
+    """What --ray did, in a line: tasks, worker processes, nodes, bytes sent back."""
+    local = f", {ray['computed_on_driver']} on the driver" if ray["computed_on_driver"] else ""
+    workers = len(ray["worker_pids"])
+    return (f"ray: {ray['tasks']} tasks ({ray['tensors']} tensors) on {workers} worker process{'es' if workers != 1 else ''}, "
+            f"{ray['nodes']} node{'s' if ray['nodes'] != 1 else ''}{local}; "
+            f"{human_bytes(ray['bytes_to_driver'])} sent to the driver")
+
+
 def cache_stats_text(doc: dict) -> str:
     kinds = ", ".join(f"{k} {human_bytes(v)}" for k, v in doc["by_kind"].items() if v)
     return (f"{doc['path']}: {human_bytes(doc['bytes'])} on disk of a {human_bytes(doc['limit'])} limit"
             f" ({kinds or 'empty'}); {doc['blobs']} blobs, {doc['entries']} entries, {doc['output_tensors']} "
-            f"tensors located in outputs (not counted), {doc['builds']} builds, {doc['mergefiles']} Mergefiles")
+            f"tensors located in outputs (not counted), {doc['builds']} builds, {doc['mergefiles']} Mergefiles"
+            + (tiers_text(doc["tiers"]) if "tiers" in doc else ""))
+
+
+def tiers_text(tiers: dict) -> str:
+    """The lines of `cache stats` on the tiers: what each served and moved, over every build."""
+    local, remote = tiers["local"], tiers["remote"]
+    text = f"\nlocal tier: {local['hits']} hits, {human_bytes(local['bytes_read'])} read back"
+    if remote.get("url") or remote["hits"] or remote["blobs_up"]:
+        text += (f"\nremote tier (set now: {remote.get('url') or 'none'}): {remote['hits']} hits, {remote['misses']} "
+                 f"misses; {human_bytes(remote['bytes_down'])} down ({remote['blobs_down']} tensors), "
+                 f"{human_bytes(remote['bytes_up'])} up ({remote['blobs_up']} tensors, {remote['entries_up']} "
+                 f"entries); {remote['bad_blobs']} bad tensors not used, {remote['errors']} failures")
+    return text
 
 
 def verify_text(doc: dict) -> str:
@@ -149,6 +173,10 @@ def build_json(results, built=None) -> dict:
     if built is not None:
         doc["cache"] = {"bytes": built.cache_bytes, "limit": built.cache_limit}
         doc["warnings"] = built.warnings + built.late_warnings
+        if getattr(built, "ray", None) is not None:
+            doc["ray"] = built.ray
+        if getattr(built, "tiers", None) is not None:
+            doc["tiers"] = built.tiers
     return doc
 
 
@@ -158,13 +186,26 @@ def print_dry_run(statuses, verbose: bool) -> None:
         if verbose:
             for reason in s.reasons:
                 out.print(escape(f"  because {reason}"))
+            if s.statistic is not None:
+                out.print(escape(f"  {statistic_line(s.statistic)}"))
+            for doc in getattr(s, "computed", ()):
+                out.print(escape(f"  reads {computed_line(doc)}"))
+
+
+def statistic_line(stat: dict) -> str:
+    """A whole-model statistic as -n -v and explain show it: its state and what it reads."""
+    data = "".join(f", {label} {digest[:12]}" for label, digest in stat["data"].items())
+    return (f"statistic {stat['name']}: {stat['state']} (reads {stat['reads']} tensors of "
+            f"{', '.join(stat['inputs'])}{data})")
 
 
 def dry_run_json(statuses) -> dict:
     return {
         "merges": {
             s.name: {"status": s.state, "tensors": s.tensors, "dirty": s.dirty, "pending": s.pending,
-                     "output": str(s.output) if s.output else None, "reasons": s.reasons}
+                     "output": str(s.output) if s.output else None, "reasons": s.reasons,
+                     **({"statistic": s.statistic} if s.statistic is not None else {}),
+                     **({"computed": s.computed} if getattr(s, "computed", None) else {})}
             for s in statuses
         }
     }
@@ -200,7 +241,7 @@ def print_plan(plan, reasons: dict[str, list[str]], verbose: bool) -> None:
 
 
 def lineage_tree(node: dict) -> Tree:
-    """A lineage tree (lineage.as_tree) for rich, built without recursion (chains can be long)."""
+    """A lineage tree (lineage_read.as_tree) for rich, built without recursion (chains can be long)."""
     tree = Tree(_label(node))
     stack = [(tree, node)]
     while stack:
@@ -296,6 +337,10 @@ def print_explain(doc: dict) -> None:
         out.print(f"[bold]{escape(name)}[/]: {escape(info['state'])}")
         for reason in info["reasons"]:
             out.print(escape(f"  because {reason}"))
+        if "statistic" in info:
+            out.print(escape(f"  {statistic_line(info['statistic'])}"))
+        for doc in info.get("computed", ()):
+            out.print(escape(f"  reads {computed_line(doc)}"))
         if info["by_block"]:
             groups = ", ".join(f"{b} {n}" for b, n in info["by_block"].items())  # in the model's block order
             out.print(escape(f"  tensors to recompute by block: {groups}"))

@@ -216,6 +216,9 @@ def lineage_details(node: dict) -> list[str]:
     rules = node.get("rules") if isinstance(node.get("rules"), list) else []
     extra += [f"rule {rule_text(r)}" for r in rules if isinstance(r, dict)]
     extra += [f"{k} {value_text(node[k])}" for k in ("discard", "include", "exclude") if node.get(k)]
+    tail = node.get("tail")
+    if isinstance(tail, dict) and tail.get("rule") == "two-tailed":  # k = "auto" (tune/two_tailed.py)
+        extra.append(f"k auto: two-tailed kept the last {tail.get('k')} of {tail.get('of')}")
     return [params_text(node.get("params") or {}), *extra]
 
 

@@ -46,7 +46,7 @@ class Result:
 
 def mb(cwd: Path, *args, env: dict | None = None) -> Result:
     """Run the CLI in this process, in `cwd`, with stdout and stderr captured."""
-    full = {k: v for k, v in os.environ.items() if k != "MERGEBUILD_CACHE"}
+    full = {k: v for k, v in os.environ.items() if k not in ("MERGEBUILD_CACHE", "MERGEBUILD_REMOTE_CACHE")}
     full.update({"NO_COLOR": "1", "SOURCE_DATE_EPOCH": "1790000000", **(env or {})})
     proc = in_process([str(a) for a in args], cwd, full, width=80)
     return Result(proc.returncode, proc.stdout, proc.stderr)
@@ -54,7 +54,7 @@ def mb(cwd: Path, *args, env: dict | None = None) -> Result:
 
 def mb_process(cwd: Path, *args, env: dict | None = None, shell_prefix: str = "", timeout: float = 120,
                **popen) -> subprocess.Popen | subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if k != "MERGEBUILD_CACHE"}
+    full = {k: v for k, v in os.environ.items() if k not in ("MERGEBUILD_CACHE", "MERGEBUILD_REMOTE_CACHE")}
     full.update(NO_COLOR="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(SIM)]), SOURCE_DATE_EPOCH="1790000000",
                 **(env or {}))
     command = [sys.executable, "-m", "mergebuild", *map(str, args)]
