@@ -159,10 +159,11 @@ def load(path: Path) -> dict:
     return load_file(str(path))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray cluster for the --ray tests, started once (Ray's start-up costs seconds): two
-    CPUs, no dashboard; yields the address another process (a `tune --ray` subprocess) joins."""
+    """A local Ray cluster for one module of --ray tests (Ray's start-up costs seconds): two CPUs,
+    no dashboard; yields the address another process (a `tune --ray` subprocess) joins. Shut down
+    after the module: its idle workers would otherwise take CPU from the rest of the suite."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
