@@ -29,7 +29,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy
 
 WINDOWS = sys.platform == "win32"
 COPY_CHUNK = 64 << 20
@@ -130,6 +129,8 @@ class RandomAccess:
     def read(self, size: int, offset: int):
         """`size` bytes from `offset`, in a fresh buffer that is not zeroed first (numpy's empty:
         no memset; large sizes reuse freed heap memory rather than faulting in new pages)."""
+        import numpy  # here, not at the top: a no-op build reads no tensor bytes
+
         buf = numpy.empty(size, dtype=numpy.uint8)
         self.read_into(buf, offset)
         return buf

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import numpy as np
-
 from mergebuild.methods.registry import Method
 from mergebuild.torchlazy import torch
 
@@ -30,7 +28,9 @@ class Rows:
     fill_rows: object  # (fills,)
     contrib: object  # (inputs, fills)
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def arrays(self) -> tuple:
+        """(src, fill, contrib) as int64 numpy arrays."""
+        import numpy as np  # here, not at the top: a no-op build never imports numpy
         n = len(self.src)
         src = np.asarray(self.src, dtype=np.int64).reshape(n, self.rows)
         fill = np.asarray(self.fill_rows, dtype=np.int64).reshape(-1)

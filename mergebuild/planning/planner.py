@@ -100,7 +100,7 @@ class Plan:
     compute_dtype: str
     recipe: Recipe = field(default_factory=Recipe)
     cache_root: Path | None = None
-    graph: object = None  # the networkx DAG of the Mergefile
+    graph: object = None  # the Mergefile's DAG (planning/graph.py)
     cache: Cache | None = None  # for what a method's planner must compute (planning/spectra.py)
     statistics: dict[str, StatisticTask] = field(default_factory=dict)  # by node ("<merge>#<name>")
 

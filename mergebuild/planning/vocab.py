@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import xxhash
 
 from mergebuild.dtypes import is_float
@@ -225,6 +224,7 @@ def _union(vocabs: list[Vocabulary], maps: list[dict], in_rows: list[int]) -> tu
 def _aligned(ctx, name: str, vp: VocabPlan, positions: tuple[int, ...], maps: list[dict],
              in_rows: list[int]) -> Rows:
     """Where each output row of each input (at `positions`; the first is input 0) comes from."""
+    import numpy as np  # in the functions, not at the top: a no-op build never imports numpy
     if vp.owner not in positions:
         raise InputError(f"[merges.{ctx.spec.name}] key {name!r} is not in {ctx.spec.inputs[vp.owner]}, whose "
                          "vocabulary the output has: its rows have no source")
@@ -248,16 +248,19 @@ def _aligned(ctx, name: str, vp: VocabPlan, positions: tuple[int, ...], maps: li
 
 
 def _truncated(rows: int, positions: tuple[int, ...]) -> Rows:
+    import numpy as np
     keep = np.arange(rows, dtype=np.int64)
     return Rows(rows, np.stack([keep] * len(positions)), keep[:0], np.zeros((len(positions), 0), dtype=np.int64))
 
 
 def _identity(rows: Rows, in_rows: list[int]) -> bool:
+    import numpy as np
     src, fill, _ = rows.arrays()
     return not len(fill) and all(r == rows.rows for r in in_rows) and bool((src == np.arange(rows.rows)).all())
 
 
 def digest(rows: Rows) -> str:
+    import numpy as np
     h = xxhash.xxh3_128()
     for a in rows.arrays():
         h.update(f"{a.shape}".encode())

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import networkx as nx
-
 from mergebuild.planning.recipe import IDENTITY_KEY, changes, recorded_nodes
 from mergebuild.planning.shortcut import settle
 from mergebuild.planning.sources import remember_sha256
@@ -36,7 +34,7 @@ def decide_outputs(plan, cache: Cache, force: bool = False) -> None:
         elif merge.spec.output is not None and not merge.current:
             needed.add(name)  # an upstream merge that has an output of its own: kept current too
     for name in list(needed):
-        needed |= {a for a in nx.ancestors(graph, name) if a in plan.merges}
+        needed |= {a for a in graph.ancestors(name) if a in plan.merges}
     for name, merge in plan.merges.items():
         merge.needed = name in needed
     settle(plan, cache)  # a merge restored from its summary that the build runs: its bytes checked

@@ -157,10 +157,9 @@ def _scorer(mf: Mergefile, where: str, table: dict) -> ScorerSpec:
 
 def _check_ranges(mf: Mergefile, ranges: list[Range], target: str, sampler: str) -> None:
     from mergebuild.planning.graph import build_graph
-    import networkx as nx
 
     path = mf.path
-    upstream = nx.ancestors(build_graph(mf), target) | {target}
+    upstream = build_graph(mf).ancestors(target) | {target}
     if not any(r.merge in upstream for r in ranges):
         raise MergefileError(path, "tune", "target", f"no open search range reaches {target!r} "
                              f"(ranges in: {', '.join(sorted({r.merge for r in ranges}))})")
