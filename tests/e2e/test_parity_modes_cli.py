@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from mergebuild import api
 from tests.conftest import mergefile, run_cli, write_model
 from tests.methods.test_parity_modes import (
-    a1111_add_difference, a1111_weighted_sum, as_torch, dare_masks, mecha_slerp, mergekit_l1, mergekit_ties,
-    same_bytes, stored,
+    a1111_add_difference, a1111_weighted_sum, as_torch, dare_masks, mergekit_l1, mergekit_ties, same_bytes, stored,
 )
+from tests.methods.test_parity_slerp import mecha_slerp
 
 # --- through the Mergefile and the CLI ------------------------------------------------------
 

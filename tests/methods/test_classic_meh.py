@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_classic import close, lerp, np64, run, trio
+from tests.methods.test_classic import close, lerp, np64, run, trio
 
 # --- sd-meh -------------------------------------------------------------------------------
 

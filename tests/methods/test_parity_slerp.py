@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_parity_modes import fine_tunes, run, same_bytes
+from tests.methods.test_parity_modes import fine_tunes, run, same_bytes
 
 
 def mergekit_slerp(t: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, dot_threshold=0.9995, eps=1e-8):
