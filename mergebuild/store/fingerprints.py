@@ -65,6 +65,9 @@ class Known:
     addnet: str | None  # sha256 of the tensor data (kohya's addnet hash)
 
 
+BUSY_RETRIES = 5  # a busy database is retried this many times before the store turns itself off
+
+
 class FingerprintStore:
     """One process's handle on the store; every method is safe to call from any thread and
     never raises: a failure turns the store off and leaves one warning (take_warning)."""
@@ -142,13 +145,21 @@ class FingerprintStore:
             db = self._connection()
             if db is None:
                 return None
-            try:
-                rows = db.execute(sql, params).fetchall()
-                return rows if fetch else None
-            except (sqlite3.Error, OSError) as e:
-                if not quiet:
-                    self._turn_off(e)
-                return None
+            for attempt in range(BUSY_RETRIES + 1):
+                try:
+                    rows = db.execute(sql, params).fetchall()
+                    return rows if fetch else None
+                except sqlite3.OperationalError as e:  # another process's write: SQLite may answer busy at once
+                    if attempt < BUSY_RETRIES and ("locked" in str(e) or "busy" in str(e)):
+                        time.sleep(0.05 * (attempt + 1))
+                        continue
+                    error = e
+                except (sqlite3.Error, OSError) as e:
+                    error = e
+                break
+            if not quiet:
+                self._turn_off(error)
+            return None
 
     def _connection(self) -> sqlite3.Connection | None:
         if self._opened:
