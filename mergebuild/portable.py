@@ -364,3 +364,13 @@ def release_freed_memory() -> None:
         return
     if trim is not None:
         trim(0)
+
+
+# --- cores ------------------------------------------------------------------------------------
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one (Linux; a
+    container or `taskset` narrows it), else every core."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return max(1, os.cpu_count() or 1)

@@ -27,6 +27,7 @@ from mergebuild.tensors.header import MAX_HEADER
 
 TEMP_MARK = ".mergebuild-tmp-"
 HEADER_SLACK = 64  # bytes beyond the draft header; the draft is exact, this is a margin
+HOLD = 96 << 20  # bytes of tensors written ahead of the data hash that it may keep in memory
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,15 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.slots, self.data_size = layout(tensors)
         # the sha256 of the data follows the writes: each completed prefix of tensors is hashed
-        # while later tensors are still being computed, from the bytes just written when the
-        # tensor is the next one in order (the usual case), else read back from the page cache
+        # while later tensors are still being computed, from the bytes in hand: a tensor written
+        # ahead of the hash (a batch of small tensors goes after the big ones around it) keeps
+        # its bytes, up to HOLD of them, until the hash reaches it; beyond that it is read back
         self._order = list(self.slots)
         self._index = {name: i for i, name in enumerate(self._order)}
         self._done = bytearray(len(self._order))
         self._hashed = 0
+        self._held: dict[int, memoryview] = {}
+        self._held_bytes = 0
         self._hasher = hashlib.sha256()
         self._hash_lock = threading.Lock()
         draft = len(header_bytes(self.slots, draft_metadata))
@@ -120,30 +124,34 @@ class SafetensorsWriter:
         """Tensor `name` is fully written (its bytes `written`, when in hand): hash what is now
         contiguous."""
         i = self._index[name]
-        if written is None:
-            self._done[i] = 1
-            self._advance_hash(wait=False)
-            return
         with self._hash_lock:  # sha256 is one stream: waiting here costs no throughput
             self._done[i] = 1
-            if i == self._hashed:
+            if written is not None and i > self._hashed and self._held_bytes + len(written) <= HOLD:
+                self._held[i] = written
+                self._held_bytes += len(written)
+            elif written is not None and i == self._hashed:
                 self._hasher.update(written)  # the bytes just written: no read back
                 self._hashed += 1
-        self._advance_hash(wait=False)
+            self._hash_done()
 
     def done_names(self) -> list[str]:
         return [n for n, i in self._index.items() if self._done[i]]
 
-    def _advance_hash(self, wait: bool) -> None:
-        if not self._hash_lock.acquire(blocking=wait):
-            return  # another thread is hashing; the final data_sha256() catches up
-        try:
-            while self._hashed < len(self._order) and (self._done[self._hashed] or wait):
+    def _advance_hash(self) -> None:
+        with self._hash_lock:
+            self._hash_done()
+
+    def _hash_done(self) -> None:
+        """Under the hash lock: hash the written tensors that follow the hashed prefix."""
+        while self._hashed < len(self._order) and self._done[self._hashed]:
+            held = self._held.pop(self._hashed, None)
+            if held is not None:
+                self._held_bytes -= len(held)
+                self._hasher.update(held)
+            else:
                 slot = self.slots[self._order[self._hashed]]
                 self._hash_range(self._hasher, self.data_start + slot.offset, slot.nbytes)
-                self._hashed += 1
-        finally:
-            self._hash_lock.release()
+            self._hashed += 1
 
     def _hash_range(self, hasher, position: int, size: int) -> None:
         end = position + size
@@ -164,7 +172,9 @@ class SafetensorsWriter:
         if hasher is not None:
             self._hash_range(hasher, self.data_start, self.data_size)
             return hasher
-        self._advance_hash(wait=True)
+        self._advance_hash()
+        if self._hashed < len(self._order):
+            raise BuildError(f"{self.path}: tensor {self._order[self._hashed]!r} was never written")
         return self._hasher.copy()
 
     def commit(self, metadata: dict[str, str]) -> None:

@@ -1,6 +1,7 @@
 """The writer's sha256 of the tensor data (ModelSpec's hash_sha256) is hashed as tensors are
-written, from the bytes in hand when in order, else read back: whatever the order and the
-threads, it is hashlib's sha256 of the data section."""
+written, from the bytes in hand (those written ahead of the hash kept, up to HOLD bytes), else
+read back: whatever the order, the threads and the hold, it is hashlib's sha256 of the data
+section."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import mergebuild.tensors.writer as writer_module
+from mergebuild.errors import BuildError
 from mergebuild.portable import RandomAccess
 from mergebuild.tensors.writer import SafetensorsWriter
 
 
+@pytest.mark.parametrize("hold", [writer_module.HOLD, 150_000, 0])  # all held, some read back, none held
 @pytest.mark.parametrize("order", ["in order", "reversed", "shuffled", "threads", "copied and written"])
-def test_data_sha256_whatever_the_order(tmp_path, order):
+def test_data_sha256_whatever_the_order(tmp_path, monkeypatch, order, hold):
+    monkeypatch.setattr(writer_module, "HOLD", hold)
     rng = random.Random(order)
     sizes = [rng.choice([1, 2, 3, 64, 1000, 70_000]) for _ in range(60)]
     tensors = [(f"t{i}", "U8", (n,)) for i, n in enumerate(sizes)]
@@ -50,3 +55,11 @@ def test_data_sha256_whatever_the_order(tmp_path, order):
     body = raw[8 + int.from_bytes(raw[:8], "little"):]
     assert body == b"".join(data[n] for n, _, _ in tensors)
     assert digest == hashlib.sha256(body).hexdigest()
+
+
+def test_a_tensor_never_written_is_an_error_not_a_hash_of_zeros(tmp_path):
+    writer = SafetensorsWriter(tmp_path / "out.safetensors", [("a", "U8", (4,)), ("b", "U8", (4,))], {}, "tok")
+    writer.write("b", bytearray(b"bbbb"))
+    with pytest.raises(BuildError, match="'a' was never written"):
+        writer.data_sha256()
+    writer.abort()

@@ -1,0 +1,84 @@
+"""Read buffers used again (execute/tensorio.py BufferPool): a buffer comes back only once nothing
+reads it, is never handed out twice at once, and the pool stays within its limit. End to end, a
+build whose read buffers are recycled tensor after tensor writes the formula's bits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mergebuild.execute.batching import SMALL
+from mergebuild.execute.tensorio import BufferPool
+from tests.conftest import build_json, load, mergefile, write_model
+
+
+def test_a_buffer_given_back_is_refilled_for_a_tensor_that_fits():
+    pool = BufferPool(limit=8 << 20)
+    first = pool.take(3000)
+    assert len(first) == 3000 and first.dtype == np.uint8
+    pool.give(first)
+    again = pool.take(2500)
+    assert len(again) == 2500 and np.shares_memory(again, first)  # the same memory, not a new page
+    bigger = pool.take(5 << 20)  # nothing free fits: a new buffer
+    assert not np.shares_memory(bigger, again)
+
+
+def test_a_buffer_given_back_twice_is_handed_out_once():
+    pool = BufferPool(limit=8 << 20)
+    buf = pool.take(100)
+    pool.give(buf)
+    pool.give(buf)
+    a, b = pool.take(100), pool.take(100)
+    assert not np.shares_memory(a, b)
+
+
+def test_the_pool_keeps_at_most_its_limit_and_the_smallest_fit_first():
+    pool = BufferPool(limit=3 * BufferPool.STEP)
+    small, large = pool.take(10), pool.take(2 * BufferPool.STEP)
+    extra = pool.take(10)
+    for buf in (large, small, extra):
+        pool.give(buf)  # the third does not fit the limit: dropped
+    assert pool._free_bytes <= pool.limit
+    assert np.shares_memory(pool.take(5), small)  # the 1 MB buffer, not the 2 MB one
+    assert np.shares_memory(pool.take(5), large)
+    assert len(pool.take(5).base) == BufferPool.STEP  # the pool is empty: a fresh one
+
+
+def test_zero_bytes():
+    pool = BufferPool()
+    empty = pool.take(0)
+    assert len(empty) == 0
+    pool.give(empty)
+
+
+def test_recycled_read_buffers_give_the_formula_bits(tmp_path, monkeypatch):
+    """Many tensors of many sizes (each read into a buffer another tensor used before), two
+    dtypes, a merge with an output: every result equals torch's lerp on these inputs."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [(n,) for n in (70_000, 300_000, 5_000, 1_200_000, 90_000, 700_000)] * 4
+    a = {f"t{i:02d}": torch.randn(s, generator=g).to(torch.float16 if i % 2 else torch.bfloat16)
+         for i, s in enumerate(shapes)}
+    b = {k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in a.items()}
+    write_model(tmp_path / "a.safetensors", a)
+    write_model(tmp_path / "b.safetensors", b)
+    mergefile(tmp_path / "mergefile.toml", """
+[models.A]
+path = "a.safetensors"
+[models.B]
+path = "b.safetensors"
+[merges.m]
+method = "weighted_sum"
+inputs = ["A", "B"]
+alpha = 0.3
+output = "m.safetensors"
+""")
+    given = []
+    give = BufferPool.give
+    monkeypatch.setattr(BufferPool, "give", lambda self, view: (given.append(len(view)), give(self, view)))
+    build_json(cwd=tmp_path)
+    unbatched = [k for k, v in a.items() if v.numel() > SMALL]  # small ones travel in batches (batching.py)
+    assert len(given) == 2 * len(unbatched)  # both inputs of every other tensor went back to the pool
+    out = load(tmp_path / "m.safetensors")
+    for k in a:
+        expected = torch.lerp(a[k].float(), b[k].float(), 0.3).to(a[k].dtype)
+        assert torch.equal(out[k], expected), k
