@@ -95,40 +95,55 @@ class OpenFiles:
 class BufferPool:
     """Read buffers used again. A fresh buffer costs the kernel a page fault and a zeroed page
     for every page read into it (1.5 s of system time for an SD1.5 pair's 4.3 GB); a buffer
-    given back, once nothing reads it any more, is refilled instead. At most `limit` bytes wait
-    here; buffers are sized in steps of STEP bytes so that one fits many tensors."""
+    given back, once nothing reads it any more, is refilled instead. A tensor takes the smallest
+    free buffer that holds it and is at most twice its size (a small tensor must not use up the
+    buffer a large one needs). Its buffers, in use and waiting, stay within `limit` bytes (the
+    longest-waiting dropped first), so a build's memory stays what the staging window allows.
+    Buffers are sized in steps of STEP bytes, so that one fits neighbours of similar sizes."""
 
     STEP = 1 << 20
 
-    def __init__(self, limit: int = 128 << 20):
+    def __init__(self, limit: int = 256 << 20):
         self.limit = limit
-        self._free: list = []  # numpy uint8 arrays, smallest first
+        self._free: list = []  # numpy uint8 arrays, the longest-waiting first
         self._free_bytes = 0
+        self._taken = 0  # bytes of the pool's buffers in use (taken, not given back)
         self._lock = threading.Lock()
 
     def take(self, size: int):
         """A buffer of exactly `size` bytes (a view of a pooled one when one fits)."""
         import numpy  # here, not at the top: a no-op build reads no tensor bytes
 
+        capacity = -(-max(size, 1) // self.STEP) * self.STEP
         with self._lock:
-            for i, buf in enumerate(self._free):
-                if len(buf) >= size:
-                    del self._free[i]
-                    self._free_bytes -= len(buf)
-                    return buf[:size]
-        return numpy.empty(-(-max(size, 1) // self.STEP) * self.STEP, dtype=numpy.uint8)[:size]
+            fits = [(len(b), i) for i, b in enumerate(self._free) if capacity <= len(b) <= 2 * capacity]
+            if fits:
+                buf = self._free.pop(min(fits)[1])
+                self._free_bytes -= len(buf)
+            else:
+                buf = None
+                self._drop_beyond(self.limit - capacity)
+            self._taken += capacity if buf is None else len(buf)
+        return (numpy.empty(capacity, dtype=numpy.uint8) if buf is None else buf)[:size]
 
     def give(self, view) -> None:
         """A buffer from take(), which nothing will read again."""
         buf = view.base
-        if buf is None:
+        if buf is None or len(buf) > self.limit:
             return
         with self._lock:
-            if self._free_bytes + len(buf) > self.limit or any(b is buf for b in self._free):
+            if any(b is buf for b in self._free):
                 return
+            self._taken -= len(buf)
             self._free.append(buf)
-            self._free.sort(key=len)
             self._free_bytes += len(buf)
+            self._drop_beyond(self.limit)
+
+    def _drop_beyond(self, limit: int) -> None:
+        """Under the lock: drop waiting buffers, the longest-waiting first, until the pool's
+        buffers are within `limit` bytes."""
+        while self._free and self._free_bytes + self._taken > limit:
+            self._free_bytes -= len(self._free.pop(0))
 
 
 def read_ref(ref: TensorRef, cache: Cache, files: OpenFiles, pool: BufferPool | None = None):

@@ -32,16 +32,29 @@ def test_a_buffer_given_back_twice_is_handed_out_once():
     assert not np.shares_memory(a, b)
 
 
-def test_the_pool_keeps_at_most_its_limit_and_the_smallest_fit_first():
-    pool = BufferPool(limit=3 * BufferPool.STEP)
-    small, large = pool.take(10), pool.take(2 * BufferPool.STEP)
-    extra = pool.take(10)
-    for buf in (large, small, extra):
-        pool.give(buf)  # the third does not fit the limit: dropped
-    assert pool._free_bytes <= pool.limit
-    assert np.shares_memory(pool.take(5), small)  # the 1 MB buffer, not the 2 MB one
-    assert np.shares_memory(pool.take(5), large)
-    assert len(pool.take(5).base) == BufferPool.STEP  # the pool is empty: a fresh one
+def test_the_smallest_fit_and_never_a_buffer_over_twice_the_size():
+    step = BufferPool.STEP
+    pool = BufferPool(limit=16 * step)
+    small, large, huge = pool.take(10), pool.take(2 * step), pool.take(4 * step)
+    for buf in (huge, large, small):
+        pool.give(buf)
+    assert np.shares_memory(pool.take(5), small)  # 1 MB, not 2 or 4
+    assert np.shares_memory(pool.take(step + 1), large)  # needs 2 MB
+    assert not np.shares_memory(pool.take(step), huge)  # 4 MB is over twice what 1 MB needs
+
+
+def test_buffers_in_use_and_waiting_stay_within_the_limit():
+    step = BufferPool.STEP
+    pool = BufferPool(limit=3 * step)
+    a, b = pool.take(step), pool.take(step)
+    pool.give(a)
+    pool.give(b)
+    assert pool._free_bytes + pool._taken <= pool.limit
+    c = pool.take(3 * step)  # fits none: the waiting ones make room for it, the oldest first
+    assert pool._free_bytes + pool._taken <= pool.limit
+    pool.give(c)
+    assert pool._free_bytes + pool._taken <= pool.limit
+    assert np.shares_memory(pool.take(3 * step), c)
 
 
 def test_zero_bytes():
