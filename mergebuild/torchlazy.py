@@ -36,6 +36,13 @@ class _LazyModule:
 torch = _LazyModule("torch")
 
 
+def preload() -> None:
+    """Start importing torch in the background (a build that will compute: the import, a second
+    or more, overlaps with what comes before the first tensor instead of delaying it)."""
+    if torch._module is None:
+        threading.Thread(target=torch._load, name="import-torch").start()
+
+
 def torch_dtype(code: str):
     """The torch dtype of a safetensors dtype code ("F16" -> torch.float16)."""
     from mergebuild.dtypes import TORCH_NAMES
