@@ -221,9 +221,10 @@ class Executor:
         if task.state == DIRTY:
             pool = self.pool if self._chunked(task) else None  # the inputs are done with once computed
             buffers = [self._load(node, tensor, pool) for node, tensor in task.inputs]
-            if pool is not None:
+            if pool is not None:  # a source's bytes are read into the pool's buffers (read_ref)
                 with self._lock:
-                    self._pooled[id(task)] = buffers
+                    self._pooled[id(task)] = [b for b, (n, t) in zip(buffers, task.inputs)
+                                              if self.plan.ref(n, t).file is not None]
             return self._upload(task, buffers)
         ref = self.plan.ref(*task.inputs[0]) if task.state == PASSTHROUGH else self.plan.ref(merge.spec.name, task.name)
         if ref.file is not None or self.cache.locate(ref.digest) is not None:

@@ -8,6 +8,7 @@ descriptors stays small whatever the number of sources or tensors.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -108,6 +109,7 @@ class BufferPool:
         self._free: list = []  # numpy uint8 arrays, the longest-waiting first
         self._free_bytes = 0
         self._taken = 0  # bytes of the pool's buffers in use (taken, not given back)
+        self._mine: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> a buffer it made
         self._lock = threading.Lock()
 
     def take(self, size: int):
@@ -124,16 +126,20 @@ class BufferPool:
                 buf = None
                 self._drop_beyond(self.limit - capacity)
             self._taken += capacity if buf is None else len(buf)
-        return (numpy.empty(capacity, dtype=numpy.uint8) if buf is None else buf)[:size]
+        if buf is None:
+            buf = numpy.empty(capacity, dtype=numpy.uint8)
+            with self._lock:
+                self._mine[id(buf)] = buf
+        return buf[:size]
 
     def give(self, view) -> None:
         """A buffer from take(), which nothing will read again."""
-        buf = view.base
+        buf = getattr(view, "base", None)
         if buf is None or len(buf) > self.limit:
             return
         with self._lock:
-            if any(b is buf for b in self._free):
-                return
+            if self._mine.get(id(buf)) is not buf or any(b is buf for b in self._free):
+                return  # not one of its buffers (never pool another's memory), or already back
             self._taken -= len(buf)
             self._free.append(buf)
             self._free_bytes += len(buf)

@@ -57,6 +57,14 @@ def test_buffers_in_use_and_waiting_stay_within_the_limit():
     assert np.shares_memory(pool.take(3 * step), c)
 
 
+def test_memory_the_pool_did_not_make_is_never_pooled():
+    pool = BufferPool()
+    foreign = np.empty(4 << 20, dtype=np.uint8)
+    pool.give(foreign[:100])  # a view of someone else's array (a cached tensor, a read window)
+    pool.give(foreign)
+    assert not np.shares_memory(pool.take(100), foreign)
+
+
 def test_zero_bytes():
     pool = BufferPool()
     empty = pool.take(0)
