@@ -27,7 +27,6 @@ from mergebuild.errors import UsageError
 from mergebuild.execute.executor import MergeResult, NullProgress
 from mergebuild.mergefile import Mergefile, load_mergefile, parse_mergefile
 from mergebuild.planning.planner import Plan
-from mergebuild.record.lineage_read import read_lineage
 
 __all__ = ["BuildResult", "MergeResult", "MergeStatus", "Mergefile", "build", "dry_run", "lineage", "load", "plan",
            "status"]
@@ -127,6 +126,8 @@ def status(mf: Mergefile | str | Path, targets=(), cache: str | Path | None = No
 def lineage(path: str | Path) -> dict:
     """How a file (or model folder) was made, from its metadata alone: a tree of merges and
     files, across generations (mergebuild's recipe, A1111's, ModelSpec's)."""
+    from mergebuild.record.lineage_read import read_lineage  # not needed by a build
+
     return read_lineage(Path(path))
 
 

@@ -11,7 +11,6 @@ from mergebuild.execute.commit import lora_files, output_date
 from mergebuild.execute.executor import Executor, MergeResult
 from mergebuild.record.lineage import SourceHashes, build_metadata, header_budget
 from mergebuild.record.lock import write_lock
-from mergebuild.planning.computed import describe_computed
 from mergebuild.planning.shortcut import remember_all
 from mergebuild.planning.planner import DIRTY, PENDING, Plan, make_plan
 from mergebuild.record.state import decide_outputs, reasons as merge_reasons
@@ -143,7 +142,11 @@ def dry_run_with_warnings(opts: BuildOptions) -> tuple[Plan, list[MergeStatus], 
 def _status(plan: Plan, name: str, reasons: list[str]) -> MergeStatus:
     merge = plan.merges[name]
     stat = merge.statistic.describe() if merge.statistic is not None else None
-    computed = [describe_computed(plan.statistics[n]) for n in dict.fromkeys(merge.spec.inputs) if n in plan.statistics]
+    computed = [n for n in dict.fromkeys(merge.spec.inputs) if n in plan.statistics]
+    if computed:  # computed sources (planning/computed.py: imported where a Mergefile has one)
+        from mergebuild.planning.computed import describe_computed
+
+        computed = [describe_computed(plan.statistics[n]) for n in computed]
     return MergeStatus(name, len(merge.tasks), merge.count(DIRTY), merge.count(PENDING), merge.spec.output,
                        merge.current, merge.needed, reasons, stat, computed)
 

@@ -185,7 +185,9 @@ def _cmd_inspect(args) -> int:
     if args.json:
         report.print_json(doc)
     else:
-        report.print_inspect(doc)
+        from mergebuild.render.files_text import print_inspect
+
+        print_inspect(doc)
     return 0
 
 
@@ -202,7 +204,9 @@ def _cmd_diff(args) -> int:
     if args.json:
         report.print_json(doc)
     else:
-        report.print_diff(doc)
+        from mergebuild.render.files_text import print_diff
+
+        print_diff(doc)
     return 0
 
 

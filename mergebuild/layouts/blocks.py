@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -187,12 +188,30 @@ def _architecture(name: str, a: dict) -> Architecture:
 
 
 @lru_cache(maxsize=None)
-def architectures() -> dict[str, Architecture]:
-    """Every architecture, in the order detection tries them (detect_order; generic last)."""
+def _documents() -> dict[str, dict]:
+    """Every architecture file as data, its `extends` resolved, in detection order: what a
+    Mergefile's checks (block names, presets) read, with no pattern compiled."""
     files = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(ARCHS.glob("*.json"))}
     docs = {name: _load(ARCHS / f"{name}.json", files) for name in files}
     order = sorted(docs, key=lambda n: (docs[n].get("detect_order", 10**9), n))
-    return {name: _architecture(name, docs[name]) for name in order}
+    return {name: docs[name] for name in order}
+
+
+@lru_cache(maxsize=None)
+def architectures() -> dict[str, Architecture]:
+    """Every architecture, in the order detection tries them (detect_order; generic last)."""
+    return {name: _compiled(name) for name in _documents()}
+
+
+def architecture(name: str) -> Architecture | None:
+    """One architecture by name (None: no file has it), its patterns compiled alone: a merge
+    restored from its summary (planning/shortcut.py) needs its own, not every file's."""
+    return _compiled(name) if name in _documents() else None
+
+
+@lru_cache(maxsize=None)
+def _compiled(name: str) -> Architecture:
+    return _architecture(name, _documents()[name])
 
 
 def fallback() -> Architecture:
@@ -268,19 +287,34 @@ def _check_block(name: str, arch: Architecture, in_range: bool = False) -> str:
     raise ValueError(f"block {name!r} does not exist in {arch.name} ({have})")
 
 
+@lru_cache(maxsize=None)
 def _presets() -> dict[str, list[float]]:
     """Named block lists, from the architecture files that define them (supermerger's 26-value
     presets live in sd1's; SDXL reads them through its list conversion). Names are unique."""
     out: dict[str, list[float]] = {}
-    for arch in architectures().values():
-        for name, values in arch.extra.get("presets", {}).items():
+    for doc in _documents().values():
+        for name, values in doc.get("presets", {}).items():
             if name in out:
                 raise ValueError(f"preset {name!r} is defined by two architecture files")
             out[name] = [float(v) for v in values]
     return out
 
 
-PRESETS: dict[str, list[float]] = _presets()
+class _Presets(Mapping):
+    """PRESETS: read from the files on first use, so importing this module reads none of them
+    (a no-op build that never detects an architecture compiles none of their patterns)."""
+
+    def __getitem__(self, name: str) -> list[float]:
+        return _presets()[name]
+
+    def __iter__(self):
+        return iter(_presets())
+
+    def __len__(self) -> int:
+        return len(_presets())
+
+
+PRESETS: Mapping[str, list[float]] = _Presets()
 
 
 def block_values(values: list[float], arch: Architecture) -> dict[str, float]:
@@ -298,8 +332,8 @@ def block_values(values: list[float], arch: Architecture) -> dict[str, float]:
 @lru_cache(maxsize=None)
 def _all_block_names() -> frozenset[str]:
     names = set()
-    for arch in architectures().values():
-        names |= {*arch.blocks, *arch.aliases, *arch.groups}
+    for doc in _documents().values():
+        names |= {*doc.get("blocks", []), *doc.get("aliases", {}), *doc.get("groups", {})}
     return frozenset(names)
 
 

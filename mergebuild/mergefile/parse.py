@@ -5,7 +5,6 @@ The schema is the contract users' files rely on; docs/mergefile.md documents it.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 import sys
@@ -453,5 +452,7 @@ def _string(path, table: str, field: str, value) -> str:
 
 
 def _hint(name: str, choices) -> str:
+    import difflib  # for a misspelt name only
+
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

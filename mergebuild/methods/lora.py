@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 from mergebuild.dtypes import is_float
 from mergebuild.layouts.blocks import block_values
-from mergebuild.layouts.lora_names import full_tensor_names, lora_names_map, lora_spec
 from mergebuild.methods import lora_formats as lf
 from mergebuild.methods import peft
 from mergebuild.methods.registry import Method, Param, PlannedTensor
@@ -122,6 +121,8 @@ def lbw_table(values: list, arch) -> dict[str, float]:
     """LoRA Block Weight values -> {block: weight}: one value per block of the architecture (or
     a list its list_conversions convert), or one of the short forms of its "lora" object
     (block_weight_forms: LoRA Block Weight's 17 and 12 values), whose left-out blocks get 0."""
+    from mergebuild.layouts.lora_names import lora_spec  # the name schemes: read when planning a bake only
+
     n = len(values)
     if not arch.blocks:
         raise ValueError(f"block_weights needs a model with blocks; {arch.name} models have none")
@@ -184,6 +185,8 @@ def _problems(ctx, lora: LoraFile, unmatched: list[str], allow: bool) -> None:
 
 def plan_bake(ctx):
     """lora: the model's keys; those LoRA modules target read the base and those modules only."""
+    from mergebuild.layouts.lora_names import full_tensor_names, lora_names_map  # planning a bake only
+
     opts = _options(ctx)
     n = len(ctx.spec.inputs) - 1
     strengths = _strengths(opts["strengths"], n)

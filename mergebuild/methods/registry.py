@@ -2,23 +2,43 @@
 
 A method is a pure function `fn(*tensors, **params) -> tensor` plus its declaration: name,
 version (bump it when the numbers it produces change: it is part of every cache key), input
-names, and parameters. Built-ins are listed in BUILTIN_MODULES; plugins register through the
+names, and parameters. Built-ins are listed in BUILTIN, by module; plugins register through the
 "mergebuild.methods" entry-point group with the same Method objects. Duplicate names are refused.
+
+Loading is lazy, so a build imports only the methods it names (a no-op build stays fast): a
+built-in name loads its own module; the plugins (importlib.metadata, ~25 ms, and their modules)
+load for a name no built-in has, or when every method is asked for (`mergebuild methods`, a
+suggestion for an unknown name). A plugin that reuses a built-in's name is refused then.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 REQUIRED = object()
-BUILTIN_MODULES = ("mergebuild.methods.basic", "mergebuild.methods.classic", "mergebuild.methods.meh",
-                   "mergebuild.methods.task_vectors", "mergebuild.methods.many",
-                   "mergebuild.methods.parts", "mergebuild.methods.lora", "mergebuild.methods.lora_make",
-                   "mergebuild.methods.mergekit_methods", "mergebuild.methods.passthrough",
-                   "mergebuild.methods.rebasin", "mergebuild.methods.zipit")
+# every built-in method, by the module that declares it (tests/unit/test_registry_index.py
+# holds this to each module's METHODS)
+BUILTIN = {
+    "mergebuild.methods.basic": ("weighted_sum", "add_difference", "copy"),
+    "mergebuild.methods.classic": ("sum_twice", "triple_sum", "weighted_subtraction", "tensor_sum", "slerp",
+                                   "train_difference", "cosine_a", "cosine_b", "extract"),
+    "mergebuild.methods.meh": ("multiply_difference", "similarity_add_difference", "euclidean_add_difference",
+                               "top_k_tensor_sum", "distribution_crossover"),
+    "mergebuild.methods.task_vectors": ("task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs", "della",
+                                        "model_stock"),
+    "mergebuild.methods.many": ("soup", "fisher", "geometric_median", "ema", "tail_average"),
+    "mergebuild.methods.parts": ("swap", "attention_swap", "bake_vae"),
+    "mergebuild.methods.lora": ("lora",),
+    "mergebuild.methods.lora_make": ("lora_merge", "lora_extract"),
+    "mergebuild.methods.mergekit_methods": ("nuslerp", "multislerp", "karcher", "sce", "nearswap"),
+    "mergebuild.methods.passthrough": ("passthrough",),
+    "mergebuild.methods.rebasin": ("rebasin", "permute"),
+    "mergebuild.methods.zipit": ("zipit",),
+}
+BUILTIN_MODULES = tuple(BUILTIN)
+_MODULE_OF = {name: module for module, names in BUILTIN.items() for name in names}
 ENTRY_POINT_GROUP = "mergebuild.methods"
 
 
@@ -213,7 +233,8 @@ class PlannedStatistic:
 
 
 _REGISTRY: dict[str, Method] = {}
-_loaded = False
+_loaded_modules: set[str] = set()
+_plugins_loaded = False
 
 
 def register(method: Method) -> Method:
@@ -223,16 +244,25 @@ def register(method: Method) -> Method:
     return method
 
 
-def _load() -> None:
-    global _loaded
-    if _loaded:
+def _load_module(module_name: str) -> None:
+    """Register one built-in module's methods (once)."""
+    if module_name in _loaded_modules:
         return
-    _loaded = True
+    _loaded_modules.add(module_name)
+    module = importlib.import_module(module_name)
+    for method in module.METHODS:
+        follows = method.follows or getattr(module, "FOLLOWS", "")
+        register(replace(method, follows=follows) if follows != method.follows else method)
+
+
+def _load() -> None:
+    """Every method: the built-ins, then the plugins."""
+    global _plugins_loaded
     for module_name in BUILTIN_MODULES:
-        module = importlib.import_module(module_name)
-        for method in module.METHODS:
-            follows = method.follows or getattr(module, "FOLLOWS", "")
-            register(replace(method, follows=follows) if follows != method.follows else method)
+        _load_module(module_name)
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -241,11 +271,16 @@ def _load() -> None:
 
 
 def get_method(name: str) -> Method | None:
-    _load()
+    if name in _MODULE_OF:
+        _load_module(_MODULE_OF[name])
+    elif name not in _REGISTRY:
+        _load()
     return _REGISTRY.get(name)
 
 
 def suggest(name: str) -> str:
+    import difflib
+
     _load()
     close = difflib.get_close_matches(name, _REGISTRY, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

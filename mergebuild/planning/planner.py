@@ -19,7 +19,6 @@ from mergebuild.dtypes import USER_DTYPES, is_float, nbytes
 from mergebuild.errors import InputError, MergefileError
 from mergebuild.methods.parts import POSITION_IDS
 from mergebuild.methods.registry import STATISTIC, Method, get_method
-from mergebuild.planning.computed import fisher_node, plan_fisher
 from mergebuild.planning.graph import build_graph, build_order
 from mergebuild.layouts.blocks import Architecture, detect
 from mergebuild.planning.outputs import check_outputs
@@ -167,6 +166,8 @@ def make_plan(mf: Mergefile, cache: Cache, targets: list[str] | None = None, for
                 graph=graph, cache=cache)
     for name in order:
         if name in mf.models and mf.models[name].fisher is not None:  # computed from data (computed.py)
+            from mergebuild.planning.computed import fisher_node, plan_fisher  # its scripts' parsing: only here
+
             stat = plan.statistics[name] = plan_fisher(plan, mf.models[name])
             plan.recipe.add(name, fisher_node(mf.models[name], stat))
             resolve_statistic(plan, stat, cache, force)

@@ -32,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path, PurePath
 
 from mergebuild import __version__
-from mergebuild.layouts.blocks import architectures
+from mergebuild.layouts.blocks import architecture
 from mergebuild.methods.parts import POSITION_IDS
 from mergebuild.methods.registry import get_method
 from mergebuild.planning.planner import (CACHED, PASSTHROUGH, MergePlan, Plan, TensorTask,
@@ -77,17 +77,25 @@ def plan_key(plan: Plan, name: str) -> str | None:
     """What planning `name` depends on, hashed; None: it must be planned in full."""
     mf = plan.mergefile
     spec = mf.merges[name]
-    models = {i: dataclasses.asdict(mf.models[i]) for i in spec.inputs if i in mf.models}
     inputs = [plan.recipe.identities.get(i) for i in spec.inputs]
     methods = [(m.name, m.version) for m in (get_method(spec.method), get_method("copy"), POSITION_IDS) if m]
     if None in inputs:
         return None
     try:
-        doc = [FORMAT, code_stamp(), name, dataclasses.asdict(spec), dataclasses.asdict(mf.settings), models, inputs,
-               methods]
+        models = {i: _as_dict(plan, ("models", i), mf.models[i]) for i in spec.inputs if i in mf.models}
+        doc = [FORMAT, code_stamp(), name, dataclasses.asdict(spec), _as_dict(plan, ("settings",), mf.settings), models,
+               inputs, methods]
         return text_digest(json.dumps(doc, sort_keys=True, default=_plain))
     except (_NotPlain, TypeError, ValueError):
         return None
+
+
+def _as_dict(plan: Plan, key: tuple, value) -> dict:
+    """dataclasses.asdict of the settings or a model, once per plan (not once per merge)."""
+    memo = plan.__dict__.setdefault("plan_key_docs", {})
+    if key not in memo:
+        memo[key] = dataclasses.asdict(value)
+    return memo[key]
 
 
 # --- restoring -------------------------------------------------------------------------------
@@ -159,7 +167,7 @@ def restore(plan: Plan, name: str, cache, force: bool) -> bool:
     node = meta["node"]
     if identity != node_identity(name, node, [plan.recipe.identities[i] for i in node.get("inputs", [])]):
         return False
-    arch = architectures().get(meta["arch"]) if meta["arch"] is not None else None
+    arch = architecture(meta["arch"]) if meta["arch"] is not None else None
     if (meta["arch"] is not None and arch is None) or get_method(spec.method) is None:
         return False
     merge = SummarizedMerge(
@@ -241,7 +249,7 @@ def remember_all(plan: Plan, cache) -> None:
 def _summarizable(merge: MergePlan) -> bool:
     if merge.vocab is not None or getattr(merge, "statistic", None) is not None or not merge.identity:
         return False
-    architectures_known = merge.arch is None or architectures().get(merge.arch.name) is merge.arch
+    architectures_known = merge.arch is None or architecture(merge.arch.name) is merge.arch
     if not architectures_known:
         return False
     for t in merge.tasks.values():

@@ -30,8 +30,6 @@ from mergebuild.methods.registry import get_method
 from mergebuild.planning.planner import Plan
 from mergebuild.planning.recipe import FORMAT, IDENTITY_KEY, RECIPE_KEY
 from mergebuild.record.hashes import autov2
-from mergebuild.record.inherit import copied_metadata
-from mergebuild.record.lineage_read import _foreign_models, import_lineage
 from mergebuild.tensors.folder import is_folder_output
 
 A1111_NAMES = {"weighted_sum": "Weighted sum", "add_difference": "Add difference", "copy": "No interpolation"}
@@ -73,6 +71,9 @@ def has_file(plan: Plan, merge: str) -> bool:
 
 # --- writing ---------------------------------------------------------------------------------
 def recipe_doc(plan: Plan, target: str, hashes: SourceHashes, warnings: list[str] | None = None) -> dict:
+    # the readers of the inputs' own lineage: imported when metadata is written (a no-op writes none)
+    from mergebuild.record.lineage_read import import_lineage
+
     nodes: dict[str, dict] = {}
     for name in plan.recipe.closure(target):
         node = dict(plan.recipe.nodes[name])
@@ -95,6 +96,8 @@ def recipe_doc(plan: Plan, target: str, hashes: SourceHashes, warnings: list[str
 
 def build_metadata(plan: Plan, merge: str, hashes: SourceHashes, data_sha256: str, date: str,
                    warnings: list[str] | None = None) -> dict[str, str]:
+    from mergebuild.record.inherit import copied_metadata
+
     doc = recipe_doc(plan, merge, hashes, warnings)
     sd_recipe, sd_models = _a1111(plan, merge, hashes)
     return {
@@ -165,6 +168,8 @@ def _a1111(plan: Plan, target: str, hashes: SourceHashes) -> tuple[dict, dict]:
     """A1111's sd_merge_recipe of the target, and sd_merge_models: every model and merge it is
     made from by hash, each once, with its own recipe nested as an object (as A1111 nests what
     read_metadata_from_safetensors parsed), and the inputs' own sd_merge_models merged in."""
+    from mergebuild.record.lineage_read import _foreign_models
+
     closure = [n for n in plan.recipe.closure(target) if n in plan.merges]
 
     def hash_of(name: str) -> str:

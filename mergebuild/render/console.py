@@ -4,41 +4,77 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from rich.console import Console, ConsoleDimensions
-from rich.markup import escape
-from rich.table import Table
-from rich.tree import Tree
+if TYPE_CHECKING:
+    from rich.table import Table
+    from rich.tree import Tree
 
-from mergebuild.planning.computed import computed_line
+# rich (~35 ms to import) is imported where something is drawn: a quiet or --json build that
+# prints nothing never pays it. The consoles `err` and `out` and FullWidthConsole are made on
+# first use (the module's __getattr__ below; in this module, _err() and _out()).
 
 UNBOUNDED = 100_000  # columns when not writing to a terminal: nothing is cropped or wrapped
 
 
-class FullWidthConsole(Console):
-    """A console that never loses information: on a terminal it wraps to the terminal's width;
-    written to a file or a pipe (`mergebuild lineage FILE > lineage.txt`) it neither crops nor
-    wraps, whatever terminal the process itself runs in (rich alone would use that terminal's
-    width, found through stdin)."""
+def _full_width_console_class():
+    from rich.console import Console, ConsoleDimensions
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if kwargs.get("width") is None:
-            self._width = None  # rich took COLUMNS as a fixed width: it may only size a terminal
+    class FullWidthConsole(Console):
+        """A console that never loses information: on a terminal it wraps to the terminal's width;
+        written to a file or a pipe (`mergebuild lineage FILE > lineage.txt`) it neither crops nor
+        wraps, whatever terminal the process itself runs in (rich alone would use that terminal's
+        width, found through stdin)."""
 
-    @property
-    def size(self) -> ConsoleDimensions:
-        if self._width is None and not self.is_terminal:
-            return ConsoleDimensions(UNBOUNDED, super().size.height)
-        return super().size
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if kwargs.get("width") is None:
+                self._width = None  # rich took COLUMNS as a fixed width: it may only size a terminal
 
-    @size.setter
-    def size(self, new_size) -> None:
-        Console.size.fset(self, new_size)
+        @property
+        def size(self) -> ConsoleDimensions:
+            if self._width is None and not self.is_terminal:
+                return ConsoleDimensions(UNBOUNDED, super().size.height)
+            return super().size
+
+        @size.setter
+        def size(self, new_size) -> None:
+            Console.size.fset(self, new_size)
+
+    FullWidthConsole.__module__, FullWidthConsole.__qualname__ = __name__, "FullWidthConsole"
+    return FullWidthConsole
 
 
-err = FullWidthConsole(stderr=True, highlight=False)
-out = FullWidthConsole(highlight=False, soft_wrap=True)
+def __getattr__(name: str):
+    makers = {"FullWidthConsole": _full_width_console_class,
+              "err": lambda: _made("FullWidthConsole")(stderr=True, highlight=False),
+              "out": lambda: _made("FullWidthConsole")(highlight=False, soft_wrap=True)}
+    if name not in makers:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return globals().setdefault(name, makers[name]())
+
+
+def _made(name: str):
+    """A module global made on first use (a test may have replaced it: that one is used)."""
+    made = globals().get(name)
+    return made if made is not None else __getattr__(name)
+
+
+def _err():
+    """The stderr console (progress, tables, warnings)."""
+    return _made("err")
+
+
+def _out():
+    """The stdout console (what a command answers)."""
+    return _made("out")
+
+
+def escape(text: str) -> str:
+    """rich's markup escape (rich imported on first use)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
 
 
 def print_json(doc) -> None:
@@ -51,7 +87,7 @@ class RichProgress:
     throughput and ETA, on stderr. Drawn on a terminal (or where `force` asks), never with -q."""
 
     def __init__(self, enabled: bool, force: bool = False):
-        self.enabled = enabled and (force or (err.is_terminal and not err.is_dumb_terminal))
+        self.enabled = enabled and (force or (_err().is_terminal and not _err().is_dumb_terminal))
         self._progress = None
         self._tasks: dict[str, int] = {}
 
@@ -63,7 +99,7 @@ class RichProgress:
                 TextColumn("[bold]{task.description}"), BarColumn(bar_width=12),
                 TextColumn("{task.fields[tensors]}/{task.fields[of]}"),
                 TextColumn("{task.fields[wrote]}/{task.fields[size]} read {task.fields[read]}"),
-                TransferSpeedColumn(), TimeRemainingColumn(compact=True), console=err, transient=False)
+                TransferSpeedColumn(), TimeRemainingColumn(compact=True), console=_err(), transient=False)
             self._progress.__enter__()
         return self
 
@@ -94,6 +130,8 @@ class RichProgress:
 
 
 def summary_table(results) -> Table:
+    from rich.table import Table
+
     table = Table(title="mergebuild", title_justify="left")
     for col in ("merge", "arch", "status", "tensors", "computed", "reused", "seconds", "output"):
         # fold: a long value goes on more lines in a narrow terminal rather than losing its end
@@ -181,15 +219,17 @@ def build_json(results, built=None) -> dict:
 
 
 def print_dry_run(statuses, verbose: bool) -> None:
+    from mergebuild.planning.computed import computed_line
+
     for s in statuses:
-        out.print(escape(f"{s.name}: {s.state}"))
+        _out().print(escape(f"{s.name}: {s.state}"))
         if verbose:
             for reason in s.reasons:
-                out.print(escape(f"  because {reason}"))
+                _out().print(escape(f"  because {reason}"))
             if s.statistic is not None:
-                out.print(escape(f"  {statistic_line(s.statistic)}"))
+                _out().print(escape(f"  {statistic_line(s.statistic)}"))
             for doc in getattr(s, "computed", ()):
-                out.print(escape(f"  reads {computed_line(doc)}"))
+                _out().print(escape(f"  reads {computed_line(doc)}"))
 
 
 def statistic_line(stat: dict) -> str:
@@ -215,17 +255,17 @@ def print_warnings(plan, warnings: list[str] = ()) -> None:
     """Warnings, one line each: the merges' own (an edit that reached no tensor...), then others."""
     lines = [f"{name}: {w}" for name, merge in (plan.merges.items() if plan is not None else ()) for w in merge.warnings]
     for line in lines + list(warnings):
-        err.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
+        _err().print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
 
 
 def print_plan_notes(plan) -> None:
     """What planning found worth a line: the sources' notes, then each merge's."""
     for name, source in plan.sources.items():
         for note in getattr(source, "notes", None) or ():
-            err.print(f"{escape(name)}: {escape(note)}")
+            _err().print(f"{escape(name)}: {escape(note)}")
     for name, merge in plan.merges.items():
         for note in merge.notes:
-            err.print(f"{escape(name)}: {escape(note)}")
+            _err().print(f"{escape(name)}: {escape(note)}")
 
 
 def print_plan(plan, reasons: dict[str, list[str]], verbose: bool) -> None:
@@ -234,14 +274,16 @@ def print_plan(plan, reasons: dict[str, list[str]], verbose: bool) -> None:
     print_plan_notes(plan)
     for name, merge in plan.merges.items():
         if verbose and merge.arch is not None:
-            err.print(escape(f"{name}: architecture {merge.arch.name} ({merge.arch_how})"))
+            _err().print(escape(f"{name}: architecture {merge.arch.name} ({merge.arch_how})"))
     if verbose:
         for name, items in reasons.items():
-            err.print(f"[bold]{escape(name)}[/]: " + escape("; ".join(items)))
+            _err().print(f"[bold]{escape(name)}[/]: " + escape("; ".join(items)))
 
 
 def lineage_tree(node: dict) -> Tree:
     """A lineage tree (lineage_read.as_tree) for rich, built without recursion (chains can be long)."""
+    from rich.tree import Tree
+
     tree = Tree(_label(node))
     stack = [(tree, node)]
     while stack:
@@ -277,7 +319,7 @@ def print_methods(methods) -> None:
         params = ", ".join(p.name if p.required else f"{p.name}={p.default}" for p in m.params)
         inputs = ", ".join(m.inputs) + (", ..." if m.variadic else "")
         summary = (m.doc or "").strip().splitlines()[0] if m.doc else ""
-        out.print(f"[bold]{escape(m.name)}[/] v{m.version} " + escape(f"[{inputs}] {params}: {summary}"))
+        _out().print(f"[bold]{escape(m.name)}[/] v{m.version} " + escape(f"[{inputs}] {params}: {summary}"))
 
 
 def method_doc(method) -> dict:
@@ -288,18 +330,20 @@ def method_doc(method) -> dict:
 
 
 def print_method(method) -> None:
+    from rich.table import Table
+
     doc = method_doc(method)
     inputs = ", ".join(doc["inputs"]) + (", ... (any number more)" if doc["variadic"] else "")
-    out.print(f"[bold]{escape(method.name)}[/] (version {method.version})")
-    out.print(escape(f"inputs: {inputs}"))
+    _out().print(f"[bold]{escape(method.name)}[/] (version {method.version})")
+    _out().print(escape(f"inputs: {inputs}"))
     if doc["follows"]:
-        out.print(escape(f"follows: {doc['follows']}"))
+        _out().print(escape(f"follows: {doc['follows']}"))
     if doc["doc"]:
-        out.print()
+        _out().print()
         for line in doc["doc"].splitlines():
-            out.print(escape(line.strip()))
+            _out().print(escape(line.strip()))
     if not method.params:
-        out.print("\nparameters: none")
+        _out().print("\nparameters: none")
         return
     table = Table(title="parameters", title_justify="left", box=None, show_header=True, pad_edge=False)
     for col in ("name", "type", "default", "meaning"):
@@ -310,8 +354,8 @@ def print_method(method) -> None:
             kind += ", by block"
         default = "required" if p["required"] else repr(p["default"])
         table.add_row(escape(name), escape(kind), escape(default), escape(p["doc"]))
-    out.print()
-    out.print(table)
+    _out().print()
+    _out().print(table)
 
 
 def human_bytes(n: int) -> str:
@@ -325,152 +369,24 @@ def human_bytes(n: int) -> str:
 def print_status(reasons: dict[str, list[str]]) -> None:
     for target, items in reasons.items():
         if not items:
-            out.print(f"{escape(target)}: up to date")
+            _out().print(f"{escape(target)}: up to date")
             continue
-        out.print(f"{escape(target)}: out of date")
+        _out().print(f"{escape(target)}: out of date")
         for reason in items:
-            out.print(escape(f"  {reason}"))
+            _out().print(escape(f"  {reason}"))
 
 
 def print_explain(doc: dict) -> None:
+    from mergebuild.planning.computed import computed_line
+
     for name, info in doc.items():
-        out.print(f"[bold]{escape(name)}[/]: {escape(info['state'])}")
+        _out().print(f"[bold]{escape(name)}[/]: {escape(info['state'])}")
         for reason in info["reasons"]:
-            out.print(escape(f"  because {reason}"))
+            _out().print(escape(f"  because {reason}"))
         if "statistic" in info:
-            out.print(escape(f"  {statistic_line(info['statistic'])}"))
+            _out().print(escape(f"  {statistic_line(info['statistic'])}"))
         for doc in info.get("computed", ()):
-            out.print(escape(f"  reads {computed_line(doc)}"))
+            _out().print(escape(f"  reads {computed_line(doc)}"))
         if info["by_block"]:
             groups = ", ".join(f"{b} {n}" for b, n in info["by_block"].items())  # in the model's block order
-            out.print(escape(f"  tensors to recompute by block: {groups}"))
-
-
-def print_inspect(doc: dict) -> None:
-    arch, lora = doc["architecture"], doc.get("lora")
-    what = _lora_summary(lora) if lora else f"{arch['description']} ({arch['name']})"
-    out.print(f"[bold]{escape(str(doc['path']))}[/]: {escape(what)}")
-    totals = doc["totals"]
-    dtypes = ", ".join(f"{k} {v}" for k, v in totals["dtypes"].items())
-    out.print(f"{totals['tensors']} tensors, {totals['params']:,} parameters, {human_bytes(totals['bytes'])} ({escape(dtypes)})")
-    if doc.get("hashes"):
-        h = doc["hashes"]
-        out.print(f"AutoV1 {h['autov1']}  AutoV2 {h['autov2']}  sha256 {h['sha256']}")
-        out.print(f"tensor data sha256 {h['tensor_data_sha256']}")
-    if lora:
-        _print_lora_rows(lora, doc["grouping"])
-    else:
-        table = Table(title="by " + doc["grouping"], title_justify="left")
-        for col in (doc["grouping"], "tensors", "parameters", "size", "dtypes"):
-            table.add_column(col, justify="left" if col in (doc["grouping"], "dtypes") else "right")
-        for row in doc["blocks"]:
-            table.add_row(escape(row["name"]), str(row["tensors"]), f"{row['params']:,}", human_bytes(row["bytes"]),
-                          escape(", ".join(f"{k} {v}" for k, v in row["dtypes"].items())))
-        out.print(table)
-        comps = ", ".join(f"{k} {v['tensors']} tensors ({human_bytes(v['bytes'])})" for k, v in doc["components"].items())
-        out.print(escape(f"components: {comps}"))
-    if doc.get("lineage"):
-        out.print("lineage:")
-        out.print(lineage_tree({"kind": "model", "name": str(doc["path"]), "made_by": doc["lineage"]}))
-    if doc["metadata"]:
-        out.print("metadata:")
-        for key in sorted(doc["metadata"]):  # recipes too, cut short: --json has them whole
-            out.print(escape(_metadata_line(key, doc["metadata"][key])))
-
-
-META_VALUE = 60  # most characters of a metadata value shown on its line
-
-
-def _metadata_line(key: str, value: str) -> str:
-    """'  key: value' on one line of the terminal; a long value (a recipe: thousands of
-    characters) is cut, with its full length. One barely too long (a hash) is kept whole:
-    cutting it would save less than the note of its length costs."""
-    flat = " ".join("".join(c if c.isprintable() else " " for c in value).split())
-    room = max(24, min(META_VALUE, out.width - len(key) - 4))
-    more = f"... ({len(value):,} chars)"
-    if len(flat) > room + len(more):
-        flat = flat[: room - len(more)] + more
-    return f"  {key}: {flat}"
-
-
-def _lora_summary(lora: dict) -> str:
-    """'LoRA (LoCon) for sdxl: 722 modules, rank 32, alpha 16'."""
-    kind = "LoRA" if lora["format"] == "LoRA" else f"LoRA ({lora['format']})"
-    target = lora["target"]["name"]
-    if lora["target"].get("grouping") == "layer":  # an architecture without blocks: LLMs and the like
-        target = f"{target} models (LLMs)"
-    return f"{kind} for {target}: {lora['modules']} modules, {_rank_text(lora)}, {_alpha_text(lora)}"
-
-
-def _rank_text(lora: dict) -> str:
-    full = lora["modules_without_rank"]  # LoKr modules with both factors whole
-    if not lora["ranks"]:
-        return "full-rank factors"
-    return _values("rank", lora["ranks"], lora["rank"]) + (f" ({full} modules full-rank)" if full else "")
-
-
-def _values(word: str, values: list, common) -> str:
-    if len(values) == 1:
-        return f"{word} {values[0]:g}"
-    shown = ", ".join(f"{v:g}" for v in values) if len(values) <= 4 else f"{values[0]:g}-{values[-1]:g}"
-    return f"{word}s {shown} (mostly {common:g})"
-
-
-def _alpha_text(lora: dict) -> str:
-    missing = lora["modules_without_alpha"]
-    if not lora["alphas"]:
-        return "alpha = rank (none stored)" if missing else "no readable alpha"
-    text = _values("alpha", lora["alphas"], lora["alpha"])
-    return text + (f" ({missing} modules without: alpha = rank)" if missing else "")
-
-
-def _print_lora_rows(lora: dict, grouping: str) -> None:
-    """A LoRA's modules by block (or layer) and by component of the model it was made for."""
-    group = lora["target"].get("grouping", "block")
-    table = Table(title=f"modules by {group}", title_justify="left")
-    for col in (group, "modules", "tensors", "parameters", "size"):
-        table.add_column(col, justify="left" if col == group else "right")
-    for row in lora["blocks"]:
-        table.add_row(escape(row["name"]), str(row["modules"]), str(row["tensors"]), f"{row['params']:,}",
-                      human_bytes(row["bytes"]))
-    out.print(table)
-    comps = ", ".join(f"{k} {v['modules']} modules" for k, v in lora["components"].items())  # sizes: the table
-    out.print(escape(f"components: {comps}"))
-    if lora.get("name_styles"):
-        out.print(escape("module names: " + ", ".join(f"{k} {v}" for k, v in lora["name_styles"].items())))
-    if lora["unmatched"]:
-        out.print(escape(f"{len(lora['unmatched'])} modules match no layer of an {lora['target']['name']} "
-                         f"checkpoint, e.g. {lora['unmatched'][0]}"))
-    if lora["stray_tensors"]:
-        out.print(escape(f"{len(lora['stray_tensors'])} tensors belong to no LoRA module, e.g. {lora['stray_tensors'][0]}"))
-
-
-def print_diff(doc: dict) -> None:
-    if doc.get("mismatch"):  # no tables: their numbers would compare unlike things
-        out.print(escape(f"{doc['a']} vs {doc['b']}: {doc['mismatch']}"))
-        out.print(f"{len(doc['only_in_a'])} keys only in A, {len(doc['only_in_b'])} only in B, "
-                  f"{len(doc['shape_mismatch'])} with other shapes, {doc['total']['tensors']} compared")
-        return
-    out.print(escape(f"{doc['a']} vs {doc['b']} ({doc['architecture']['name']})"))
-    for title, rows in ((doc["grouping"], doc["blocks"]), ("component", doc["components"])):
-        table = Table(title=f"by {title}", title_justify="left")
-        for col in (title, "tensors", "cosine", "rel. L2", "changed"):
-            table.add_column(col, justify="left" if col == title else "right")
-        for row in rows:
-            table.add_row(escape(row["name"]), str(row["tensors"]), _num(row["cosine"], 5), _num(row["rel_l2"], 4),
-                          f"{row['changed'] * 100:.1f}%")
-        out.print(table)
-    total = doc["total"]
-    out.print(f"total: cosine {_num(total['cosine'], 5)}, relative L2 {_num(total['rel_l2'], 4)}, "
-              f"{total['changed'] * 100:.1f}% of elements changed")
-    for label, key in (("only in A", "only_in_a"), ("only in B", "only_in_b")):
-        if doc[key]:
-            out.print(escape(f"{label}: {len(doc[key])} keys, e.g. {doc[key][0]}"))
-    if doc["shape_mismatch"]:
-        first = doc["shape_mismatch"][0]
-        out.print(escape(f"shape mismatches: {len(doc['shape_mismatch'])}, e.g. {first['key']} "
-                         f"{tuple(first['a'])} vs {tuple(first['b'])}"))
-
-
-def _num(value, digits: int) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+            _out().print(escape(f"  tensors to recompute by block: {groups}"))

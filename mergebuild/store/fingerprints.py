@@ -36,7 +36,10 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS files(device INTEGER NOT NULL, inode INTEGER NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, tensors TEXT, content TEXT, sha256 TEXT,
     addnet TEXT, used REAL NOT NULL, PRIMARY KEY(device, inode));
+CREATE INDEX IF NOT EXISTS files_used ON files(used);
 """
+# files_used: the expiry each opening runs reads the index, not every row (the rows hold whole
+# tensor tables: scanning a store of 981 files, 32 MB, took 11 ms of every command)
 Identity = tuple  # (device, inode, size, mtime_ns, ctime_ns): portable.file_identity
 
 

@@ -29,11 +29,9 @@ from pathlib import Path
 from mergebuild.errors import BuildError, UsageError
 from mergebuild.portable import replace
 from mergebuild.store.hashing import tensor_digest
-from mergebuild.store.tiers import TierStats, redact
+from mergebuild.store.tiers import MODES, TierStats, redact
 
 FORMAT = "v1"
-MODES = ("off", "read", "readwrite", "require")
-ENV_URL = "MERGEBUILD_REMOTE_CACHE"
 UPLOAD_THREADS = 4
 UPLOAD_CHUNK, UPLOAD_CHUNK_BYTES = 32, 32 << 20  # rows per round of concurrent puts, and their bytes
 # a dead endpoint should cost seconds, not botocore's minutes of retries; remote_options' own

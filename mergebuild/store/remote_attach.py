@@ -6,11 +6,13 @@ a build (uploads finished, fetched copies an output holds dropped, the counts ke
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from mergebuild.errors import UsageError
-from mergebuild.store.remote import ENV_URL, MODES, RemoteTier
-from mergebuild.store.remote_reads import RemoteReads
-from mergebuild.store.tiers import TierStats, load_stats, redact, save_stats
+from mergebuild.store.tiers import ENV_URL, MODES, TierStats, load_stats, redact, save_stats
+
+if TYPE_CHECKING:
+    from mergebuild.store.remote import RemoteTier
 
 
 def attach_remote(cache, url: str | None, options: dict | None, mode: str | None) -> RemoteTier | None:
@@ -27,6 +29,9 @@ def attach_remote(cache, url: str | None, options: dict | None, mode: str | None
     if not url:
         raise UsageError(f"--remote-cache={mode}: no remote cache is set ([settings] remote_cache or {ENV_URL})")
     check_url(url, ENV_URL if os.environ.get(ENV_URL) else "[settings] remote_cache")
+    from mergebuild.store.remote import RemoteTier  # imported only where a remote is set
+    from mergebuild.store.remote_reads import RemoteReads
+
     tier = RemoteTier(url, options, mode, cache.token)
     cache.remote, cache.remote_reads = tier, RemoteReads(cache, tier)
     if mode == "require":

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from mergebuild.portable import replace
 
 STATS_FILE = "tiers.json"
+MODES = ("off", "read", "readwrite", "require")  # --remote-cache
+ENV_URL = "MERGEBUILD_REMOTE_CACHE"  # the remote's URL, over [settings] remote_cache
 # option names whose values are secrets (s3fs: key, secret, token; client_kwargs'
 # aws_secret_access_key, aws_session_token; a password anywhere)
 SECRET_NAME = re.compile(r"key|secret|token|passw|credential|session|auth", re.IGNORECASE)
@@ -59,10 +60,12 @@ def load_stats(root: Path) -> TierStats:
 
 def save_stats(root: Path, build: TierStats) -> None:
     """Add a build's counts to the cache's totals (under the cache lock; temp then rename)."""
+    if build == TierStats():  # nothing counted (a no-op build): the totals stay as they are
+        return
     total = load_stats(root)
     total.add(build)
     path = Path(root) / STATS_FILE
-    temp = path.with_name(f"{STATS_FILE}.{uuid.uuid4().hex[:8]}.tmp")
+    temp = path.with_name(f"{STATS_FILE}.{os.urandom(4).hex()}.tmp")
     try:
         temp.write_text(json.dumps(asdict(total)) + "\n")
         replace(temp, path)

@@ -20,7 +20,7 @@ from mergebuild.dtypes import nbytes
 from mergebuild.errors import BuildError
 from mergebuild.portable import FileLock, fsync_dir, replace
 from mergebuild.mergefile.model import FILE_SUFFIX
-from mergebuild.tensors.header import read_header
+from mergebuild.tensors.header import read_metadata
 from mergebuild.tensors.writer import FOLDER_LOCK, TEMP_MARK, SafetensorsWriter
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -44,7 +44,7 @@ def output_marker(path: Path) -> Path:
 def written_by_mergebuild(path: Path) -> bool:
     """Whether a safetensors file carries mergebuild's metadata (it wrote the file)."""
     try:
-        return "mergebuild.version" in read_header(path).metadata
+        return "mergebuild.version" in read_metadata(path)  # a no-op build asks it of every output
     except Exception:  # not a readable safetensors file: not ours
         return False
 
