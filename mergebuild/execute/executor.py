@@ -42,7 +42,7 @@ from mergebuild.tensors.writer import remove_stale_temps
 
 ADAPTER_SHARD = 1 << 62  # PEFT loads one adapter_model.safetensors: an adapter is never sharded
 
-WRITE_BEHIND = 192 << 20
+WRITE_BEHIND = 128 << 20  # bytes of results waiting for the writers
 CHUNK = 1 << 20  # elements per chunk of an elementwise method: 4 MB in float32, so a chunk's few
 # passes (convert each input, the method, the sum, the cast) stay in the CPU's caches (measured
 # 1.7 s per 1e9 elements on 2 cores against 2.3 s with 4M-element chunks)
@@ -221,10 +221,9 @@ class Executor:
         if task.state == DIRTY:
             pool = self.pool if self._chunked(task) else None  # the inputs are done with once computed
             buffers = [self._load(node, tensor, pool) for node, tensor in task.inputs]
-            if pool is not None:  # a source's bytes are read into the pool's buffers (read_ref)
+            if pool is not None:  # sources' and blobs' bytes are read into its buffers (the pool takes back only its own)
                 with self._lock:
-                    self._pooled[id(task)] = [b for b, (n, t) in zip(buffers, task.inputs)
-                                              if self.plan.ref(n, t).file is not None]
+                    self._pooled[id(task)] = buffers
             return self._upload(task, buffers)
         ref = self.plan.ref(*task.inputs[0]) if task.state == PASSTHROUGH else self.plan.ref(merge.spec.name, task.name)
         if ref.file is not None or self.cache.locate(ref.digest) is not None:

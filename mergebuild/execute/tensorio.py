@@ -104,7 +104,7 @@ class BufferPool:
 
     STEP = 1 << 20
 
-    def __init__(self, limit: int = 256 << 20):
+    def __init__(self, limit: int = 128 << 20):
         self.limit = limit
         self._free: list = []  # numpy uint8 arrays, the longest-waiting first
         self._free_bytes = 0
@@ -154,12 +154,13 @@ class BufferPool:
 
 def read_ref(ref: TensorRef, cache: Cache, files: OpenFiles, pool: BufferPool | None = None):
     """The bytes of a tensor; None when it lives in the cache and is missing or bad there. A
-    source's bytes go into a buffer from `pool` when one is given (the caller gives it back)."""
+    source's or a blob's bytes go into a buffer from `pool` when one is given (the caller gives
+    it back)."""
     size = nbytes(ref.dtype, ref.shape)
     if ref.file is None:
         if ref.digest is None:  # not known (a summarized merge re-planned after its blobs went bad): a miss
             return None
-        return cache.get(ref.digest, ref.dtype, ref.shape, size)
+        return cache.get(ref.digest, ref.dtype, ref.shape, size, pool.take if pool is not None else None)
     try:
         if pool is not None:
             return files.read_into(ref.file, ref.begin, pool.take(size))

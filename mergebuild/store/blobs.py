@@ -9,7 +9,6 @@ blob truncated under a build is a miss, never SIGBUS.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 from mergebuild.portable import RandomAccess, disk_usage, is_locked, replace
@@ -37,7 +36,7 @@ class BlobStore:
         if target.exists():
             return 0
         target.parent.mkdir(parents=True, exist_ok=True)
-        temp = self.tmp / f"{digest}.{self.token}.{uuid.uuid4().hex[:8]}"
+        temp = self.tmp / f"{digest}.{self.token}.{os.urandom(4).hex()}"
         try:
             with open(temp, "wb") as f:
                 f.write(data)
@@ -47,12 +46,13 @@ class BlobStore:
             raise
         return disk_usage(os.stat(target))
 
-    def get(self, digest: str, dtype: str, shape, nbytes: int):
-        """The verified bytes of a blob, or None when it is missing or bad (a bad one is removed)."""
+    def get(self, digest: str, dtype: str, shape, nbytes: int, take=None):
+        """The verified bytes of a blob, or None when it is missing or bad (a bad one is removed).
+        take(nbytes): the buffer to read into (a pool's), else a fresh one."""
         target = self.path(digest)
         try:
             with RandomAccess(target) as f:
-                data = f.read(nbytes, 0) if f.size() == nbytes else None
+                data = _read(f, nbytes, take) if f.size() == nbytes else None
         except FileNotFoundError:
             return None
         except OSError:
@@ -93,3 +93,11 @@ class BlobStore:
             token = parts[1] if len(parts) >= 3 else None
             if token != self.token and not is_locked(self.tmp / f"{token}.alive"):
                 f.unlink(missing_ok=True)
+
+
+def _read(f: RandomAccess, nbytes: int, take):
+    if take is None:
+        return f.read(nbytes, 0)
+    buf = take(nbytes)
+    f.read_into(buf, 0)
+    return buf

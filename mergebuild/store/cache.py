@@ -14,7 +14,6 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,7 +33,7 @@ class Cache:
         """readonly_ok: a command that only reads (-n, status, cache stats) opens a cache it
         cannot write read-only instead of failing."""
         self.root = Path(root)
-        self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.token = f"{os.getpid()}-{os.urandom(6).hex()}"  # random hex (uuid would import platform: ~4 ms)
         self.readonly = readonly_ok and self.root.is_dir() and not _writable(self.root)
         if not self.readonly:
             _make_folder(self.root)
@@ -80,18 +79,19 @@ class Cache:
                 return path, offset
         return None
 
-    def get(self, digest: str, dtype: str, shape, nbytes: int):
+    def get(self, digest: str, dtype: str, shape, nbytes: int, take=None):
         """The verified bytes of a tensor, or None when missing or bad: locally, else from the
-        remote tier (verified there, then kept as a local blob)."""
-        data = self._get_local(digest, dtype, shape, nbytes)
+        remote tier (verified there, then kept as a local blob). take(nbytes): the buffer a
+        local read goes into (execute/tensorio.py's pool), else a fresh one."""
+        data = self._get_local(digest, dtype, shape, nbytes, take)
         if data is not None:
             with self._lock:
                 self.tier_stats.local_bytes_read += nbytes
             return data
         return self.remote_reads.fetch(digest, dtype, shape, nbytes) if self.remote_reads is not None else None
 
-    def _get_local(self, digest: str, dtype: str, shape, nbytes: int):
-        data = self.blobs.get(digest, dtype, shape, nbytes)
+    def _get_local(self, digest: str, dtype: str, shape, nbytes: int, take=None):
+        data = self.blobs.get(digest, dtype, shape, nbytes, take)
         if data is not None:
             return data
         where = self.locate(digest)
@@ -184,7 +184,7 @@ class Cache:
 
     def new_pack(self) -> Path:
         _make_folder(self.packs)
-        return self.packs / f"salvage-{uuid.uuid4().hex}.safetensors"
+        return self.packs / f"salvage-{os.urandom(16).hex()}.safetensors"
 
     # the build lock ---------------------------------------------------------------------
     @contextmanager

@@ -27,7 +27,7 @@ from mergebuild.tensors.header import MAX_HEADER
 
 TEMP_MARK = ".mergebuild-tmp-"
 HEADER_SLACK = 64  # bytes beyond the draft header; the draft is exact, this is a margin
-HOLD = 96 << 20  # bytes of tensors written ahead of the data hash that it may keep in memory
+HOLD = 64 << 20  # bytes of tensors written ahead of the data hash that it may keep in memory
 
 
 @dataclass(frozen=True)

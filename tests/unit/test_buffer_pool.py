@@ -74,7 +74,8 @@ def test_zero_bytes():
 
 def test_recycled_read_buffers_give_the_formula_bits(tmp_path, monkeypatch):
     """Many tensors of many sizes (each read into a buffer another tensor used before), two
-    dtypes, a merge with an output: every result equals torch's lerp on these inputs."""
+    dtypes, a merge kept as blobs and one that reads them into the pool's buffers too: every
+    result equals torch's formula on these inputs."""
     g = torch.Generator().manual_seed(7)
     shapes = [(n,) for n in (70_000, 300_000, 5_000, 1_200_000, 90_000, 700_000)] * 4
     a = {f"t{i:02d}": torch.randn(s, generator=g).to(torch.float16 if i % 2 else torch.bfloat16)
@@ -91,15 +92,21 @@ path = "b.safetensors"
 method = "weighted_sum"
 inputs = ["A", "B"]
 alpha = 0.3
-output = "m.safetensors"
+[merges.d]
+method = "add_difference"
+inputs = ["m", "A", "B"]
+alpha = 0.6
+output = "d.safetensors"
 """)
-    given = []
-    give = BufferPool.give
+    taken, given = [], []
+    take, give = BufferPool.take, BufferPool.give
+    monkeypatch.setattr(BufferPool, "take", lambda self, n: (taken.append(n), take(self, n))[1])
     monkeypatch.setattr(BufferPool, "give", lambda self, view: (given.append(len(view)), give(self, view)))
     build_json(cwd=tmp_path)
     unbatched = [k for k, v in a.items() if v.numel() > SMALL]  # small ones travel in batches (batching.py)
-    assert len(given) == 2 * len(unbatched)  # both inputs of every other tensor went back to the pool
-    out = load(tmp_path / "m.safetensors")
+    assert len(taken) == len(given) == 5 * len(unbatched)  # m's 2 inputs and d's 3 (m's from its blobs)
+    out = load(tmp_path / "d.safetensors")
     for k in a:
-        expected = torch.lerp(a[k].float(), b[k].float(), 0.3).to(a[k].dtype)
+        m = torch.lerp(a[k].float(), b[k].float(), 0.3).to(a[k].dtype)
+        expected = torch.add(m.float(), a[k].float() - b[k].float(), alpha=0.6).to(a[k].dtype)
         assert torch.equal(out[k], expected), k
