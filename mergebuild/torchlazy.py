@@ -2,7 +2,10 @@
 (about a second) when a tensor is really touched. A no-op build never does.
 
 A small proxy rather than importlib's LazyLoader, which is not thread-safe before Python 3.12
-(reader threads may be the first to touch torch).
+(reader threads may be the first to touch torch). Torch is never imported ahead in a thread of
+its own: a Ctrl-C that lands while the main thread is inside an import leaves that import's
+module lock held, the other thread waits on it forever and the process hangs at exit (seen:
+tests/e2e/test_robustness.py's Ctrl-C test).
 """
 
 from __future__ import annotations
@@ -34,13 +37,6 @@ class _LazyModule:
 
 
 torch = _LazyModule("torch")
-
-
-def preload() -> None:
-    """Start importing torch in the background (a build that will compute: the import, a second
-    or more, overlaps with what comes before the first tensor instead of delaying it)."""
-    if torch._module is None:
-        threading.Thread(target=torch._load, name="import-torch").start()
 
 
 def torch_dtype(code: str):

@@ -72,10 +72,6 @@ class Executor:
 
     # public -------------------------------------------------------------------------------
     def run(self) -> dict[str, MergeResult]:
-        if any(_may_compute(m) for m in self.plan.merges.values()):
-            from mergebuild.torchlazy import preload
-
-            preload()  # while the keys resolve and the outputs open
         self.cache.alive()
         self.cache.clear_stale()
         gc.freeze()  # the plan's objects live to the end: the collector need not walk them again and again
@@ -478,11 +474,6 @@ def _has_work(merge: MergePlan) -> bool:
         return False
     stale = merge.spec.output is not None and not merge.current
     return stale or any(t.state in (DIRTY, "pending") for t in merge.tasks.values())
-
-
-def _may_compute(merge: MergePlan) -> bool:
-    """It has tensors to compute, or may have (keys not resolved yet); copying needs no torch."""
-    return merge.needed and (merge.statistic is not None or any(t.state in (DIRTY, "pending") for t in merge.tasks.values()))
 
 
 def _settle(reads: deque, writes: deque) -> None:
