@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
 from mergebuild.errors import MergebuildError
+from mergebuild.store.sqlite import Serialized, Transaction, connect
 
 SCHEMA_VERSION = "2"
 SCHEMA = """
@@ -99,7 +99,7 @@ class Index:
     def __init__(self, path: Path, readonly: bool = False):
         self.path = Path(path)
         self.readonly = readonly
-        self.db = _Serialized(_connect(self.path, readonly), self.path)
+        self.db = Serialized(connect(self.path, readonly), self.path)
         if readonly:
             version = self._schema_version()
             if version is not None and version != SCHEMA_VERSION:
@@ -155,7 +155,7 @@ class Index:
         self.db.close()
 
     def transaction(self):
-        return _Transaction(self.db)
+        return Transaction(self.db)
 
     def _many(self, sql: str, rows) -> None:
         if self.readonly:
@@ -442,91 +442,3 @@ class Index:
     def forget_plan_summaries(self) -> None:
         if not self.readonly:
             self.db.execute("DELETE FROM plan_summaries")
-
-
-def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
-    if not readonly:
-        return sqlite3.connect(path, timeout=600, isolation_level=None, check_same_thread=False)
-    # read-only commands (-n, status, cache stats) on a cache they cannot write: open it
-    # read-only, or as immutable when even the WAL's shared memory cannot be made
-    uri = path.absolute().as_uri()
-    try:
-        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
-        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-        return db
-    except sqlite3.OperationalError:
-        return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None, check_same_thread=False)
-
-
-class _Rows(list):
-    """A statement's rows, read while the lock was held."""
-
-    lastrowid: int | None = None
-
-    def fetchone(self):
-        return self[0] if self else None
-
-
-class _Serialized:
-    """One SQLite connection shared by the build's threads (a reader thread that heals a bad
-    blob writes to the index too): every statement runs under one lock and its rows are read
-    before the lock is released; a transaction holds the lock throughout."""
-
-    def __init__(self, db: sqlite3.Connection, path: Path):
-        self._db = db
-        self.path = path
-        self.lock = threading.RLock()
-
-    def execute(self, sql: str, params=()) -> _Rows:
-        with self.lock, _named(self.path):
-            cursor = self._db.execute(sql, params)
-            rows = _Rows(cursor.fetchall())
-            rows.lastrowid = cursor.lastrowid
-            return rows
-
-    def executemany(self, sql: str, rows) -> None:
-        with self.lock, _named(self.path):
-            self._db.executemany(sql, rows)
-
-    def executescript(self, script: str) -> None:
-        with self.lock, _named(self.path):
-            self._db.executescript(script)
-
-    def close(self) -> None:
-        with self.lock:
-            self._db.close()
-
-
-class _named:
-    """SQLite's errors do not say which database: attach the index's path for the message."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        if isinstance(error, sqlite3.Error) and not hasattr(error, "index_path"):
-            error.index_path = str(self.path)
-        return False
-
-
-class _Transaction:
-    def __init__(self, db: _Serialized):
-        self.db = db
-
-    def __enter__(self):
-        self.db.lock.acquire()
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self.db.lock.release()
-            raise
-        return self.db
-
-    def __exit__(self, kind, value, tb):
-        try:
-            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
-        finally:
-            self.db.lock.release()
