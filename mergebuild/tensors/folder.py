@@ -120,8 +120,8 @@ class FolderWriter:
             shards = _split(tensors, shard_size)
             self.names = [single_name] if len(shards) == 1 else [
                 f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-            for n, shard in zip(self.names, shards):
-                self.writers.append(SafetensorsWriter(self.temp / n, shard, draft_metadata, token))
+            for i, (n, shard) in enumerate(zip(self.names, shards)):  # one sha256 over the shards in turn
+                self.writers.append(SafetensorsWriter(self.temp / n, shard, draft_metadata, token, hash_as_written=i == 0))
         except BaseException:
             self.abort()
             raise

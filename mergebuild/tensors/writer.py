@@ -67,8 +67,11 @@ def lock_name(temp: Path) -> Path:
 
 class SafetensorsWriter:
     def __init__(self, path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], draft_metadata: dict[str, str],
-                 token: str):
+                 token: str, hash_as_written: bool = True):
         self.path = Path(path)
+        # False: the data is hashed only by data_sha256(hasher), after the files before it (a
+        # later shard of a folder: one sha256 runs over every shard in turn)
+        self.hash_as_written = hash_as_written
         self.slots, self.data_size = layout(tensors)
         # the sha256 of the data follows the writes: each completed prefix of tensors is hashed
         # while later tensors are still being computed, from the bytes in hand: a tensor written
@@ -126,6 +129,8 @@ class SafetensorsWriter:
         i = self._index[name]
         with self._hash_lock:  # sha256 is one stream: waiting here costs no throughput
             self._done[i] = 1
+            if not self.hash_as_written:
+                return
             if written is not None and i > self._hashed and self._held_bytes + len(written) <= HOLD:
                 self._held[i] = written
                 self._held_bytes += len(written)

@@ -63,3 +63,19 @@ def test_a_tensor_never_written_is_an_error_not_a_hash_of_zeros(tmp_path):
     with pytest.raises(BuildError, match="'a' was never written"):
         writer.data_sha256()
     writer.abort()
+
+
+def test_a_later_shard_is_hashed_once_after_the_ones_before_it(tmp_path):
+    """A folder's shards share one sha256 in shard order: a later shard neither hashes nor holds
+    bytes as they are written, and data_sha256(hasher) continues the hash over its data."""
+    first = SafetensorsWriter(tmp_path / "1.safetensors", [("a", "U8", (3,))], {}, "tok")
+    later = SafetensorsWriter(tmp_path / "2.safetensors", [("b", "U8", (2,)), ("c", "U8", (2,))], {}, "tok",
+                              hash_as_written=False)
+    later.write("c", bytearray(b"cc"))
+    later.write("b", bytearray(b"bb"))
+    first.write("a", bytearray(b"aaa"))
+    assert later._hashed == 0 and not later._held
+    digest = later.data_sha256(first.data_sha256()).hexdigest()
+    assert digest == hashlib.sha256(b"aaabbcc").hexdigest()
+    first.abort()
+    later.abort()
