@@ -24,8 +24,9 @@ from pathlib import Path
 
 from mergebuild.dtypes import itemsize
 from mergebuild.errors import BuildError, InputError
+from mergebuild.execute import pieces
 from mergebuild.execute.batching import Batch, group_small
-from mergebuild.execute.outputs import OutputSink
+from mergebuild.execute.outputs import OutputSink, open_sink
 from mergebuild.execute.records import Records
 from mergebuild.execute.results import MergeResult, NullProgress  # noqa: F401 - named here by callers
 from mergebuild.execute.statistics import ensure_statistic, reload_statistic, run_statistic
@@ -33,14 +34,9 @@ from mergebuild.execute.stats import sample_stats
 from mergebuild.execute.tensorio import BufferPool, OpenFiles, read_ref
 from mergebuild.planning.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
 from mergebuild.planning.shortcut import expand
-from mergebuild.planning.vocab import output_files
 from mergebuild.mergefile.model import Settings
-from mergebuild.methods import peft
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import HASH_THREADS, tensor_digest
-from mergebuild.tensors.writer import remove_stale_temps
-
-ADAPTER_SHARD = 1 << 62  # PEFT loads one adapter_model.safetensors: an adapter is never sharded
 
 WRITE_BEHIND = 128 << 20  # bytes of results waiting for the writers
 CHUNK = 1 << 20  # elements per chunk of an elementwise method: 4 MB in float32, so a chunk's few
@@ -50,6 +46,7 @@ CHUNK = 1 << 20  # elements per chunk of an elementwise method: 4 MB in float32,
 
 class Executor:
     reader_threads = 2  # fetches at once (ray_executor.py: one per task in flight on the cluster)
+    in_pieces = True  # big elementwise tensors move in pieces (pieces.py); a cluster's task computes a tensor whole
 
     def __init__(self, plan: Plan, cache: Cache, device: str, build_id: int, force: bool = False, progress=None,
                  staging: int = Settings.staging):
@@ -127,7 +124,7 @@ class Executor:
             self.transfer.use_threads(elementwise=False)  # whole-model work: every core
             run_statistic(self, merge)
         resolve_keys(self.plan, merge, self.cache, self.force)
-        sink = self._open_output(merge) if merge.spec.output is not None and not merge.current else None
+        sink = open_sink(self.plan, self.cache, self.committer.draft_metadata(merge), merge) if merge.spec.output is not None and not merge.current else None
         todo = [t for t in merge.tasks.values() if t.state == DIRTY or sink is not None]
         if todo:
             self._step += 1
@@ -179,7 +176,7 @@ class Executor:
         try:
             if todo:
                 self.transfer.use_threads(merge.method.elementwise)
-            for task in group_small(todo, self._input_dtypes):
+            for task in self._units(merge, todo, sink):
                 reads.append((task, self.readers.submit(self._fetch, merge, task, sink)))
                 read_bytes += self._footprint(task)
                 while reads and (read_bytes > self.staging or reads[0][1].done()):
@@ -197,6 +194,13 @@ class Executor:
             raise
         return computed
 
+    def _units(self, merge: MergePlan, todo: list[TensorTask], sink):
+        """What moves through the stages: small tensors in batches, big ones of an elementwise
+        method in pieces (pieces.py), the rest one by one."""
+        for unit in group_small(todo, self._input_dtypes):
+            parts = pieces.split(self, merge, unit, sink) if self.in_pieces and isinstance(unit, TensorTask) else None
+            yield from parts or [unit]
+
     def _input_dtypes(self, task: TensorTask) -> list[str]:
         return [self.plan.ref(n, t).dtype for n, t in task.inputs]
 
@@ -204,6 +208,8 @@ class Executor:
         """The memory a fetched task holds until it is computed: its inputs in the compute dtype."""
         if isinstance(task, Batch):
             return sum(self._footprint(t) for t in task.tasks)
+        if isinstance(task, pieces.Piece):
+            return pieces.footprint(self, task)
         if task.state != DIRTY:
             return task.nbytes
         size = itemsize(self.plan.compute_dtype)
@@ -211,6 +217,8 @@ class Executor:
 
     def _fetch(self, merge: MergePlan, task: TensorTask | Batch, sink):
         """In a reader thread: what _handle needs for this task."""
+        if isinstance(task, pieces.Piece):
+            return pieces.fetch(self, task)
         if isinstance(task, Batch):
             inputs = [[self._load(node, tensor) for node, tensor in t.inputs] for t in task.tasks]
             return self.transfer.upload_batch(inputs, [[self.plan.ref(*i) for i in t.inputs] for t in task.tasks])
@@ -227,6 +235,8 @@ class Executor:
         return self._load(*task.inputs[0]) if task.state == PASSTHROUGH else self._load(merge.spec.name, task.name)
 
     def _handle(self, task: TensorTask | Batch, fetched, sink, writes: deque) -> int:
+        if isinstance(task, pieces.Piece):
+            return pieces.handle(self, task, fetched, sink, writes)
         if isinstance(task, Batch):
             result = self._compute_batch(task, fetched)
             writes.append((task.nbytes, self.writers.submit(self._store_batch, task, result, sink)))
@@ -373,12 +383,19 @@ class Executor:
         """An elementwise method over chunks of CHUNK elements: inputs stay in their stored dtype,
         each chunk is converted into reused float32 scratch, computed, and cast into the result.
         No whole-tensor float32 copies: less memory, fewer page faults, cache-friendly."""
-        from mergebuild.execute.casting import saturate
         from mergebuild.torchlazy import torch, torch_dtype
 
         out = torch.empty(task.shape, dtype=torch_dtype(task.dtype))
-        flat_out, flat_in = out.reshape(-1), [x.reshape(-1) for x in xs]
-        scratch = self._scratch(len(xs))
+        self.chunks_into(task, [x.reshape(-1) for x in xs], out.reshape(-1), kwargs)
+        task.stats = sample_stats(out, xs, [n for n, _ in task.inputs])
+        return out
+
+    def chunks_into(self, task: TensorTask, flat_in: list, flat_out, kwargs) -> None:
+        """The method over flat inputs a chunk at a time, cast into flat_out; a result that is
+        not finite stops the build, naming the input it came from."""
+        from mergebuild.execute.casting import saturate
+
+        scratch = self._scratch(len(flat_in))
         total = 0.0
         try:
             for i in range(0, flat_out.numel(), CHUNK):
@@ -390,10 +407,8 @@ class Executor:
         except Exception as e:
             raise BuildError(f"[merges.{self._merge_name}] {task.method.name} failed on {task.name!r}: {e}") from e
         if not math.isfinite(total):
-            full = [x.to(self.transfer.compute_dtype) for x in xs]
+            full = [x.to(self.transfer.compute_dtype) for x in flat_in]
             self._check_finite(task, full, task.method.fn(*full, **kwargs))
-        task.stats = sample_stats(out, xs, [n for n, _ in task.inputs])
-        return out
 
     def _scratch(self, n: int) -> list:
         """This thread's float32 chunks (a reader thread computes too, when it heals a bad blob)."""
@@ -445,28 +460,6 @@ class Executor:
         else:
             self.records.stored(task, digest, self.cache.blobs.put(digest, data))
         task.digest, task.state = digest, CACHED
-
-    # outputs ------------------------------------------------------------------------------
-    def _open_output(self, merge: MergePlan) -> OutputSink:
-        remove_stale_temps(merge.spec.output)
-        tensors = [(t.name, t.dtype, t.shape) for t in merge.tasks.values()]
-        draft = self.committer.draft_metadata(merge)
-        if merge.adapter is not None:  # a PEFT adapter folder: one weights file and its config, nothing copied
-            return OutputSink(self.cache, merge.spec.output, tensors, draft, ADAPTER_SHARD, None, None,
-                              {peft.CONFIG_NAME: peft.config_bytes(merge.adapter)}, single_name=peft.WEIGHTS_NAME)
-        return OutputSink(self.cache, merge.spec.output, tensors, draft, merge.spec.shard_size,
-                          self._config_folder(merge), self.plan.written_config(merge.spec.name),
-                          output_files(self.plan, merge))  # a vocab merge's tokenizer (planning/vocab.py)
-
-    def _config_folder(self, merge: MergePlan) -> Path | None:
-        """The model folder whose config files the output copies: the first input's, up the chain."""
-        node = merge.spec.inputs[0]
-        while node in self.plan.merges:
-            node = self.plan.merges[node].spec.inputs[0]
-        if node not in self.plan.sources:  # a computed source (a Fisher) has no folder
-            return None
-        path = self.plan.sources[node].path
-        return path if path.is_dir() else None
 
 
 def _has_work(merge: MergePlan) -> bool:

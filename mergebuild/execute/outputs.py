@@ -13,10 +13,15 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from mergebuild.methods import peft
+from mergebuild.planning.planner import MergePlan, Plan
+from mergebuild.planning.vocab import output_files
 from mergebuild.portable import RandomAccess, same_device
 from mergebuild.store.cache import Cache
 from mergebuild.tensors.folder import FolderWriter, is_folder_output, output_marker
-from mergebuild.tensors.writer import SafetensorsWriter
+from mergebuild.tensors.writer import SafetensorsWriter, remove_stale_temps
+
+ADAPTER_SHARD = 1 << 62  # PEFT loads one adapter_model.safetensors: an adapter is never sharded
 
 
 class OutputSink:
@@ -36,6 +41,15 @@ class OutputSink:
 
     def write(self, name: str, digest: str, data) -> None:
         self.writer.write(name, data)
+        self._written(name, digest)
+
+    def write_piece(self, name: str, data, at: int) -> None:
+        """A part of tensor `name`'s bytes, from byte `at` (execute/pieces.py)."""
+        self.writer.write(name, data, at)
+
+    def finish_pieces(self, name: str, digest: str) -> None:
+        """Every part of tensor `name` is written."""
+        self.writer.mark_done(name)
         self._written(name, digest)
 
     def copy_into(self, name: str, digest: str, source: RandomAccess, offset: int) -> None:
@@ -101,3 +115,27 @@ class OutputSink:
 
     def abort(self) -> None:
         self.writer.abort()
+
+
+def open_sink(plan: Plan, cache: Cache, draft: dict[str, str], merge: MergePlan) -> OutputSink:
+    """The output of a merge, opened for writing (a temp file beside it), with a draft header
+    whose size the final one fits in."""
+    remove_stale_temps(merge.spec.output)
+    tensors = [(t.name, t.dtype, t.shape) for t in merge.tasks.values()]
+    if merge.adapter is not None:  # a PEFT adapter folder: one weights file and its config, nothing copied
+        return OutputSink(cache, merge.spec.output, tensors, draft, ADAPTER_SHARD, None, None,
+                          {peft.CONFIG_NAME: peft.config_bytes(merge.adapter)}, single_name=peft.WEIGHTS_NAME)
+    return OutputSink(cache, merge.spec.output, tensors, draft, merge.spec.shard_size,
+                      _config_folder(plan, merge), plan.written_config(merge.spec.name),
+                      output_files(plan, merge))  # a vocab merge's tokenizer (planning/vocab.py)
+
+
+def _config_folder(plan: Plan, merge: MergePlan) -> Path | None:
+    """The model folder whose config files the output copies: the first input's, up the chain."""
+    node = merge.spec.inputs[0]
+    while node in plan.merges:
+        node = plan.merges[node].spec.inputs[0]
+    if node not in plan.sources:  # a computed source (a Fisher) has no folder
+        return None
+    path = plan.sources[node].path
+    return path if path.is_dir() else None

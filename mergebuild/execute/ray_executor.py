@@ -44,6 +44,7 @@ class RaySummary:
 
 
 class RayExecutor(Executor):
+    in_pieces = False  # a worker computes a tensor whole: its unit names the tensor, not a byte range
     def __init__(self, *args, address: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.ray = connect(address)

@@ -28,12 +28,18 @@ def sample_stats(result, inputs: list, nodes: list[str]) -> dict | None:
     n = result.numel()
     if not result.is_floating_point() or not pairs or n == 0:
         return None
-    r = _sample(result, n)
-    xs = torch.stack([_sample(x, n) for _, x in pairs])
+    return sums(_sample(result, n), torch.stack([_sample(x, n) for _, x in pairs]), [node for node, _ in pairs])
+
+
+def sums(r, xs, nodes: list[str]) -> dict:
+    """The sums of sample_stats from the float64 subsamples of a result (r) and of its inputs
+    (the rows of xs), however they were gathered (execute/pieces.py gathers them a piece at a time)."""
+    from mergebuild.torchlazy import torch
+
     rows = torch.cat([r[None], xs, r[None] - xs])  # r, each input, r minus each input
     gram = (rows @ rows.T).tolist()  # every sum in one product
-    p = len(pairs)
-    by = {node: [gram[1 + i][1 + i], gram[0][1 + i], gram[1 + p + i][1 + p + i]] for i, (node, _) in enumerate(pairs)}
+    p = len(nodes)
+    by = {node: [gram[1 + i][1 + i], gram[0][1 + i], gram[1 + p + i][1 + p + i]] for i, node in enumerate(nodes)}
     return {"n": r.numel(), "rr": gram[0][0], "by": by}
 
 
@@ -43,9 +49,13 @@ def _sample(tensor, n: int):
 
     flat = tensor.reshape(-1)
     if n > SAMPLE:
-        step = (n - RUN) // (RUNS - 1)
-        flat = flat.unfold(0, RUN, step)[:RUNS]
+        flat = flat.unfold(0, RUN, run_step(n))[:RUNS]
     return flat.to(torch.float64).reshape(-1)
+
+
+def run_step(n: int) -> int:
+    """The distance between the starts of a subsample's runs, for a tensor of n > SAMPLE elements."""
+    return (n - RUN) // (RUNS - 1)
 
 
 def add(total: dict, stats: dict) -> None:
