@@ -180,6 +180,9 @@ def build(opts: BuildOptions, progress=None, on_plan=None, on_wait=None) -> tupl
 
 
 def build_with_report(opts: BuildOptions, progress=None, on_plan=None, on_wait=None):
+    from mergebuild.portable import STREAMING_MMAP, set_mmap_threshold
+
+    set_mmap_threshold(STREAMING_MMAP)  # before planning's 16 MB read buffers raise glibc's
     mf, cache = open_project(opts)
     try:
         make_executor = _executor(opts)  # with --ray, an unreachable cluster fails before any work

@@ -35,6 +35,7 @@ from mergebuild.execute.tensorio import BufferPool, OpenFiles, read_ref
 from mergebuild.planning.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
 from mergebuild.planning.shortcut import expand
 from mergebuild.mergefile.model import Settings
+from mergebuild.portable import STREAMING_MMAP, WHOLE_TENSOR_MMAP, set_mmap_threshold
 from mergebuild.store.cache import Cache
 from mergebuild.store.hashing import HASH_THREADS, tensor_digest
 
@@ -122,6 +123,7 @@ class Executor:
                 ensure_statistic(self, self.plan.statistics[node])
         if merge.statistic is not None:  # the first phase of a two-phase merge (execute/statistics.py)
             self.transfer.use_threads(elementwise=False)  # whole-model work: every core
+            set_mmap_threshold(WHOLE_TENSOR_MMAP)
             run_statistic(self, merge)
         resolve_keys(self.plan, merge, self.cache, self.force)
         sink = open_sink(self.plan, self.cache, self.committer.draft_metadata(merge), merge) if merge.spec.output is not None and not merge.current else None
@@ -176,6 +178,7 @@ class Executor:
         try:
             if todo:
                 self.transfer.use_threads(merge.method.elementwise)
+                set_mmap_threshold(STREAMING_MMAP if merge.method.elementwise else WHOLE_TENSOR_MMAP)
             for task in self._units(merge, todo, sink):
                 reads.append((task, self.readers.submit(self._fetch, merge, task, sink)))
                 read_bytes += self._footprint(task)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,31 @@ def test_the_portability_run_really_takes_the_unix_calls_away():
     f = RandomAccess(Path(__file__))
     assert f._seek_lock is not None  # the seek + read path
     f.close()
+
+
+def test_the_mmap_threshold_is_left_to_a_user_who_set_it(monkeypatch):
+    from mergebuild import portable
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert portable._find_mallopt() is None
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert portable._find_mallopt() is None
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setattr(portable.sys, "platform", "win32")
+    assert portable._find_mallopt() is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_mmap_threshold_is_set_through_glibc(monkeypatch):
+    from mergebuild import portable
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    calls = []
+    monkeypatch.setattr(portable, "_mallopt", [lambda param, value: calls.append((param, value)) or 1])
+    portable.set_mmap_threshold(portable.STREAMING_MMAP)
+    assert calls == [(-3, 4 << 20)]
+    if portable._find_mallopt() is None:
+        pytest.skip("not glibc")
+    portable._find_mallopt()(-3, portable.WHOLE_TENSOR_MMAP)  # callable as the build calls it
