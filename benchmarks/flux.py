@@ -8,7 +8,7 @@ The pair is fabricated from the Flux layout (bf16, BFL names without prefix, as 
 files are distributed) tensor by tensor, streaming, since two whole models do not fit in RAM:
 B = A + noise. Steps, each a process of its own (wall time, peak RSS from wait4):
   (a) the I/O floor: read A and B, write one output of A's size, fsync
-  (b) mergebuild cold: weighted_sum(A, B), alpha = { default = 0.5, D05 = 0.3 } -> bf16 output
+  (b) mergebuild cold (empty cache and fingerprint store): weighted_sum(A, B), alpha = { default = 0.5, D05 = 0.3 } -> bf16 output
   (c) mergebuild after D05 changes (0.3 -> 0.4): only D05's tensors recompute
   (d) mergebuild cold TIES (whole-tensor: a top-k per tensor), density 0.2, base A
 Results go to benchmarks/results/flux-<depth>-<date>-<commit>.json.
@@ -142,7 +142,7 @@ def main() -> None:
     print(f"inputs: 2 x {size / MB:,.0f} MB; free disk {free / MB:,.0f} MB", flush=True)
     work = fresh(data / f"flux-{args.depth}-work")
     work.mkdir()
-    mf, out, cache = work / "mergefile.toml", work / "out" / "m.safetensors", work / "cache"
+    mf, out, cache, home = work / "mergefile.toml", work / "out" / "m.safetensors", work / "cache", work / "home"
     base = [MERGEBUILD, "-f", str(mf), "--cache-dir", str(cache), "--json", "-q"]
     rows = {}
 
@@ -154,19 +154,21 @@ def main() -> None:
     row("(a) I/O floor", run([PY, __file__, "_step", "floor", str(a), str(b), str(floor_out)], "floor"))
     floor_out.unlink()
 
-    def build(label: str, method: str, d05: float) -> None:
+    def build(label: str, method: str, d05: float, cold: bool) -> None:
         mergefile(mf, a, b, out, method, d05)
-        r = run(base, label)
+        if cold:  # an empty fingerprint store too: the sources are hashed as on a new machine
+            fresh(home)
+        r = run(base, label, {**os.environ, "MERGEBUILD_HOME": str(home)})
         doc = json.loads(r["stdout"]) if r["stdout"].startswith("{") else {}
         merge = doc["merges"]["m"]
         row(label, r, {"computed": merge["computed"], "tensors": merge["tensors"]})
 
-    build("(b) weighted sum cold", "weighted_sum", 0.3)
-    build("(c) D05 changed", "weighted_sum", 0.4)
+    build("(b) weighted sum cold", "weighted_sum", 0.3, cold=True)
+    build("(c) D05 changed", "weighted_sum", 0.4, cold=False)
     if not args.no_ties:
         shutil.rmtree(cache)
         out.unlink()
-        build("(d) TIES cold", "ties", 0.3)
+        build("(d) TIES cold", "ties", 0.3, cold=True)
     floor = rows["(a) I/O floor"]["seconds"]
     summary = {label: round(r["seconds"] / floor, 2) for label, r in rows.items()}
     largest = max(math.prod(shape) for shape, _ in flux_keys(*DEPTHS[args.depth]).values())
