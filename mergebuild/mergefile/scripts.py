@@ -124,7 +124,9 @@ def load_script(path: Path, prefix: str):
 class user_modules:
     """The scripts' folders on sys.path while they run (their local imports resolve); the
     scripts and the project's modules they loaded forgotten afterwards, so an edited helper is
-    read anew (never an installed package: numpy and the like cannot be imported twice)."""
+    read anew (never an installed package: numpy and the like cannot be imported twice). No
+    bytecode is written meanwhile: Python trusts a .pyc whose source has the same size and mtime
+    second, so a helper edited within a second of a build (same length) ran its old code."""
 
     def __init__(self, folders: list, local: list, prefix: str):
         self.folders = [str(f) for f in dict.fromkeys(folders)]
@@ -133,10 +135,13 @@ class user_modules:
 
     def __enter__(self):
         self.before = set(sys.modules)
+        self.bytecode = sys.dont_write_bytecode
+        sys.dont_write_bytecode = True
         sys.path[:0] = self.folders
         return self
 
     def __exit__(self, *exc):
+        sys.dont_write_bytecode = self.bytecode
         for folder in self.folders:
             if folder in sys.path:
                 sys.path.remove(folder)
