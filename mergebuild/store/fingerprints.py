@@ -130,17 +130,20 @@ class FingerprintStore:
                 value2: str | None = None) -> None:
         """Set columns of the row for `key`. A row for another state of the same file id is
         dropped first: that file is gone or changed. Each statement stands alone, so two
-        processes writing at once leave a row that is right, or no row."""
+        processes writing at once leave a row that is right, or no row, and a reader sees the
+        row whole or not at all."""
         if not _usable(key):
             return
         pairs = [(column, value)] + ([(column2, value2)] if column2 else [])
         device, inode, size, mtime, ctime = key
         self._run("DELETE FROM files WHERE device=? AND inode=? AND NOT (size=? AND mtime_ns=? AND ctime_ns=?)",
                   (device, inode, size, mtime, ctime))
-        self._run("INSERT INTO files(device, inode, size, mtime_ns, ctime_ns, used) VALUES(?,?,?,?,?,?) "
-                  "ON CONFLICT(device, inode) DO NOTHING", (*key, time.time()))
-        self._run(f"UPDATE files SET {', '.join(f'{c}=?' for c, _ in pairs)} WHERE device=? AND inode=? AND size=? "
-                  "AND mtime_ns=? AND ctime_ns=?", (*[v for _, v in pairs], *key))
+        columns = [c for c, _ in pairs]
+        # one statement, so another process's lookup never sees the row half made (no tensors yet)
+        self._run(f"INSERT INTO files(device, inode, size, mtime_ns, ctime_ns, used, {', '.join(columns)}) "
+                  f"VALUES(?,?,?,?,?,?{',?' * len(columns)}) ON CONFLICT(device, inode) DO UPDATE SET "
+                  f"{', '.join(f'{c}=excluded.{c}' for c in columns)} WHERE size=excluded.size AND "
+                  "mtime_ns=excluded.mtime_ns AND ctime_ns=excluded.ctime_ns", (*key, time.time(), *[v for _, v in pairs]))
 
     def _run(self, sql: str, params=(), fetch: bool = False, quiet: bool = False):
         """One statement; a failure turns the store off (quiet: is ignored, for what only helps)."""
