@@ -122,3 +122,28 @@ def test_the_mmap_threshold_is_set_through_glibc(monkeypatch):
     if portable._find_mallopt() is None:
         pytest.skip("not glibc")
     portable._find_mallopt()(-3, portable.WHOLE_TENSOR_MMAP)  # callable as the build calls it
+
+
+def test_writeback_is_asked_of_linux_only(monkeypatch, tmp_path):
+    from mergebuild import portable
+
+    monkeypatch.setattr(portable, "_sync_file_range", [])
+    monkeypatch.setattr(portable.sys, "platform", "win32")
+    with RandomAccess(tmp_path / "f", writable=True, create=True) as f:
+        f.write_at(b"x" * 4096, 0)
+        portable.start_writeback(f.fd)  # a no-op: nothing to call there
+    assert portable._sync_file_range == [None]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's sync_file_range")
+def test_writeback_starts_and_a_bad_descriptor_is_no_error(monkeypatch, tmp_path):
+    from mergebuild import portable
+
+    monkeypatch.setattr(portable, "_sync_file_range", [])
+    with RandomAccess(tmp_path / "f", writable=True, create=True) as f:
+        f.write_at(b"x" * (1 << 20), 0)
+        portable.start_writeback(f.fd)
+        fd = f.fd
+    assert portable._sync_file_range[0] is not None  # found in glibc and musl alike
+    portable.start_writeback(fd)  # closed by now: EBADF, which the fsync at commit would report
+    assert (tmp_path / "f").read_bytes() == b"x" * (1 << 20)

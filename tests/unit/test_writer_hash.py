@@ -79,3 +79,22 @@ def test_a_later_shard_is_hashed_once_after_the_ones_before_it(tmp_path):
     assert digest == hashlib.sha256(b"aaabbcc").hexdigest()
     first.abort()
     later.abort()
+
+
+def test_writeback_is_started_every_writeback_bytes_written_or_copied(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(writer_module, "WRITEBACK", 10_000)
+    monkeypatch.setattr(writer_module, "start_writeback", calls.append)
+    tensors = [(f"t{i}", "U8", (3_000,)) for i in range(10)]
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(3_000))
+    writer = SafetensorsWriter(tmp_path / "out.safetensors", tensors, {}, "tok")
+    with RandomAccess(source) as src:
+        for i, (name, _, _) in enumerate(tensors):
+            if i % 2:
+                writer.copy_into(name, src, 0)
+            else:
+                writer.write(name, bytearray(3_000))
+    assert calls == [writer.file.fd] * 2  # after 12,000 and 24,000 of the 30,000 bytes
+    writer.commit({})
+    assert len((tmp_path / "out.safetensors").read_bytes()) == 8 + writer.header_size + 30_000
