@@ -44,6 +44,35 @@ def main(argv: list[str] | None = None) -> int:
         restore()
 
 
+def run() -> None:
+    """The console script and `python -m mergebuild`: main(), then an exit without the
+    interpreter's teardown, which takes 0.5 s once torch is imported (measured: 0.52-0.63 s
+    after a build's last line), as long as a cold SD1.5 build's whole commit."""
+    exit_now(main())
+
+
+def exit_now(code: int) -> None:
+    """End the process with `code` once its output is out and the atexit handlers have run,
+    skipping the teardown of modules and objects (nothing of mergebuild's is left to it: files
+    are closed when written, the stores here). With a thread still at work, a normal exit."""
+    import atexit
+    import os
+    import threading
+
+    from mergebuild.store.fingerprints import close_user_store
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        raise SystemExit(code)
+    close_user_store()
+    atexit._run_exitfuncs()  # what libraries registered (logging's flush, Ray's shutdown, finalizers)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe, a closed stream: nothing more can be said
+            pass
+    os._exit(code)
+
+
 def _with_subcommand(argv: list[str]) -> list[str]:
     """`mergebuild [opts] [TARGET...]` means `mergebuild build ...`, as make builds by default;
     options written before a subcommand (`mergebuild -f x.toml status`) go after it."""

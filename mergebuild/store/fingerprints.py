@@ -223,3 +223,13 @@ def user_store() -> FingerprintStore:
                 _current.close()
             _current = FingerprintStore(folder)
         return _current
+
+
+def close_user_store() -> None:
+    """Close this process's store (a process about to end without its interpreter's teardown
+    would otherwise leave the store's write-ahead log beside it)."""
+    global _current
+    with _current_lock:
+        if _current is not None:
+            _current.close()
+            _current = None
