@@ -237,7 +237,9 @@ class Executor:
             return None  # copied file to file by the writer, never through memory
         return self._load(*task.inputs[0]) if task.state == PASSTHROUGH else self._load(merge.spec.name, task.name)
 
-    def _handle(self, task: TensorTask | Batch, fetched, sink, writes: deque) -> int:
+    def _handle(self, task: TensorTask | Batch, fetched, sink, writes: deque, shown: tuple[int, int] = (0, 0)) -> int:
+        """On the main thread: compute (or queue the copy of) what was fetched; `shown`: the bytes
+        written and read the progress already counted for it (pieces of it, before one was bad)."""
         if isinstance(task, pieces.Piece):
             return pieces.handle(self, task, fetched, sink, writes)
         if isinstance(task, Batch):
@@ -249,7 +251,7 @@ class Executor:
             result = self._compute(task, fetched)
             self._give_back(task)
             writes.append((task.nbytes, self.writers.submit(self._store, task, result, sink)))
-            self.progress.advance(self._merge_name, 1, task.nbytes, self._input_bytes(task))
+            self.progress.advance(self._merge_name, 1, task.nbytes - shown[0], self._input_bytes(task) - shown[1])
             return 1
         if fetched is None:
             future = self.writers.submit(self._copy_into, sink, task)

@@ -56,6 +56,7 @@ class Whole:
     samples: list = field(default_factory=list)  # per piece: the float64 runs of the result and each input in it
     written: list = field(default_factory=list)  # the futures of its pieces' writes
     bad: bool = False  # a cached input could not be read whole: the tensor is computed whole
+    shown: tuple[int, int] = (0, 0)  # bytes written and read its pieces counted in the progress
 
     def __post_init__(self):
         self.digest = _hasher(self.task.dtype, self.task.shape)
@@ -177,6 +178,7 @@ def handle(executor, piece: Piece, fetched, sink, writes) -> int:
     writes.append((piece.nbytes, future))
     read = sum((piece.end - piece.begin) * itemsize(i.dtype) for i in whole.inputs)
     executor.progress.advance(executor._merge_name, int(piece.last), piece.nbytes, read)
+    whole.shown = (whole.shown[0] + piece.nbytes, whole.shown[1] + read)
     return int(piece.last)
 
 
@@ -200,11 +202,12 @@ def _verified(executor, whole: Whole) -> bool:
 
 def _whole_again(executor, piece: Piece, sink, writes) -> int:
     """A cached input was bad: once its pieces' writes are done, the tensor is fetched (healing
-    the input) and computed whole, and its bytes overwrite what the pieces wrote."""
+    the input) and computed whole, and its bytes overwrite what the pieces wrote (the progress
+    counts only what the pieces did not)."""
     for future in piece.whole.written:
         future.result()
     task = piece.task
-    return executor._handle(task, executor._fetch(piece.whole.merge, task, sink), sink, writes)
+    return executor._handle(task, executor._fetch(piece.whole.merge, task, sink), sink, writes, piece.whole.shown)
 
 
 def _write(executor, piece: Piece, data, sink, earlier: list, digest: str | None) -> None:

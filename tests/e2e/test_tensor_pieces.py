@@ -193,6 +193,31 @@ def test_a_cached_input_gone_bad_is_healed_not_used(tmp_path, small_pieces):
     assert all(torch.equal(healed[k], expected[k]) for k in expected)
 
 
+def test_the_progress_counts_a_healed_tensor_once(tmp_path, small_pieces):
+    """A tensor whose pieces were counted before its cached input turned out bad is counted once
+    in all: what the pieces showed, and the rest when it is computed whole."""
+    from mergebuild import api
+
+    _models(tmp_path)
+    text = MERGEFILE.replace('output = "out/mix.safetensors"\n', "")
+    mergefile(tmp_path / "mergefile.toml", text)
+    build_json(cwd=tmp_path)
+    size = 400 * 500 * 2
+    for blob in (p for p in (tmp_path / "cache" / "objects").rglob("*") if p.is_file() and p.stat().st_size == size):
+        data = bytearray(blob.read_bytes())
+        data[size // 2] ^= 0xFF
+        blob.write_bytes(data)
+    mergefile(tmp_path / "mergefile.toml", text.replace("alpha = 0.7", "alpha = 0.6"))
+    events = []
+    small_pieces.clear()
+    api.build(tmp_path / "mergefile.toml", progress=events.append)
+    assert (BIG, 0) in small_pieces
+    start = next(e for e in events if e["event"] == "start" and e["merge"] == "final")
+    advances = [e for e in events if e["event"] == "advance" and e["merge"] == "final"]
+    assert sum(e["written"] for e in advances) == start["bytes"]
+    assert sum(e["tensors"] for e in advances) == start["tensors"]
+
+
 def test_a_folder_output_in_shards_takes_pieces_too(tmp_path, monkeypatch, small_pieces):
     """Sharded: the big tensors land in different shards, the data hash runs over the shards in turn."""
     text = MERGEFILE.replace('output = "out/final.safetensors"', 'output = "out/final"\nshard_size = 500000')
