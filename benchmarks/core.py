@@ -47,7 +47,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
-MERGEBUILD = str(Path(PY).with_name("mergebuild"))
+# `python -m mergebuild`, not the console script: with --compare / --rev, PYTHONPATH puts another
+# revision's code first, and the installed script names the entry point of this one (cli.run)
+MERGEBUILD = [PY, "-m", "mergebuild"]
 CHUNK = 64 << 20
 MB = 1e6
 
@@ -160,7 +162,7 @@ def child(step: str, *args: str) -> list[str]:
 
 
 def mergebuild(mergefile: Path, cache: Path) -> list[str]:
-    return [MERGEBUILD, "-f", str(mergefile), "--cache-dir", str(cache), "--json", "-q"]
+    return [*MERGEBUILD, "-f", str(mergefile), "--cache-dir", str(cache), "--json", "-q"]
 
 
 def mergefile_one(path: Path, a: Path, b: Path, out: Path) -> None:

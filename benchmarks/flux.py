@@ -143,7 +143,7 @@ def main() -> None:
     work = fresh(data / f"flux-{args.depth}-work")
     work.mkdir()
     mf, out, cache, home = work / "mergefile.toml", work / "out" / "m.safetensors", work / "cache", work / "home"
-    base = [MERGEBUILD, "-f", str(mf), "--cache-dir", str(cache), "--json", "-q"]
+    base = [*MERGEBUILD, "-f", str(mf), "--cache-dir", str(cache), "--json", "-q"]
     rows = {}
 
     def row(label: str, r: dict, extra: dict | None = None) -> None:

@@ -105,7 +105,7 @@ def main() -> None:
     work = fresh(data / f"tweaks-{args.layout}")
     work.mkdir()
     mf, out, cache = work / "mergefile.toml", work / "out" / "final.safetensors", work / "cache"
-    base = [MERGEBUILD, "-f", str(mf), "--cache-dir", str(cache), "--json", "-q"]
+    base = [*MERGEBUILD, "-f", str(mf), "--cache-dir", str(cache), "--json", "-q"]
     per_model = int(run([PY, __file__, "_step", "dirty_bytes", str(a)], "dirty")["stdout"])
     dirty = 2 * per_model  # IN07 in mix and in final
     rows = []

@@ -130,8 +130,9 @@ class SafetensorsWriter:
             kick = self._dirty >= WRITEBACK
             if kick:
                 self._dirty = 0
-        if kick and self.file is not None:
-            start_writeback(self.file.fd)
+        fd = self.file.fd if kick and self.file is not None else None
+        if fd is not None:  # None: closed by an abort meanwhile
+            start_writeback(fd)
 
     def copy_into(self, name: str, source: RandomAccess, offset: int) -> None:
         """Tensor `name` copied from another file, kernel-side where the OS can."""
