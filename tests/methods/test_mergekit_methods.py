@@ -450,6 +450,12 @@ def reference(case: str, m: dict, key: str) -> np.ndarray:
     return ref_nearswap(*xs, p["t"])
 
 
+def mergekit_digests(entry) -> list[str]:
+    """outputs.json's digests of one tensor: one, or a list where mergekit wrote different bytes
+    on different machines (karcher: its bytes follow the CPU mergekit ran on)."""
+    return [entry] if isinstance(entry, str) else entry
+
+
 def toml_value(v) -> str:
     return str(v).lower() if isinstance(v, bool) else json.dumps(v)
 
@@ -477,7 +483,7 @@ def test_build_matches_mergekit_and_the_references(tmp_path):
             assert t.dtype == torch.float32
             close(t, reference(case, m, key), tol=1e-5)
             if same_torch:  # mergekit's bytes, on the torch that made them (else the float64 formula only)
-                assert tensor_sha256(t) == theirs[case][key], f"{case} {key}"
+                assert tensor_sha256(t) in mergekit_digests(theirs[case][key]), f"{case} {key}"
 
 
 def test_mergefile_errors(tmp_path):

@@ -85,9 +85,25 @@ def main() -> None:
     import mergekit  # noqa: F401 (for the version stamp)
     from importlib.metadata import version
 
-    (HERE / "outputs.json").write_text(json.dumps(outputs, indent=1, sort_keys=True))
+    (HERE / "outputs.json").write_text(json.dumps(with_earlier(outputs), indent=1, sort_keys=True))
     (HERE / "cases.json").write_text(json.dumps({"mergekit": version("mergekit"), "torch": torch.__version__,
                                                  "cases": configs}, indent=1) + "\n")
+
+
+def with_earlier(outputs: dict) -> dict:
+    """This machine's digests, with those another machine's run kept where they differ (a list:
+    karcher's bytes depend on the CPU mergekit ran on; mergebuild's match mergekit's on each)."""
+    path = HERE / "outputs.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    merged = {}
+    for case, digests in outputs.items():
+        merged[case] = {}
+        for key, digest in digests.items():
+            known = earlier.get(case, {}).get(key, [])
+            known = [known] if isinstance(known, str) else known
+            both = known + [digest] if digest not in known else known
+            merged[case][key] = both[0] if len(both) == 1 else both
+    return merged
 
 
 if __name__ == "__main__":
