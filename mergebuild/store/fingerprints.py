@@ -178,8 +178,7 @@ class FingerprintStore:
                 db.execute("PRAGMA journal_mode=WAL")  # a file system without shared memory keeps the default
                 db.execute("PRAGMA synchronous=NORMAL")
                 if db.execute("PRAGMA user_version").fetchone()[0] != VERSION:
-                    db.execute("DROP TABLE IF EXISTS files")
-                    db.execute(f"PRAGMA user_version={VERSION}")
+                    _start_over(db)
                 db.executescript(SCHEMA)
                 db.execute("DELETE FROM files WHERE used < ?", (time.time() - EXPIRE_DAYS * 86400,))
             except BaseException:
@@ -200,6 +199,23 @@ class FingerprintStore:
                 pass
         self._db = None
         self._opened = True
+
+
+def _start_over(db: sqlite3.Connection) -> None:
+    """A store of another version (or a new file): its table dropped and the version set, in one
+    write transaction that checks the version again. Two processes opening a new store at once
+    otherwise both saw version 0, and the second one's DROP took the rows the first had written
+    meanwhile (test_several_processes_write_at_once lost rows this way under load)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("PRAGMA user_version").fetchone()[0] != VERSION:
+            db.execute("DROP TABLE IF EXISTS files")
+            db.execute(f"PRAGMA user_version={VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _usable(key: Identity | None) -> bool:

@@ -137,3 +137,20 @@ def test_an_older_store_version_starts_afresh(tmp_path):
 def test_tests_never_use_the_real_home():
     home = Path(os.environ["MERGEBUILD_HOME"])
     assert home != user_cache_dir("mergebuild") and "mb-home" in home.name
+
+
+def test_a_second_opener_that_saw_the_old_version_keeps_the_first_ones_rows(tmp_path):
+    """Two processes open a new store at once: both read version 0, the first makes the table
+    and writes a row, then the second starts over. Its start-over checks the version again
+    under the write lock, so the row stays."""
+    first = FingerprintStore(tmp_path)
+    first.save_sha256((1, 1, 1, 2, 3), "%064x" % 7)
+    late = sqlite3.connect(tmp_path / "fingerprints.sqlite", isolation_level=None)
+    fingerprints._start_over(late)  # what the second opener runs after its stale look at the version
+    late.close()
+    assert FingerprintStore(tmp_path).lookup((1, 1, 1, 2, 3)).sha256 == "%064x" % 7
+    old = sqlite3.connect(tmp_path / "fingerprints.sqlite", isolation_level=None)
+    old.execute("PRAGMA user_version=0")  # a store of another version is still started over
+    fingerprints._start_over(old)
+    old.close()
+    assert FingerprintStore(tmp_path).lookup((1, 1, 1, 2, 3)) is None
