@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_cli
+from conftest import mergekit_digests, run_cli
 from safetensors.torch import load_file, save_file
 from test_import import LAYER, close, folder_tensors, gradient, import_and_build, llamas, mergekit_slerp  # noqa: F401
 
@@ -377,7 +377,7 @@ def test_mergekits_methods_import_to_its_own_bytes(tmp_path):
                 continue
             tm.close(t, tm.reference(case, m, key), tol=1e-5)
             if same_torch:  # else the float64 formula only
-                assert tensor_sha256(t) in tm.mergekit_digests(theirs[case][key]), (case, key)
+                assert tensor_sha256(t) in mergekit_digests(theirs[case][key]), (case, key)
 
 
 def test_what_mergekits_methods_refuse_is_listed(tmp_path):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from mergebuild.methods import get_method
 from mergebuild.methods.mergekit_methods import sce_mask
 from mergebuild.testing.fabricate import llama_trio, tensor_sha256
-from tests.conftest import mergefile, run_cli, write_model
+from tests.conftest import mergefile, mergekit_digests, run_cli, write_model
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "mergekit_0.1.5"
 TRIO_SHAPE = dict(layers=1, hidden=16, intermediate=24, vocab=32)  # make.py's SHAPE
@@ -448,12 +448,6 @@ def reference(case: str, m: dict, key: str) -> np.ndarray:
     if method == "sce":
         return ref_sce(xs[0], xs[1:], p.get("select_topk", 1.0))
     return ref_nearswap(*xs, p["t"])
-
-
-def mergekit_digests(entry) -> list[str]:
-    """outputs.json's digests of one tensor: one, or a list where mergekit wrote different bytes
-    on different machines (karcher: its bytes follow the CPU mergekit ran on)."""
-    return [entry] if isinstance(entry, str) else entry
 
 
 def toml_value(v) -> str:
