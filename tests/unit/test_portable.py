@@ -117,6 +117,14 @@ def test_the_mmap_threshold_is_set_through_glibc(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     calls = []
     monkeypatch.setattr(portable, "_mallopt", [lambda param, value: calls.append((param, value)) or 1])
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    portable.set_mmap_threshold(portable.STREAMING_MMAP)
+    assert calls == [(-3, 4 << 20), (-1, 64 << 20)]  # the heap keeps freed chunks for the next ones
+    calls.clear()
+    portable.set_mmap_threshold(portable.WHOLE_TENSOR_MMAP)
+    assert calls == [(-3, 32 << 20), (-1, 64 << 20)]
+    calls.clear()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the user's own trim threshold is kept
     portable.set_mmap_threshold(portable.STREAMING_MMAP)
     assert calls == [(-3, 4 << 20)]
     if portable._find_mallopt() is None:
