@@ -7,9 +7,8 @@ not a fresh mapping faulted in page by page; while a whole-tensor method runs, g
 
 from __future__ import annotations
 
-import torch
-
 import pytest
+import torch
 
 import mergebuild.execute.device as device
 import mergebuild.execute.executor as executor
