@@ -192,7 +192,7 @@ class Executor:
                 task_, future = reads.popleft()
                 computed += self._handle(task_, future.result(), sink, writes)
                 self._drain(writes, WRITE_BEHIND)
-            self._drain(writes, 0)
+            self._drain(writes, -1)  # all: a zero-byte write (a marker key) can still be running at 0 bytes left
         except BaseException:
             _settle(reads, writes)
             raise

@@ -99,6 +99,43 @@ def test_keys_only_in_a_kept_only_in_b_dropped(tmp_path):
     assert torch.equal(out[A_ONLY], torch.ones(3)) and B_ONLY not in out
 
 
+def test_a_slow_zero_byte_tensor_is_written_before_the_commit(tmp_path, monkeypatch):
+    """A marker key (v_pred: zero bytes) copied last, after every other tensor came from the
+    cache: the build waited for the writes by their bytes left, none, and committed while the
+    copy still ran ("tensor 'v_pred' was never written")."""
+    import time
+
+    from mergebuild.tensors.writer import SafetensorsWriter
+
+    write_model(tmp_path / "a.safetensors", small_model(1))
+    write_model(tmp_path / "b.safetensors", small_model(2, extra={"v_pred": torch.zeros(0)}))
+    text = """
+        [models.a]
+        path = "a.safetensors"
+        [models.b]
+        path = "b.safetensors"
+        [merges.m]
+        method = "weighted_sum"
+        inputs = ["a", "b"]
+        alpha = ALPHA
+        output = "m.safetensors"
+    """
+    for alpha in ("0.5", "0.25"):
+        mergefile(tmp_path / "mergefile.toml", text.replace("ALPHA", alpha))
+        run_cli(cwd=tmp_path, check=True)
+    copy = SafetensorsWriter.copy_into
+
+    def slow_when_empty(writer, name, source, offset):
+        if writer.slots[name].nbytes == 0:
+            time.sleep(0.5)
+        copy(writer, name, source, offset)
+
+    monkeypatch.setattr(SafetensorsWriter, "copy_into", slow_when_empty)
+    mergefile(tmp_path / "mergefile.toml", text.replace("ALPHA", "0.5"))
+    assert build_json(cwd=tmp_path)["merges"]["m"]["computed"] == 0  # all cached: no batch written after it
+    assert load(tmp_path / "m.safetensors")["v_pred"].shape == (0,)
+
+
 def test_inpainting_first_channels_merged_rest_from_a(tmp_path):
     key = "model.diffusion_model.input_blocks.0.0.weight"
     a = small_model(1, extra={key: torch.randn(8, 9, 3, 3).half()})
