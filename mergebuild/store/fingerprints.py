@@ -68,7 +68,11 @@ class Known:
     addnet: str | None  # sha256 of the tensor data (kohya's addnet hash)
 
 
-BUSY_RETRIES = 5  # a busy database is retried this many times before the store turns itself off
+# SQLite's own busy timeout (60 s) covers most waits, but some answers come at once, without
+# it: another process converting a new store to WAL, or one's write racing another's snapshot.
+# Such a busy database is tried again for up to BUSY_WAIT seconds before the store turns itself off
+# (5 tries in 0.75 s were not enough for two processes under a loaded CI machine's test suite).
+BUSY_WAIT = 15.0
 
 
 class FingerprintStore:
@@ -151,21 +155,13 @@ class FingerprintStore:
             db = self._connection()
             if db is None:
                 return None
-            for attempt in range(BUSY_RETRIES + 1):
-                try:
-                    rows = db.execute(sql, params).fetchall()
-                    return rows if fetch else None
-                except sqlite3.OperationalError as e:  # another process's write: SQLite may answer busy at once
-                    if attempt < BUSY_RETRIES and ("locked" in str(e) or "busy" in str(e)):
-                        time.sleep(0.05 * (attempt + 1))
-                        continue
-                    error = e
-                except (sqlite3.Error, OSError) as e:
-                    error = e
-                break
-            if not quiet:
-                self._turn_off(error)
-            return None
+            try:
+                rows = _when_free(lambda: db.execute(sql, params).fetchall())
+                return rows if fetch else None
+            except (sqlite3.Error, OSError) as e:
+                if not quiet:
+                    self._turn_off(e)
+                return None
 
     def _connection(self) -> sqlite3.Connection | None:
         if self._opened:
@@ -175,12 +171,7 @@ class FingerprintStore:
             self.folder.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
             try:
-                db.execute("PRAGMA journal_mode=WAL")  # a file system without shared memory keeps the default
-                db.execute("PRAGMA synchronous=NORMAL")
-                if db.execute("PRAGMA user_version").fetchone()[0] != VERSION:
-                    _start_over(db)
-                db.executescript(SCHEMA)
-                db.execute("DELETE FROM files WHERE used < ?", (time.time() - EXPIRE_DAYS * 86400,))
+                _when_free(lambda: _prepare(db))
             except BaseException:
                 db.close()
                 raise
@@ -199,6 +190,31 @@ class FingerprintStore:
                 pass
         self._db = None
         self._opened = True
+
+
+def _prepare(db: sqlite3.Connection) -> None:
+    """A new connection's set-up; each step may be run again (another process may be at it)."""
+    db.execute("PRAGMA journal_mode=WAL")  # a file system without shared memory keeps the default
+    db.execute("PRAGMA synchronous=NORMAL")
+    if db.execute("PRAGMA user_version").fetchone()[0] != VERSION:
+        _start_over(db)
+    db.executescript(SCHEMA)
+    db.execute("DELETE FROM files WHERE used < ?", (time.time() - EXPIRE_DAYS * 86400,))
+
+
+def _when_free(step):
+    """`step()`, tried again while SQLite answers that the database is busy (BUSY_WAIT)."""
+    deadline = time.monotonic() + BUSY_WAIT
+    pause = 0.02
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as e:
+            message = str(e)
+            if ("locked" not in message and "busy" not in message) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
 
 
 def _start_over(db: sqlite3.Connection) -> None:

@@ -100,6 +100,37 @@ def test_several_processes_write_at_once(tmp_path):
             assert known.sha256 == "%064x" % i and known.tensors == {"t": ["F16", [1], str(i)]}
 
 
+def test_a_database_busy_at_once_is_waited_for_not_turned_off(tmp_path, monkeypatch):
+    """SQLite answers some contention with "database is locked" at once, past its busy timeout
+    (a store being converted to WAL by another process): the opening and the statements try
+    again, so 12 such answers in a row, from the very first statement, cost a wait, not the store."""
+    import sqlite3
+
+    from mergebuild.store import fingerprints
+
+    class Contended:
+        def __init__(self, db):
+            self.db, self.busy_left = db, 12
+
+        def execute(self, *args):
+            if self.busy_left:
+                self.busy_left -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return self.db.execute(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.db, name)
+
+    connect = sqlite3.connect
+    made = []
+    monkeypatch.setattr(fingerprints.sqlite3, "connect", lambda *a, **k: made.append(Contended(connect(*a, **k))) or made[-1])
+    store = FingerprintStore(tmp_path)
+    store.save_sha256((1, 2, 3, 4, 5), "a" * 64)
+    assert store.problem is None and made[0].busy_left == 0
+    made[0].busy_left = 12
+    assert store.lookup((1, 2, 3, 4, 5)).sha256 == "a" * 64 and store.problem is None
+
+
 def test_unusable_store_warns_once_and_does_nothing(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
