@@ -110,10 +110,7 @@ def test_a_slow_zero_byte_tensor_is_written_before_the_commit(tmp_path, monkeypa
     write_model(tmp_path / "a.safetensors", small_model(1))
     write_model(tmp_path / "b.safetensors", small_model(2, extra={"v_pred": torch.zeros(0)}))
     text = """
-        [models.a]
-        path = "a.safetensors"
-        [models.b]
-        path = "b.safetensors"
+        models = {a = {path = "a.safetensors"}, b = {path = "b.safetensors"}}
         [merges.m]
         method = "weighted_sum"
         inputs = ["a", "b"]
