@@ -42,8 +42,9 @@ def test_two_tailed_averaging_is_no_worse_than_the_last_checkpoint(tmp_path):
     built = module.build(tmp_path, runs)
     row = module.evaluate(tmp_path, runs, built)[0]
     assert 2 <= row["chosen_k"] < module.EPOCHS  # a tail: neither the last checkpoint nor the whole run
-    # run 0 measured: the last checkpoint 0.965, two-tailed (16 of 24) 0.976
-    assert row["auto"]["test"] >= row["k1"]["test"] + 0.005, row
+    # run 0 measured: the last checkpoint 0.965, two-tailed (16 of 24) 0.976; on an AVX-512 EPYC
+    # (other float rounding in training) 0.976 and 0.980: a margin of 0.005 held on one CPU only
+    assert row["auto"]["test"] >= row["k1"]["test"], row
     assert row["auto"]["validation_loss"] < row["k1"]["validation_loss"], row
     steps = built["tails"]["auto0"]["steps"]
     assert len(steps) == module.EPOCHS and json.dumps(steps)
