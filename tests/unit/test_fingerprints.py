@@ -129,6 +129,10 @@ def test_a_database_busy_at_once_is_waited_for_not_turned_off(tmp_path, monkeypa
     assert store.problem is None and made[0].busy_left == 0
     made[0].busy_left = 12
     assert store.lookup((1, 2, 3, 4, 5)).sha256 == "a" * 64 and store.problem is None
+    monkeypatch.setattr(fingerprints, "BUSY_WAIT", 0.3)  # a database that stays locked: given up, not hung on
+    made[0].busy_left = 10**9
+    store.save_sha256((1, 2, 3, 4, 6), "b" * 64)
+    assert store.problem == "database is locked" and "hashed as if it were empty" in store.take_warning()
 
 
 def test_unusable_store_warns_once_and_does_nothing(tmp_path):
