@@ -168,6 +168,10 @@ class Method:
     # own dtypes, and fn sees them converted to the compute dtype); they join the params, and so
     # the cache key. None: never
     input_dtypes: Callable | None = None
+    # stored_dtype(params) -> bool: fn on float16 (or bfloat16) inputs gives the bits of fn on them
+    # in float32, cast back: the CPU executor may skip the float32 chunks (execute/native.py, which
+    # also probes it); tests/methods/test_native.py holds every such method to it. None: never
+    stored_dtype: Callable | None = None
     # statistic(context) -> PlannedStatistic | None: a whole-model statistic the merge needs (a
     # two-phase merge: re-basin's permutations), computed once per build before its per-tensor
     # tasks and cached; tasks read its tensors as inputs (STATISTIC, name). None: none
