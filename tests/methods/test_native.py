@@ -100,3 +100,15 @@ def test_a_prefix_is_a_multiple_of_the_alignment():
     assert native.aligned_end(0, 5000) == 4096
     assert native.aligned_end(1 << 20, (1 << 20) + 1023) == 1 << 20
     assert native.aligned_end(7, 7 + 3 * native.ALIGN) == 7 + 3 * native.ALIGN
+
+
+def test_the_finite_check_on_the_halves_is_not_fooled_by_a_float16_sum_past_65504():
+    method = get_method("weighted_sum")
+    a = torch.full((LENGTH,), 1000.0, dtype=torch.float16)
+    b, out = a.clone(), torch.empty(LENGTH, dtype=torch.float16)
+    assert native.compute(method.fn, {"alpha": 0.3}, [a, b], out) == pytest.approx(1000.0 * LENGTH)
+    assert torch.equal(out, a)
+    for bad in (float("inf"), -float("inf"), float("nan")):
+        b[LENGTH // 3] = bad
+        total = native.compute(method.fn, {"alpha": 0.3}, [a, b], out)
+        assert total != total or abs(total) == float("inf")
