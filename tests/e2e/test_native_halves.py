@@ -18,10 +18,9 @@ N_LONG = 2 * executor.CHUNK + 1072  # a last chunk of 1072: 48 past the aligned 
 MERGEFILE = """
 [settings]
 cache = "cache"
-[models.a]
-path = "models/a.safetensors"
-[models.b]
-path = "models/b.safetensors"
+[models]
+a = {{ path = "models/a.safetensors" }}
+b = {{ path = "models/b.safetensors" }}
 [merges.mix]
 method = "weighted_sum"
 inputs = ["a", "b"]
