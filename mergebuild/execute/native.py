@@ -4,12 +4,12 @@ An elementwise method's chunk is copied into float32 scratch, computed and cast 
 (Executor.chunks_into): two conversions per input and one per result. Some torch ops on half
 tensors already compute each element in float and round once (torch.lerp: its "opmath" is
 float32), and a method made of such ops gives, on the stored halves, the bits the float32 path
-gives: the same float arithmetic and the same one rounding. On two cores that skips about a
-third of the main thread's work in a weighted sum (docs/benchmarks.md).
+gives: the same float arithmetic and the same one rounding. In a weighted sum's chunk loop
+that saves about a third of the time (docs/benchmarks.md).
 
-Same bits only where both runs take torch's vectorised loop: its scalar tail (fewer than 64
-elements of a half op, 32 of a float one) does not fuse lerp's multiply-add, and rounds signed
-zeros differently. So a chunk is split: a prefix that is a multiple of ALIGN elements runs on the
+Same bits only where both runs take torch's vectorised loop: at the end of an op the float32
+loop and the half one differ (measured on torch 2.13, AVX-512: `lerp(x, -0.0, 1.0)` gives zeros
+of opposite signs in the last n mod 32 elements when those are 16 or more). So a chunk is split: a prefix that is a multiple of ALIGN elements runs on the
 halves, the rest takes the float32 path exactly as before (its tail is the same elements as the
 whole chunk's was). With more than one torch thread an op is split where torch chooses, each
 piece with its own tail, so the fast path is taken with one thread only (compute_threads gives

@@ -74,12 +74,6 @@ def _wants_dtypes(params: dict) -> bool:
     return params.get("arithmetic") == "a1111"
 
 
-def _one_rounding(params: dict) -> bool:
-    """add_difference's exact arithmetic is two ops, and rounds twice on float16 inputs; A1111's
-    is done in float16 either way."""
-    return params.get("arithmetic") == "a1111"
-
-
 def _always(params: dict) -> bool:
     return True  # torch.lerp computes in float and rounds once; A1111's ops are float16 either way
 
@@ -90,6 +84,7 @@ METHODS = [
     Method("weighted_sum", 1, weighted_sum, ("A", "B"), (ALPHA, ARITHMETIC_PARAM), weighted_sum.__doc__,
            elementwise=True, input_dtypes=_wants_dtypes, stored_dtype=_always),
     Method("add_difference", 1, add_difference, ("A", "B", "C"), (ALPHA, ARITHMETIC_PARAM), add_difference.__doc__,
-           elementwise=True, input_dtypes=_wants_dtypes, stored_dtype=_one_rounding),
+           elementwise=True, input_dtypes=_wants_dtypes,
+           stored_dtype=_wants_dtypes),  # A1111's ops only: the exact one is two ops, two roundings on halves
     Method("copy", 1, copy, ("A",), (), copy.__doc__, merges_tensors=False, elementwise=True),
 ]
