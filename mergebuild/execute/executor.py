@@ -26,7 +26,7 @@ from mergebuild.dtypes import itemsize
 from mergebuild.errors import BuildError, InputError
 from mergebuild.execute import native, pieces
 from mergebuild.execute.batching import Batch, group_small
-from mergebuild.execute.outputs import OutputSink, open_sink
+from mergebuild.execute.outputs import OutputSink, abort_unfinished, open_sink
 from mergebuild.execute.records import Records
 from mergebuild.execute.results import MergeResult, NullProgress  # noqa: F401 - named here by callers
 from mergebuild.execute.statistics import ensure_statistic, reload_statistic, run_statistic
@@ -77,6 +77,7 @@ class Executor:
         try:
             return self._run_all()
         finally:
+            abort_unfinished(self.cache)  # outputs a stop signal left between their creation and their owner
             gc.unfreeze()
             if self._transfer is not None:
                 self._transfer.close()
@@ -261,11 +262,8 @@ class Executor:
             writes.append((task.nbytes, self.writers.submit(self._store, task, result, sink)))
             self.progress.advance(self._merge_name, 1, task.nbytes - shown[0], self._input_bytes(task) - shown[1])
             return 1
-        if fetched is None:
-            future = self.writers.submit(self._copy_into, sink, task)
-        else:
-            future = self.writers.submit(self._write_cached, sink, task, fetched)
-        writes.append((task.nbytes, future))
+        copy = (self._copy_into, sink, task) if fetched is None else (self._write_cached, sink, task, fetched)
+        writes.append((task.nbytes, self.writers.submit(*copy)))
         self.progress.advance(self._merge_name, 1, task.nbytes, task.nbytes)
         return 0
 

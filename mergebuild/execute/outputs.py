@@ -19,7 +19,7 @@ from mergebuild.planning.vocab import output_files
 from mergebuild.portable import RandomAccess, same_device
 from mergebuild.store.cache import Cache
 from mergebuild.tensors.folder import FolderWriter, is_folder_output, output_marker
-from mergebuild.tensors.writer import SafetensorsWriter, remove_stale_temps
+from mergebuild.tensors.writer import SafetensorsWriter, remove_stale_temps, unfinished
 
 ADAPTER_SHARD = 1 << 62  # PEFT loads one adapter_model.safetensors: an adapter is never sharded
 
@@ -115,6 +115,13 @@ class OutputSink:
 
     def abort(self) -> None:
         self.writer.abort()
+
+
+def abort_unfinished(cache: Cache) -> None:
+    """Remove the temp outputs of this process that nothing committed, salvaged or aborted: a
+    stop signal can land after a writer is made and before the code that would clean it up owns
+    it. Run when a build ends (after a success there are none)."""
+    unfinished.abort_all(cache.token)
 
 
 def open_sink(plan: Plan, cache: Cache, draft: dict[str, str], merge: MergePlan) -> OutputSink:

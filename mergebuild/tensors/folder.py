@@ -21,7 +21,7 @@ from mergebuild.errors import BuildError
 from mergebuild.portable import FileLock, fsync_dir, replace
 from mergebuild.mergefile.model import FILE_SUFFIX
 from mergebuild.tensors.header import read_metadata
-from mergebuild.tensors.writer import FOLDER_LOCK, TEMP_MARK, SafetensorsWriter
+from mergebuild.tensors.writer import FOLDER_LOCK, TEMP_MARK, SafetensorsWriter, unfinished
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -112,11 +112,12 @@ class FolderWriter:
         self.token = token
         self.temp = self.folder.parent / f".{self.folder.name}{TEMP_MARK}{token}"
         shutil.rmtree(self.temp, ignore_errors=True)
-        self.temp.mkdir(parents=True)
         self._lock = FileLock(self.temp / FOLDER_LOCK)
-        self._lock.acquire()
         self.writers: list[SafetensorsWriter] = []
-        try:
+        try:  # a signal landing anywhere in here removes the temp folder
+            self.temp.mkdir(parents=True)
+            self._lock.acquire()
+            unfinished.add(self)
             shards = _split(tensors, shard_size)
             self.names = [single_name] if len(shards) == 1 else [
                 f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -195,6 +196,7 @@ class FolderWriter:
         (self.temp / FOLDER_LOCK).unlink(missing_ok=True)
         replace(self.temp, self.folder)
         fsync_dir(self.folder.parent)
+        unfinished.discard(self)
         if old is not None:
             _remove_written(old)
 
@@ -212,6 +214,7 @@ class FolderWriter:
             w.abort()
         self._lock.release()
         shutil.rmtree(self.temp, ignore_errors=True)
+        unfinished.discard(self)
 
 
 def _remove_written(folder: Path) -> None:

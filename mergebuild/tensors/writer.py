@@ -93,12 +93,14 @@ class SafetensorsWriter:
         if self.header_size > MAX_HEADER:
             raise BuildError(f"{self.path}: the header would take {self.header_size:,} bytes, over safetensors' "
                              f"limit of {MAX_HEADER:,}")
+        self.token = token  # the build's (store/cache.py): which writers abort_all() may remove
         self.temp = temp_name(self.path, token)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(lock_name(self.temp))
-        self._lock.acquire()  # held while the temp is written
         self.file = None
-        try:
+        try:  # from the lock on: a signal landing anywhere in here removes what was made
+            self._lock.acquire()  # held while the temp is written; its file exists from here
+            unfinished.add(self)
             self.file = RandomAccess(self.temp, writable=True, create=True)
             size = 8 + self.header_size + self.data_size
             self.file.preallocate(size)  # a full disk fails here, before any compute
@@ -236,6 +238,37 @@ class SafetensorsWriter:
     def _unlock(self) -> None:
         self._lock.release()
         lock_name(self.temp).unlink(missing_ok=True)
+        unfinished.discard(self)
+
+
+class Unfinished:
+    """The writers of this process not yet committed, salvaged or aborted. A stop signal can
+    land between a writer's creation and the code that would abort it (its owner not yet
+    assigned): abort_all() then removes its temp and lock rather than leaving them to the next
+    build's sweep."""
+
+    def __init__(self):
+        self._live: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def add(self, writer) -> None:
+        with self._lock:
+            self._live[id(writer)] = writer
+
+    def discard(self, writer) -> None:
+        with self._lock:
+            self._live.pop(id(writer), None)
+
+    def abort_all(self, token: str) -> None:
+        """Abort the unfinished writers of the build `token` (another build in this process,
+        a library user's thread, keeps its own)."""
+        with self._lock:
+            writers = [w for w in self._live.values() if w.token == token]
+        for w in writers:
+            w.abort()
+
+
+unfinished = Unfinished()
 
 
 def remove_stale_temps(path: Path) -> None:

@@ -94,3 +94,67 @@ def test_sigkill_leaves_temps_that_the_next_build_removes(tmp_path):
     assert mb(tmp_path, "-q").code == 0
     assert not leftovers(tmp_path)
 
+
+
+# A stop signal lands at one bytecode of the main thread: wherever that is, nothing may stay.
+# These put it, deterministically, in the windows a real Ctrl-C hits only now and then.
+class _StoppedOnceLocked:
+    """The temp lock of an output: the signal arrives once the lock's file exists and is held,
+    before acquire() returns (the window a Ctrl-C at the first sight of a temp file hits)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __call__(self, path):
+        lock = self.real(path)
+        acquire = lock.acquire
+
+        def stopped(*args, **kwargs):
+            acquire(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        lock.acquire = stopped
+        return lock
+
+
+def _stopped_after(real):
+    def opened(*args, **kwargs):
+        real(*args, **kwargs)  # the output's temp exists; nothing owns it yet
+        raise KeyboardInterrupt
+
+    return opened
+
+
+@pytest.mark.parametrize("output", ["out/m.safetensors", "out/m"])  # a file and a folder output
+@pytest.mark.parametrize("where", ["in the temp lock", "before the build owns the output"])
+def test_a_signal_in_any_window_of_opening_an_output_leaves_nothing(tmp_path, monkeypatch, output, where):
+    from mergebuild.execute import executor
+    from mergebuild.tensors import folder, writer
+
+    big_sources(tmp_path, tensors=4, side=64)
+    (tmp_path / "mergefile.toml").write_text(CHAIN.replace('"out/m.safetensors"', f'"{output}"'))
+    if where == "in the temp lock":
+        monkeypatch.setattr(writer, "FileLock", _StoppedOnceLocked(writer.FileLock))
+        monkeypatch.setattr(folder, "FileLock", _StoppedOnceLocked(folder.FileLock))
+    else:
+        monkeypatch.setattr(executor, "open_sink", _stopped_after(executor.open_sink))
+    result = mb(tmp_path, "-q")
+    assert result.code == 130 and "interrupted" in result.err and "Traceback" not in result.err
+    assert not leftovers(tmp_path) and not (tmp_path / output).exists()
+    monkeypatch.undo()
+    assert mb(tmp_path, "-q").code == 0 and (tmp_path / output).exists() and not leftovers(tmp_path)
+
+
+def test_a_build_aborts_only_its_own_unfinished_writers(tmp_path):
+    from mergebuild.tensors.writer import SafetensorsWriter, unfinished
+
+    tensors = [("w", "F32", (4,))]
+    mine, other = (SafetensorsWriter(tmp_path / f"{n}.safetensors", tensors, {}, token) for n, token in
+                   (("mine", "1-aa"), ("other", "2-bb")))
+    unfinished.abort_all("1-aa")
+    assert not mine.temp.exists() and other.temp.exists()  # another build in this process keeps its own
+    other.write("w", bytes(16))
+    other.commit({})
+    assert (tmp_path / "other.safetensors").exists() and not leftovers(tmp_path)
+    unfinished.abort_all("2-bb")  # a committed writer is no longer unfinished
+    assert (tmp_path / "other.safetensors").exists()
