@@ -31,7 +31,7 @@ from mergebuild.execute.records import Records
 from mergebuild.execute.results import MergeResult, NullProgress  # noqa: F401 - named here by callers
 from mergebuild.execute.statistics import ensure_statistic, reload_statistic, run_statistic
 from mergebuild.execute.stats import sample_stats
-from mergebuild.execute.tensorio import BufferPool, OpenFiles, read_ref
+from mergebuild.execute.tensorio import BufferPool, OpenFiles, ResultBuffers, read_ref
 from mergebuild.planning.planner import CACHED, DIRTY, PASSTHROUGH, MergePlan, Plan, TensorTask, resolve_keys
 from mergebuild.planning.shortcut import expand
 from mergebuild.mergefile.model import Settings
@@ -60,6 +60,7 @@ class Executor:
         self.pool = BufferPool()  # read buffers of chunked methods' inputs, used again
         self._pooled: dict[int, list] = {}  # id(task) -> its inputs' buffers from the pool
         self._scratch_local = threading.local()  # float32 chunks reused by _compute_chunked
+        self.results = ResultBuffers(self._streaming_mmap(), WRITE_BEHIND)  # _compute_chunked's, given back by _keep
         self.progress = progress or NullProgress()
         self.records = Records(plan, cache, build_id)
         self._lock = threading.Lock()
@@ -128,7 +129,8 @@ class Executor:
             set_mmap_threshold(WHOLE_TENSOR_MMAP)
             run_statistic(self, merge)
         resolve_keys(self.plan, merge, self.cache, self.force)
-        sink = open_sink(self.plan, self.cache, self.committer.draft_metadata(merge), merge) if merge.spec.output is not None and not merge.current else None
+        sink = open_sink(self.plan, self.cache, self.committer.draft_metadata(merge), merge, self.results.give) \
+            if merge.spec.output is not None and not merge.current else None  # results it keeps to hash come back
         todo = [t for t in merge.tasks.values() if t.state == DIRTY or sink is not None]
         if todo:
             self._step += 1
@@ -262,7 +264,7 @@ class Executor:
             writes.append((task.nbytes, self.writers.submit(self._store, task, result, sink)))
             self.progress.advance(self._merge_name, 1, task.nbytes - shown[0], self._input_bytes(task) - shown[1])
             return 1
-        copy = (self._copy_into, sink, task) if fetched is None else (self._write_cached, sink, task, fetched)
+        copy = (self._copy_into, sink, task) if fetched is None else (sink.write, task.name, task.digest, fetched)
         writes.append((task.nbytes, self.writers.submit(*copy)))
         self.progress.advance(self._merge_name, 1, task.nbytes, task.nbytes)
         return 0
@@ -295,10 +297,6 @@ class Executor:
             sink.copy_into(task.name, ref.digest, source, offset)
         finally:
             self.files.release(Path(path))
-
-    @staticmethod
-    def _write_cached(sink: OutputSink, task: TensorTask, data) -> None:
-        sink.write(task.name, task.digest, data)
 
     @staticmethod
     def _drain(writes: deque, limit: int) -> None:
@@ -394,9 +392,7 @@ class Executor:
         """An elementwise method over chunks of CHUNK elements: inputs stay in their stored dtype,
         each chunk is converted into reused float32 scratch, computed, and cast into the result
         (or computed on the stored halves, native.py). No whole-tensor float32 copies."""
-        from mergebuild.torchlazy import torch, torch_dtype
-
-        out = torch.empty(task.shape, dtype=torch_dtype(task.dtype))
+        out = self.results.empty(task.shape, task.dtype)
         self.chunks_into(task, [x.reshape(-1) for x in xs], out.reshape(-1), kwargs)
         task.stats = sample_stats(out, xs, [n for n, _ in task.inputs])
         return out
@@ -470,11 +466,14 @@ class Executor:
 
     def _keep(self, task: TensorTask, data, sink) -> None:
         digest = tensor_digest(task.dtype, task.shape, data)
+        kept = False  # whether the output's writer keeps the bytes until its hash reaches them
         if sink is not None:
-            sink.write(task.name, digest, data)  # recorded once the output is committed
+            kept = sink.write(task.name, digest, data)  # recorded once the output is committed
             self.records.in_output(self._merge_name, task, digest)
         else:
             self.records.stored(task, digest, self.cache.blobs.put(digest, data))
+        if not kept:
+            self.results.give(data)  # a result's memory (ResultBuffers) holds the next one
         task.digest, task.state = digest, CACHED
 
 

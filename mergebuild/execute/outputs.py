@@ -39,9 +39,16 @@ class OutputSink:
         self.digests: dict[str, str] = {}  # tensor name -> digest, as each is written
         self._lock = threading.Lock()
 
-    def write(self, name: str, digest: str, data) -> None:
-        self.writer.write(name, data)
+    def release_to(self, release) -> None:
+        """Bytes that write() reported kept go to `release` once the writer is done with them."""
+        for w in self.writer.writers if self.folder else [self.writer]:
+            w.release = release
+
+    def write(self, name: str, digest: str, data) -> bool:
+        """True when the writer keeps `data` (to hash it later): it must not be written over."""
+        kept = self.writer.write(name, data)
         self._written(name, digest)
+        return kept
 
     def write_piece(self, name: str, data, at: int) -> None:
         """A part of tensor `name`'s bytes, from byte `at` (execute/pieces.py)."""
@@ -124,10 +131,17 @@ def abort_unfinished(cache: Cache) -> None:
     unfinished.abort_all(cache.token)
 
 
-def open_sink(plan: Plan, cache: Cache, draft: dict[str, str], merge: MergePlan) -> OutputSink:
+def open_sink(plan: Plan, cache: Cache, draft: dict[str, str], merge: MergePlan, release=None) -> OutputSink:
     """The output of a merge, opened for writing (a temp file beside it), with a draft header
-    whose size the final one fits in."""
+    whose size the final one fits in; `release`: see OutputSink.release_to."""
     remove_stale_temps(merge.spec.output)
+    sink = _new_sink(plan, cache, draft, merge)
+    if release is not None:
+        sink.release_to(release)
+    return sink
+
+
+def _new_sink(plan: Plan, cache: Cache, draft: dict[str, str], merge: MergePlan) -> OutputSink:
     tensors = [(t.name, t.dtype, t.shape) for t in merge.tasks.values()]
     if merge.adapter is not None:  # a PEFT adapter folder: one weights file and its config, nothing copied
         return OutputSink(cache, merge.spec.output, tensors, draft, ADAPTER_SHARD, None, None,

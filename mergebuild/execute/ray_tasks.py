@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 from mergebuild.execute.batching import Batch
 from mergebuild.execute.executor import Executor
-from mergebuild.execute.tensorio import OpenFiles, read_ref
+from mergebuild.execute.tensorio import OpenFiles, ResultBuffers, read_ref
 from mergebuild.planning.planner import DIRTY, TensorTask
 from mergebuild.planning.sources import TensorRef
 
@@ -98,6 +98,7 @@ class _WorkerCompute(Executor):
         self._transfer = None
         self._lock = threading.Lock()
         self._scratch_local = threading.local()
+        self.results = ResultBuffers(1 << 62)  # its results leave as bytes, never given back: not pooled
         self._merge_name = ""
 
 

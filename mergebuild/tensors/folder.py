@@ -129,8 +129,8 @@ class FolderWriter:
         self.where = {t[0]: w for w, shard in zip(self.writers, shards) for t in shard}
         self.total = sum(nbytes(dt, shape) for _, dt, shape in tensors)
 
-    def write(self, name: str, data, at: int = 0) -> None:
-        self.where[name].write(name, data, at)
+    def write(self, name: str, data, at: int = 0) -> bool:
+        return self.where[name].write(name, data, at)
 
     def copy_into(self, name: str, source, offset: int) -> None:
         self.where[name].copy_into(name, source, offset)
