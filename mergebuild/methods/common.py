@@ -56,6 +56,13 @@ def as_1d(x):
     return x.reshape(1) if x.dim() == 0 else x
 
 
+def and_bits(x, mask_bits):
+    """x (contiguous) with +0.0 wherever mask_bits (integers of x's width) is 0 and x's bits where
+    it is -1, in place (selection.kept_bits makes such masks)."""
+    x.view(mask_bits.dtype).bitwise_and_(mask_bits)
+    return x
+
+
 def zero_unless(x, mask):
     """x (contiguous) with +0.0 wherever mask is False, in place: torch.where(mask, x, 0.0)'s bits,
     by an integer AND (a bool-masked where or masked_fill costs ~10x more on a CPU)."""

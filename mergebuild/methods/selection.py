@@ -71,6 +71,25 @@ def kept(threshold: Threshold, magnitude, start: int):
     return mask
 
 
+def kept_bits(threshold: Threshold, magnitude, start: int):
+    """kept() as integers of the magnitudes' width: -1 (every bit set) where kept, 0 elsewhere,
+    ready to AND with the values' bits (methods/common.py and_bits). Integer arithmetic only, no
+    bool tensors (a comparison into bool is a scalar loop on a CPU, ~2.5x an integer op): on
+    integers, keeping bits == t up to index `last` is keeping bits > t - 1 there, and x > t is
+    the sign bit of t - x (both are >= 0, so the difference cannot overflow)."""
+    if threshold.mask is not None:
+        ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[magnitude.element_size()]
+        return threshold.mask[start : start + magnitude.numel()].to(ints).neg_()
+    bits = magnitude.view(threshold.int_dtype)
+    width = bits.element_size() * 8 - 1
+    ties = min(max(threshold.last - start + 1, 0), bits.numel())  # the chunk's first `ties` keep their equals
+    out = torch.empty_like(bits)
+    for begin, end, t in ((0, ties, threshold.bits - 1), (ties, bits.numel(), threshold.bits)):
+        if end > begin:
+            torch.sub(torch.tensor(t, dtype=bits.dtype, device=bits.device), bits[begin:end], out=out[begin:end])
+    return out.bitwise_right_shift_(width)
+
+
 def select(part: Callable, n: int, k: int, step: int) -> Threshold:
     """The Threshold of the k largest of n magnitudes; part(i, j) gives magnitudes i..j-1 (a
     flat tensor, >= 0), and is called a few times over for each chunk of `step`."""

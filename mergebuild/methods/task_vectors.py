@@ -16,9 +16,9 @@ See ../../docs/methods.md for each member's defaults and where they differ from 
 
 from __future__ import annotations
 
-from mergebuild.methods.common import bernoulli_mask, generator_for, model_weights, zero_unless
+from mergebuild.methods.common import and_bits, bernoulli_mask, generator_for, model_weights, zero_unless
 from mergebuild.methods.registry import Method, Param
-from mergebuild.methods.selection import chunk_size, kept, select, top_k_mask
+from mergebuild.methods.selection import chunk_size, kept, kept_bits, select, top_k_mask
 from mergebuild.torchlazy import torch
 
 SPARSIFIERS = ("none", "magnitude", "random", "breadcrumbs", "della")
@@ -156,7 +156,8 @@ def elect_sign(weighted, sign: str):
         votes = torch.sign(weighted).sum(dim=0)
         if sign == "count":
             return torch.sign(votes).to(weighted.dtype)
-    return (votes >= 0).to(weighted.dtype).mul_(2).sub_(1)  # +1 or -1 (a bool where is slow on a CPU)
+    # +1 or -1; compared into the float dtype: a comparison into bool is a scalar loop on a CPU
+    return torch.ge(votes, 0, out=torch.empty_like(votes)).mul_(2).sub_(1)
 
 
 def generalized_task_arithmetic(base, *models, sparsify: str = "none", sign: str = "none",
@@ -208,7 +209,7 @@ def _trim(sparsify: str, base, model, generator, shape, *, density, gamma, epsil
     magnitudes = lambda i, j: (model[i:j] - base[i:j]).abs_()  # noqa: E731 - |delta| of a chunk, recomputed
     if sparsify == "magnitude" and not mergekit:
         top = select(magnitudes, n, max(int(density * n), 0), step)
-        return lambda delta, start: zero_unless(delta, kept(top, delta.abs(), start))
+        return lambda delta, start: and_bits(delta, kept_bits(top, delta.abs(), start))
     if sparsify == "breadcrumbs":
         keep = max(int(density * n), 0)
         large = min(max(int(gamma * n), 0), n - keep)
@@ -250,15 +251,27 @@ def _combine(weighted, w, ws, base, sign: str, normalize: bool, lam: float, merg
         total = sum(ws)
         divisor = total if abs(total) >= 1e-8 else 1.0
     else:
-        elected = elect_sign(weighted, sign)
-        agree = (torch.sign(weighted) == elected) & (elected != 0)  # a zero delta is never kept
+        agree = _agreeing(weighted, elect_sign(weighted, sign))
+        if mergekit:
+            mixed = (weighted * agree).sum(dim=0)
+        agree = agree.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[agree.element_size()])
+        agree = agree.neg_().bitwise_right_shift_(agree.element_size() * 8 - 1)  # 1.0 -> -1 (every bit), 0.0 -> 0
         weights = w.expand_as(weighted).clone(memory_format=torch.contiguous_format)  # a copy, always
-        divisor = zero_unless(weights, agree).sum(dim=0)
-        divisor.add_((divisor == 0).to(divisor.dtype))  # 0 -> 1.0; d + 0.0 is d
-        mixed = (weighted * agree).sum(dim=0) if mergekit else zero_unless(weighted, agree).sum(dim=0)
+        divisor = and_bits(weights, agree).sum(dim=0)
+        divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))  # 0 -> 1.0; d + 0.0 is d
+        if not mergekit:
+            mixed = and_bits(weighted, agree).sum(dim=0)
     if normalize:
         mixed.div_(divisor)
     return mixed.mul_(lam).add_(base)  # base + lam * mixed, in mixed's own memory
+
+
+def _agreeing(weighted, elected):
+    """1.0 where a weighted delta's sign is the elected one and that is not 0 (a zero delta is
+    never kept), else 0.0: sign * elected == +1 exactly (NaN never is), compared into the float
+    dtype (a vector loop, where one into bool is a scalar loop)."""
+    product = torch.sign(weighted).mul_(elected)
+    return torch.eq(product, 1.0, out=product)
 
 
 def _member(name: str, doc: str, *, sparsify: str, params: tuple, fixed: dict | None = None,
