@@ -32,11 +32,23 @@ output = "out/final.safetensors"
 """
 
 
-def test_reused_result_memory_gives_the_right_bytes_and_hash(tmp_path, monkeypatch):
+def _models(folder, tensors: int) -> None:
     for seed, name in ((1, "a"), (2, "b")):
         g = torch.Generator().manual_seed(seed)  # 5 MB each: above the streaming mmap threshold
-        write_model(tmp_path / f"{name}.safetensors",
-                    {f"model.diffusion_model.layer{i}.weight": torch.randn(1280, 1024, generator=g) for i in range(12)})
+        write_model(folder / f"{name}.safetensors",
+                    {f"model.diffusion_model.layer{i}.weight": torch.randn(1280, 1024, generator=g) for i in range(tensors)})
+
+
+def _assert_data_hash(path) -> None:
+    """ModelSpec's hash_sha256 in the header is the sha256 of the file's tensor data."""
+    raw = path.read_bytes()
+    header = int.from_bytes(raw[:8], "little")
+    metadata = json.loads(raw[8 : 8 + header])["__metadata__"]
+    assert metadata["modelspec.hash_sha256"] == "0x" + hashlib.sha256(raw[8 + header :]).hexdigest(), path
+
+
+def test_reused_result_memory_gives_the_right_bytes_and_hash(tmp_path, monkeypatch):
+    _models(tmp_path, 12)
     mergefile(tmp_path / "mergefile.toml", CHAIN)
     lent = []
     empty = tensorio.ResultBuffers.empty
@@ -53,10 +65,7 @@ def test_reused_result_memory_gives_the_right_bytes_and_hash(tmp_path, monkeypat
     out = load(tmp_path / "out/final.safetensors")
     for key in a:
         assert torch.equal(out[key], torch.lerp(torch.lerp(a[key], b[key], 0.3), a[key], 0.5)), key
-    raw = (tmp_path / "out/final.safetensors").read_bytes()
-    header = int.from_bytes(raw[:8], "little")
-    metadata = json.loads(raw[8 : 8 + header])["__metadata__"]
-    assert metadata["modelspec.hash_sha256"] == "0x" + hashlib.sha256(raw[8 + header :]).hexdigest()
+    _assert_data_hash(tmp_path / "out/final.safetensors")
 
 
 def test_bytes_the_writer_keeps_are_not_written_over(tmp_path, monkeypatch):
@@ -66,10 +75,7 @@ def test_bytes_the_writer_keeps_are_not_written_over(tmp_path, monkeypatch):
 
     from mergebuild.tensors import writer
 
-    for seed, name in ((1, "a"), (2, "b")):
-        g = torch.Generator().manual_seed(seed)
-        write_model(tmp_path / f"{name}.safetensors",
-                    {f"model.diffusion_model.layer{i}.weight": torch.randn(1280, 1024, generator=g) for i in range(8)})
+    _models(tmp_path, 8)
     mergefile(tmp_path / "mergefile.toml", CHAIN.replace('alpha = 0.3\n[merges.final]', 'alpha = 0.3\noutput = "out/mid.safetensors"\n[merges.final]'))
     write = writer.SafetensorsWriter.write
 
@@ -82,10 +88,7 @@ def test_bytes_the_writer_keeps_are_not_written_over(tmp_path, monkeypatch):
     run_cli(cwd=tmp_path, check=True)
     a, b = load(tmp_path / "a.safetensors"), load(tmp_path / "b.safetensors")
     for name in ("mid", "final"):
-        raw = (tmp_path / f"out/{name}.safetensors").read_bytes()
-        header = int.from_bytes(raw[:8], "little")
-        metadata = json.loads(raw[8 : 8 + header])["__metadata__"]
-        assert metadata["modelspec.hash_sha256"] == "0x" + hashlib.sha256(raw[8 + header :]).hexdigest(), name
+        _assert_data_hash(tmp_path / f"out/{name}.safetensors")
     out = load(tmp_path / "out/mid.safetensors")
     for key in a:
         assert torch.equal(out[key], torch.lerp(a[key], b[key], 0.3)), key
