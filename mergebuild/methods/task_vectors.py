@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from mergebuild.methods.common import and_bits, bernoulli_mask, generator_for, model_weights, zero_unless
 from mergebuild.methods.registry import Method, Param
-from mergebuild.methods.selection import chunk_size, kept, kept_bits, select, top_k_mask
+from mergebuild.methods.selection import chunk_size, kept_bits, select, top_k_mask
 from mergebuild.torchlazy import torch
 
 SPARSIFIERS = ("none", "magnitude", "random", "breadcrumbs", "della")
@@ -214,8 +214,8 @@ def _trim(sparsify: str, base, model, generator, shape, *, density, gamma, epsil
         keep = max(int(density * n), 0)
         large = min(max(int(gamma * n), 0), n - keep)
         band, dropped = select(magnitudes, n, large + keep, step), select(magnitudes, n, large, step)
-        return lambda delta, start: zero_unless(delta, kept(band, (m := delta.abs()), start)
-                                                & ~kept(dropped, m, start))
+        return lambda delta, start: and_bits(delta, kept_bits(band, (m := delta.abs()), start)
+                                             & ~kept_bits(dropped, m, start))
     if sparsify == "random" and rescale != "l1" and density > 0:
         mask = _drawn_mask(n, density, generator).to(base.device)
         if rescale == "density":
