@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from mergebuild.methods.common import bits_dtype
 from mergebuild.torchlazy import torch
 
 CHUNK = 1 << 20  # elements of magnitudes at a time on a CPU (4 MB in float32: stays in cache)
@@ -78,8 +79,7 @@ def kept_bits(threshold: Threshold, magnitude, start: int):
     integers, keeping bits == t up to index `last` is keeping bits > t - 1 there, and x > t is
     the sign bit of t - x (both are >= 0, so the difference cannot overflow)."""
     if threshold.mask is not None:
-        ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[magnitude.element_size()]
-        return threshold.mask[start : start + magnitude.numel()].to(ints).neg_()
+        return threshold.mask[start : start + magnitude.numel()].to(bits_dtype(magnitude)).neg_()
     bits = magnitude.view(threshold.int_dtype)
     width = bits.element_size() * 8 - 1
     ties = min(max(threshold.last - start + 1, 0), bits.numel())  # the chunk's first `ties` keep their equals

@@ -16,7 +16,7 @@ See ../../docs/methods.md for each member's defaults and where they differ from 
 
 from __future__ import annotations
 
-from mergebuild.methods.common import and_bits, bernoulli_mask, generator_for, model_weights, zero_unless
+from mergebuild.methods.common import and_bits, bernoulli_mask, bits_dtype, generator_for, model_weights, zero_unless
 from mergebuild.methods.registry import Method, Param
 from mergebuild.methods.selection import chunk_size, kept_bits, select, top_k_mask
 from mergebuild.torchlazy import torch
@@ -254,8 +254,7 @@ def _combine(weighted, w, ws, base, sign: str, normalize: bool, lam: float, merg
         agree = _agreeing(weighted, elect_sign(weighted, sign))
         if mergekit:
             mixed = (weighted * agree).sum(dim=0)
-        agree = agree.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[agree.element_size()])
-        agree = agree.neg_().bitwise_right_shift_(agree.element_size() * 8 - 1)  # 1.0 -> -1 (every bit), 0.0 -> 0
+        agree = agree.view(bits_dtype(agree)).neg_().bitwise_right_shift_(agree.element_size() * 8 - 1)  # 1.0 -> -1, 0.0 -> 0
         weights = w.expand_as(weighted).clone(memory_format=torch.contiguous_format)  # a copy, always
         divisor = and_bits(weights, agree).sum(dim=0)
         divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))  # 0 -> 1.0; d + 0.0 is d
