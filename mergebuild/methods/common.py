@@ -5,8 +5,11 @@ Not a method module (it has no METHODS list); the method modules import from it.
 
 from __future__ import annotations
 
+import math
+
 import xxhash
 
+from mergebuild.methods.draws import keep_mask
 from mergebuild.torchlazy import torch
 
 
@@ -47,6 +50,8 @@ def bernoulli_mask(shape, keep, generator, device):
     """A bool mask of `shape`, True with probability `keep` (a float, or a CPU float tensor of
     `shape`), drawn on the CPU from `generator` and then moved to `device`: the same bytes on any
     device."""
+    if isinstance(keep, float | int):
+        return keep_mask(math.prod(shape), float(keep), generator).reshape(shape).to(device)
     u = torch.rand(shape, generator=generator, dtype=torch.float32, device="cpu")
     return (u < keep).to(device)
 

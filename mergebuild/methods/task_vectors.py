@@ -17,6 +17,7 @@ See ../../docs/methods.md for each member's defaults and where they differ from 
 from __future__ import annotations
 
 from mergebuild.methods.common import and_bits, bernoulli_mask, bits_dtype, generator_for, model_weights, zero_unless
+from mergebuild.methods.draws import keep_mask
 from mergebuild.methods.registry import Method, Param
 from mergebuild.methods.selection import chunk_size, kept_bits, select, top_k_mask
 from mergebuild.torchlazy import torch
@@ -25,7 +26,7 @@ SPARSIFIERS = ("none", "magnitude", "random", "breadcrumbs", "della")
 SIGNS = ("none", "mass", "count", "count_mergekit")
 RESCALES = ("density", "l1", "none")  # how DARE and DELLA rescale what they keep; true / false mean density / none
 TIES_RULES = ("mergebuild", "mergekit")
-CHUNK_DRAW = 1 << 20  # DARE's uniform draws at a time (on the CPU, where the stream is)
+
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor leaves the kept entries alone when an L1 norm is below this
 
 
@@ -217,7 +218,7 @@ def _trim(sparsify: str, base, model, generator, shape, *, density, gamma, epsil
         return lambda delta, start: and_bits(delta, kept_bits(band, (m := delta.abs()), start)
                                              & ~kept_bits(dropped, m, start))
     if sparsify == "random" and rescale != "l1" and density > 0:
-        mask = _drawn_mask(n, density, generator).to(base.device)
+        mask = keep_mask(n, density, generator).to(base.device)
         if rescale == "density":
             return lambda delta, start: zero_unless(delta, mask[start : start + delta.numel()]).div_(density)
         return lambda delta, start: zero_unless(delta, mask[start : start + delta.numel()])
@@ -233,15 +234,6 @@ def _trim(sparsify: str, base, model, generator, shape, *, density, gamma, epsil
     whole = whole.reshape(-1)
     del delta
     return lambda chunk, start: whole[start : start + chunk.numel()]
-
-
-def _drawn_mask(n: int, density: float, generator):
-    """bernoulli_mask(n, density) drawn a chunk at a time: the same stream, no float32 copy."""
-    mask = torch.empty(n, dtype=torch.bool)
-    for i in range(0, n, CHUNK_DRAW):
-        j = min(i + CHUNK_DRAW, n)
-        torch.lt(torch.rand(j - i, generator=generator, dtype=torch.float32), density, out=mask[i:j])
-    return mask
 
 
 def _combine(weighted, w, ws, base, sign: str, normalize: bool, lam: float, mergekit: bool):

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mergebuild.methods import selection, task_vectors
+from mergebuild.methods import draws, selection, task_vectors
 from mergebuild.methods.common import bernoulli_mask, generator_for, model_weights
 from mergebuild.methods.selection import top_k_mask
 from mergebuild.methods.task_vectors import (della_sparsify, generalized_task_arithmetic, magnitude_sparsify_mergekit,
@@ -41,7 +41,7 @@ def small_chunks(chunk: int, candidates: int):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(selection, "CHUNK", chunk)
         mp.setattr(selection, "CANDIDATES", candidates)
-        mp.setattr(task_vectors, "CHUNK_DRAW", max(1, chunk // 2))
+        mp.setattr(draws, "DRAW", max(1, chunk // 2))
         yield
 
 
