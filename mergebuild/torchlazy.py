@@ -37,6 +37,7 @@ class _LazyModule:
 
 
 torch = _LazyModule("torch")
+numpy = _LazyModule("numpy")  # for modules a no-op imports (the method modules) but only a merge uses
 
 
 def torch_dtype(code: str):

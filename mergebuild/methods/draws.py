@@ -17,8 +17,7 @@ from __future__ import annotations
 import math
 import struct
 
-import numpy as np
-
+from mergebuild.torchlazy import numpy as np
 from mergebuild.torchlazy import torch
 
 DRAW = 1 << 20  # draws at a time: bounded temporary memory
@@ -33,17 +32,21 @@ def keep_mask(n: int, keep: float, generator) -> "torch.Tensor":
     """A flat bool CPU tensor of n entries: torch.rand(n, generator=generator) < keep (float32),
     drawn DRAW entries at a time, the generator advanced by n draws as torch.rand would."""
     mask = torch.empty(n, dtype=torch.bool)
-    if n == 0:
+    if n and math.isfinite(keep) and _numpy_agrees() and _draw_by_numpy(mask.numpy(), keep, generator):
         return mask
-    if not (math.isfinite(keep) and _numpy_agrees()):
-        return _torch_mask(mask, keep, generator)
+    return _torch_mask(mask, keep, generator)
+
+
+def _draw_by_numpy(out, keep: float, generator) -> bool:
+    """out (a numpy bool array) filled from generator's stream by numpy, the generator moved on
+    past the draws; False (nothing drawn) when its state is not the layout this module knows."""
     bits = _read_state(generator)
     if bits is None:
-        return _torch_mask(mask, keep, generator)
+        return False
     rng, state = bits
-    _numpy_mask(mask.numpy(), _threshold(keep), rng)
+    _numpy_mask(out, _threshold(keep), rng)
     _write_state(generator, state, rng)
-    return mask
+    return True
 
 
 def _torch_mask(mask, keep: float, generator):
@@ -109,14 +112,10 @@ def _same_as_torch() -> bool:
         for seed, before, n in ((0, 0, 3000), (2**40 + 7, 700, 1900), (2**64 - 1, 623, 625)):
             ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
             torch.rand(before, generator=ours), torch.rand(before, generator=theirs)
-            keep = 0.3
-            bits = _read_state(ours)
-            if bits is None:
-                return False
             mask = np.empty(n, dtype=np.bool_)
-            _numpy_mask(mask, _threshold(keep), bits[0])
-            _write_state(ours, bits[1], bits[0])
-            if not np.array_equal(mask, (torch.rand(n, generator=theirs) < keep).numpy()):
+            if not _draw_by_numpy(mask, 0.3, ours):
+                return False
+            if not np.array_equal(mask, (torch.rand(n, generator=theirs) < 0.3).numpy()):
                 return False
             if not torch.equal(torch.rand(50, generator=ours), torch.rand(50, generator=theirs)):
                 return False

@@ -26,7 +26,6 @@ SPARSIFIERS = ("none", "magnitude", "random", "breadcrumbs", "della")
 SIGNS = ("none", "mass", "count", "count_mergekit")
 RESCALES = ("density", "l1", "none")  # how DARE and DELLA rescale what they keep; true / false mean density / none
 TIES_RULES = ("mergebuild", "mergekit")
-
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor leaves the kept entries alone when an L1 norm is below this
 
 
